@@ -1,0 +1,60 @@
+# The entry point for humans. `make run` starts Knocker; `make test` runs everything.
+PYTHON ?= python3
+VENV ?= .venv
+BIND ?= 0.0.0.0:8000
+PY := $(VENV)/bin/python
+KNOCKER := $(VENV)/bin/knocker
+PYTEST_ARGS ?=
+
+.PHONY: run test test-deps lint bench dist clean
+
+# A venv rebuilt only when the package metadata changes (bottle's stamp idiom).
+# Debian's python3 needs python3-venv for `-m venv`; install it when we may.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv >/dev/null && \
+	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# First run: a knocker.yaml from the example, each placeholder a freshly generated key.
+knocker.yaml: | $(VENV)/.installed
+	@umask 077 && $(PY) -c 'import re, secrets, sys; \
+	  text = open("knocker.yaml.example").read(); \
+	  sys.stdout.write(re.sub(r"REPLACE_WITH_A_GENERATED_KEY\w*", \
+	                          lambda m: secrets.token_urlsafe(32), text))' > $@.tmp
+	@mv $@.tmp $@
+	@echo "Created knocker.yaml with freshly generated API keys (edit it to taste)."
+
+run: $(VENV)/.installed knocker.yaml
+	@$(KNOCKER) check-config knocker.yaml
+	@echo "Knock from this machine with:"
+	@echo "  curl -i -X POST -H \"X-Api-Key: \$$(awk '/^ *key:/ {gsub(/\"/, \"\", \$$2); print \$$2; exit}' knocker.yaml)\" http://127.0.0.1:8000/knock"
+	@echo "then: curl -i http://127.0.0.1:8000/verify   (200 for a whitelisted caller, 401 otherwise)"
+	exec $(KNOCKER) serve --config knocker.yaml --bind $(BIND)
+
+test-deps:
+	@bash tests/tools/install-test-deps.sh
+
+test: $(VENV)/.installed-test test-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check knocker tests
+	$(VENV)/bin/mypy
+
+dist: $(VENV)/.installed
+	rm -rf dist
+	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
+	$(PY) -m pip install -q build
+	$(PY) -m build --sdist --outdir dist .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
