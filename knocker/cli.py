@@ -1,0 +1,182 @@
+"""Edge: the `knocker` command. `main(argv) -> int`; every effect can be swapped in tests.
+
+Owns: `serve` (gunicorn embedded: the config is validated, the whitelist loaded and the
+firewall prepared in the master before any worker forks), `check-config`, `gen-key`, and
+the client commands registered by knocker.client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from . import __version__
+from .app import App, build_app, config_path, configure_logging, load_config_file
+from .errors import ConfigError, KnockerError
+
+log = logging.getLogger("knocker")
+
+DEFAULT_BIND = "0.0.0.0:8000"
+DEFAULT_WORKERS = 2
+DEFAULT_THREADS = 4
+
+
+def gen_key() -> str:
+    """256 random bits, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knocker", description=(
+        "Knock-knock gateway: whitelist a device's IP after an API-key knock."))
+    parser.add_argument("--version", action="version", version=f"knocker {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the service under gunicorn")
+    serve.add_argument("--config", metavar="PATH",
+                       help="knocker.yaml (default: $KNOCKER_CONFIG_PATH, else ./knocker.yaml)")
+    serve.add_argument("--bind", action="append", metavar="HOST:PORT",
+                       help=f"address to listen on, repeatable (default {DEFAULT_BIND}; "
+                            "IPv6 as [::1]:8000)")
+    serve.add_argument("--workers", type=_positive, default=DEFAULT_WORKERS,
+                       help=f"worker processes (default {DEFAULT_WORKERS})")
+    serve.add_argument("--threads", type=_positive, default=DEFAULT_THREADS,
+                       help=f"threads per worker (default {DEFAULT_THREADS}; 1 = sync workers)")
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit 0/1")
+    check.add_argument("path", nargs="?", metavar="PATH",
+                       help="default: $KNOCKER_CONFIG_PATH, else ./knocker.yaml")
+    check.set_defaults(func=_check_config)
+
+    key = sub.add_parser("gen-key", help="print a new random API key (256 bits, URL-safe)")
+    key.set_defaults(func=_gen_key)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
+         err: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out, args.err = out or sys.stdout, err or sys.stderr
+    handler: Callable[[argparse.Namespace], int] = args.func
+    return handler(args)
+
+
+def _gen_key(args: argparse.Namespace) -> int:
+    print(gen_key(), file=args.out)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    out, err = args.out, args.err
+    path = config_path(args.path)
+    try:
+        config = load_config_file(path)
+    except ConfigError as error:
+        print(f"{path}: invalid: {error}", file=err)
+        return 1
+    print(f"{path}: OK ({len(config.api_keys)} API key(s), firewalld "
+          f"{'enabled' if config.firewalld.enabled else 'disabled'})", file=out)
+    return 0
+
+
+def _serve(args: argparse.Namespace, run: Callable[[Any], None] | None = None) -> int:
+    err = args.err
+    path = config_path(args.config)
+    try:
+        config = load_config_file(path)
+    except ConfigError as error:
+        print(f"knocker: {path}: invalid: {error}", file=err)
+        return 1
+    configure_logging(config.logging.level)
+    log.info("config %s valid (%d API key(s))", path, len(config.api_keys))
+    try:
+        app = build_app(config)
+    except KnockerError as error:
+        log.error("cannot start: %s", error.message)
+        return 1
+    options = {
+        "bind": args.bind or [DEFAULT_BIND],
+        "workers": args.workers,
+        "threads": args.threads,
+        "worker_class": "gthread" if args.threads > 1 else "sync",
+        # The master built the app (config, whitelist, firewall); workers inherit it.
+        "preload_app": True,
+        "proc_name": "knocker",
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": config.logging.level.lower(),
+        "keepalive": 30,  # reverse proxies reuse their connections to /verify
+        "graceful_timeout": 15,
+        "post_fork": _post_fork,
+        "worker_exit": _worker_exit,
+        # gunicorn >= 25.1 opens a control socket at one per-user path by default, so a
+        # second `knocker serve` would take over the first one's; Knocker needs none.
+        "control_socket_disable": True,
+    }
+    server = _Gunicorn(app, options, path)
+    (run or (lambda s: s.run()))(server)
+    return 0
+
+
+def _post_fork(server: Any, worker: Any) -> None:
+    server.app.wsgi().start()
+
+
+def _worker_exit(server: Any, worker: Any) -> None:
+    server.app.wsgi().close()
+
+
+def _gunicorn_base() -> type:
+    from gunicorn.app.base import BaseApplication
+
+    return BaseApplication  # type: ignore[no-any-return]
+
+
+class _Gunicorn(_gunicorn_base()):  # type: ignore[misc]
+    """gunicorn with our options and our preloaded app. SIGHUP re-reads the config: a
+    valid one replaces the app for the new workers, an invalid one is logged and the
+    running service keeps the config it has."""
+
+    def __init__(self, app: App, options: dict[str, Any], path: str) -> None:
+        self._app = app
+        self._options = options
+        self._path = path
+        super().__init__(prog="knocker")
+
+    def load_config(self) -> None:
+        for name, value in self._options.items():
+            if name in self.cfg.settings:  # older gunicorn lacks some settings
+                self.cfg.set(name, value)
+
+    def load(self) -> App:
+        return self._app
+
+    def reload(self) -> None:
+        try:
+            config = load_config_file(self._path)
+            configure_logging(config.logging.level)
+            app = build_app(config)
+        except KnockerError as error:
+            log.error("SIGHUP: keeping the running config: %s", error.message)
+        else:
+            log.info("SIGHUP: config %s reloaded", self._path)
+            self._app.close()
+            self._app = self.callable = app
+        super().reload()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

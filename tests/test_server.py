@@ -1,0 +1,245 @@
+"""Black-box tests against a real `knocker serve` (gunicorn) process over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.serverproc import ADMIN_KEY, KNOCKER, TEST_KEY, KnockerProcess, base_config
+
+pytestmark = pytest.mark.server
+
+UNLIMITED = {"knock_rate_limit": {"successful_requests": 0, "failed_requests": 0}}
+
+
+def _server(tmp_path: Path, workers: int, **config: Any) -> KnockerProcess:
+    return KnockerProcess(tmp_path, base_config(tmp_path, **config), workers=workers)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_knock_is_honoured_by_every_worker_on_the_next_request(tmp_path: Path,
+                                                               workers: int) -> None:
+    """A knock answered by any worker lets the client through on every later connection."""
+    with _server(tmp_path, workers) as server:
+        assert server.verify(source="127.0.0.31") == 401
+        status, body = server.knock(source="127.0.0.31")
+        assert status == 200
+        assert body["whitelisted_entry"] == "127.0.0.31"
+        # Fresh connections are spread over the workers by the kernel.
+        assert [server.verify(source="127.0.0.31") for _ in range(40)] == [200] * 40
+        assert server.verify(source="127.0.0.32") == 401
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_grants_survive_a_restart(tmp_path: Path, workers: int) -> None:
+    """Entries granted before a graceful restart are honoured after it."""
+    server = _server(tmp_path, workers)
+    with server:
+        assert server.knock(source="127.0.0.41")[0] == 200
+        assert server.knock(ADMIN_KEY, {"ip_address": "10.9.0.0/24"})[0] == 200
+        assert server.stop() == 0
+        assert set(server.whitelist_file()) == {"127.0.0.41", "10.9.0.0/24"}
+        server.start()
+        assert server.verify(source="127.0.0.41") == 200
+
+
+def _prefill(server: KnockerProcess, count: int) -> None:
+    """Write an upstream-format whitelist.json with `count` unexpired entries."""
+    expiry = int(time.time()) + 3600
+    entries = {f"172.16.{n // 256}.{n % 256}": expiry for n in range(count)}
+    server.storage_path.write_text(json.dumps(entries))
+
+
+# 10 entries: each knock rewrites whitelist.json; 5000: the journal carries durability.
+@pytest.mark.parametrize("prefill", [10, 5000])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_kill_9_under_concurrent_knocks_loses_no_acknowledged_knock(
+        tmp_path: Path, workers: int, prefill: int) -> None:
+    """SIGKILL of the whole process tree while 8 clients knock: every 200 survives."""
+    server = _server(tmp_path, workers, security={**UNLIMITED, "max_whitelist_entries": 100000})
+    _prefill(server, prefill)
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(number: int) -> None:
+        for sequence in range(10_000):
+            if stop.is_set():
+                return
+            entry = f"10.{number}.{sequence // 256}.{sequence % 256}"
+            try:
+                status, body = server.knock(ADMIN_KEY, {"ip_address": entry, "ttl": 3600})
+            except (OSError, ValueError):
+                return  # the server is gone
+            if status == 200:
+                with lock:
+                    acknowledged.append(body["whitelisted_entry"])
+
+    with server:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)
+        server.kill9()
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        assert len(acknowledged) > 50, "the load never got going"
+        server.start()
+        survivors = server.whitelist_file()
+        lost = [entry for entry in acknowledged if entry not in survivors]
+        assert lost == []
+        assert len(survivors) >= prefill + len(acknowledged)
+        assert server.verify(source="127.0.0.30") == 401  # sanity: not everything passes
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_500_concurrent_knocks_from_distinct_addresses_all_reach_the_file(
+        tmp_path: Path, workers: int) -> None:
+    """500 clients knocking at once from their own loopback addresses are all persisted."""
+    sources = [f"127.1.{n // 250}.{n % 250 + 1}" for n in range(500)]
+    with _server(tmp_path, workers) as server:
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            results = list(pool.map(lambda s: server.knock(source=s), sources))
+        assert [status for status, _ in results] == [200] * 500
+        assert set(server.whitelist_file()) >= set(sources)
+        # and every worker honours them
+        assert all(server.verify(source=s) == 200 for s in sources[::25])
+
+
+def test_rate_limit_is_global_across_workers(tmp_path: Path) -> None:
+    """The failure budget holds however the kernel spreads connections over 3 workers."""
+    config = {"knock_rate_limit": {"window_seconds": 60, "failed_requests": 5,
+                                   "successful_requests": 0}}
+    with _server(tmp_path, 3, security=config) as server:
+        statuses = [server.knock("wrong-key", source="127.0.0.51")[0] for _ in range(12)]
+        assert statuses == [401] * 5 + [429] * 7
+        status, _ = server.knock(TEST_KEY, source="127.0.0.51")
+        assert status == 429
+        assert server.verify(source="127.0.0.51") == 401
+        assert server.knock(TEST_KEY, source="127.0.0.52")[0] == 200
+
+
+def test_eviction_is_seen_by_every_worker(tmp_path: Path) -> None:
+    """At capacity the soonest-expiring entry goes, for every worker at once."""
+    with _server(tmp_path, 3, security={"max_whitelist_entries": 2}) as server:
+        assert server.knock(TEST_KEY, {"ttl": 100}, source="127.0.0.61")[0] == 200
+        assert server.knock(TEST_KEY, {"ttl": 200}, source="127.0.0.62")[0] == 200
+        assert server.knock(TEST_KEY, {"ttl": 300}, source="127.0.0.63")[0] == 200
+        assert [server.verify(source="127.0.0.61") for _ in range(20)] == [401] * 20
+        assert [server.verify(source="127.0.0.63") for _ in range(20)] == [200] * 20
+        assert set(server.whitelist_file()) == {"127.0.0.62", "127.0.0.63"}
+
+
+def test_expired_entries_are_purged_from_memory_and_file(tmp_path: Path) -> None:
+    """A grant ends at its TTL on every worker and leaves whitelist.json at the next purge."""
+    config = base_config(tmp_path, whitelist={"storage_path": str(tmp_path / "whitelist.json"),
+                                              "cleanup_interval_seconds": 1})
+    with KnockerProcess(tmp_path, config, workers=3) as server:
+        assert server.knock(TEST_KEY, {"ttl": 1}, source="127.0.0.71")[0] == 200
+        assert server.knock(TEST_KEY, {"ttl": 3600}, source="127.0.0.72")[0] == 200
+        assert "127.0.0.71" in server.whitelist_file()
+        deadline = time.monotonic() + 6
+        while "127.0.0.71" in server.whitelist_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert set(server.whitelist_file()) == {"127.0.0.72"}
+        assert [server.verify(source="127.0.0.71") for _ in range(10)] == [401] * 10
+
+
+def test_serves_on_ipv6_loopback(tmp_path: Path) -> None:
+    """`--bind [::1]:PORT` works, and an IPv6 client is whitelisted as itself."""
+    server = KnockerProcess(tmp_path, host="::1")
+    with server:
+        assert server.verify() == 401
+        status, body = server.knock()
+        assert (status, body["whitelisted_entry"]) == (200, "::1")
+        assert server.verify() == 200
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_invalid_config_exits_non_zero_before_serving(tmp_path: Path, workers: int) -> None:
+    """A bad knocker.yaml stops `knocker serve` with the key path, before any worker."""
+    server = KnockerProcess(tmp_path, workers=workers)
+    config = base_config(tmp_path)
+    config["api_keys"][0]["max_ttl"] = True
+    server.write_config(config)
+    server.start(wait=False)
+    assert server.wait_exit(20) != 0
+    assert "api_keys[0].max_ttl" in server.log()
+    assert "Booting worker" not in server.log()
+    assert TEST_KEY not in server.log() and ADMIN_KEY not in server.log()
+
+
+def test_placeholder_key_refuses_to_start(tmp_path: Path) -> None:
+    """A key still holding CHANGE_ME is refused; the service does not start."""
+    config = base_config(tmp_path)
+    config["api_keys"][0]["key"] = "CHANGE_ME-please"
+    server = KnockerProcess(tmp_path, config)
+    server.start(wait=False)
+    assert server.wait_exit(20) != 0
+    assert "api_keys[0].key" in server.log()
+    assert "CHANGE_ME-please" not in server.log()
+
+
+def test_sigterm_stops_cleanly_with_exit_status_0(tmp_path: Path) -> None:
+    """SIGTERM: in-flight work finishes, the whitelist is persisted, exit status 0."""
+    with _server(tmp_path, 3) as server:
+        assert server.knock(source="127.0.0.81")[0] == 200
+        assert server.stop() == 0
+    assert "127.0.0.81" in json.loads((tmp_path / "whitelist.json").read_text())
+
+
+def test_two_instances_on_one_machine_do_not_interfere(tmp_path: Path) -> None:
+    """Two services with their own configs run side by side and stop independently."""
+    first = _server(tmp_path / "a", 2)
+    second = _server(tmp_path / "b", 2)
+    with first, second:
+        assert first.knock(source="127.0.0.91")[0] == 200
+        assert first.verify(source="127.0.0.91") == 200
+        assert second.verify(source="127.0.0.91") == 401
+        assert first.stop() == 0
+        assert second.verify(source="127.0.0.91") == 401
+        assert second.request("GET", "/health")[0] == 200
+
+
+def test_logs_one_line_per_knock_and_never_the_key(tmp_path: Path) -> None:
+    """Each knock outcome is one INFO line with key name, client, entry, ttl, result."""
+    with _server(tmp_path, 1) as server:
+        server.knock(source="127.0.0.101")
+        server.knock("not-a-key", source="127.0.0.101")
+        for _ in range(5):
+            server.verify(source="127.0.0.101")
+        server.stop()
+    lines = [line for line in server.log().splitlines() if "knock key=" in line]
+    assert len(lines) == 2
+    assert "key=phone client=127.0.0.101 entry=127.0.0.101 ttl=3600 result=200" in lines[0]
+    assert "result=401" in lines[1]
+    assert TEST_KEY not in server.log() and "not-a-key" not in server.log()
+    assert "verify" not in server.log().lower()
+
+
+def test_plain_gunicorn_serves_the_factory(tmp_path: Path) -> None:
+    """`gunicorn 'knocker.app:create_app()'` works with KNOCKER_CONFIG_PATH."""
+    server = KnockerProcess(tmp_path)
+    gunicorn = str(Path(KNOCKER).with_name("gunicorn"))
+    env = {**os.environ, "KNOCKER_CONFIG_PATH": str(server.config_path)}
+    process = subprocess.Popen(
+        [gunicorn, "--bind", f"127.0.0.1:{server.port}", "--workers", "2",
+         "--no-control-socket", "knocker.app:create_app()"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server.process = process
+    try:
+        server.wait_healthy()
+        assert server.knock(source="127.0.0.111")[0] == 200
+        assert [server.verify(source="127.0.0.111") for _ in range(10)] == [200] * 10
+    finally:
+        process.terminate()
+        process.wait(20)
