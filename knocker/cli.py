@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     key = sub.add_parser("gen-key", help="print a new random API key (256 bits, URL-safe)")
     key.set_defaults(func=_gen_key)
 
+    from . import client
+
+    client.register(sub)
     return parser
 
 
