@@ -55,7 +55,7 @@ def authenticate(keys: tuple[ApiKey, ...], presented: str | None) -> ApiKey:
 
 def parse_body(body: bytes, content_type: str | None) -> KnockBody:
     """The optional JSON body of a knock (the caller has already bounded its size)."""
-    if not body.strip():
+    if not body:
         return KnockBody()
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
@@ -71,7 +71,9 @@ def parse_body(body: bytes, content_type: str | None) -> KnockBody:
         raise RequestError("Body must be a JSON object")
     unknown = sorted(set(members) - _MEMBERS)
     if unknown:
-        raise RequestError(f"Unknown member(s) in body: {', '.join(unknown)}")
+        # Names are the client's text: quote them (no line breaks reach a log) and cut.
+        shown = ", ".join(ascii(name)[:40] for name in unknown[:5])
+        raise RequestError(f"Unknown member(s) in body: {shown}")
     ip_address, ttl = members.get("ip_address"), members.get("ttl")
     if ttl is not None and (type(ttl) is not int or not 1 <= ttl <= MAX_TTL):
         raise RequestError(f"ttl must be an integer between 1 and {MAX_TTL}")

@@ -255,6 +255,8 @@ class Store:
             log.error("could not restore the firewall grant of %s: %s", entry, error)
 
     def _persist(self, changes: list[tuple[Key, int]], now: float) -> None:
+        """Make `changes` durable; on failure leave the files as they were (a knock that
+        is refused must not come back at the next start)."""
         if len(self.replica) + 1 <= INLINE_SNAPSHOT_MAX:
             state = self.replica.as_dict(now)
             for key, expiry in changes:
@@ -262,13 +264,30 @@ class Store:
                     state.pop(entry_text(key), None)
                 else:
                     state[entry_text(key)] = expiry
-            self._write_snapshot(state)
+            try:
+                self._write_snapshot(state)
+            except OSError:
+                # The rename may have happened before the failure: put back the state
+                # the replica still holds (best effort; the error is raised either way).
+                try:
+                    self._write_snapshot(self.replica.as_dict(now))
+                except OSError as error:
+                    log.error("could not restore %s after a failed write: %s", self.path,
+                              error)
+                raise
             return
         lines = b"".join(_journal_line(key, expiry) for key, expiry in changes)
-        written = os.write(self._journal_fd, lines)
-        if written != len(lines):
-            raise StorageError("short write to the journal")
-        os.fdatasync(self._journal_fd)
+        size = os.fstat(self._journal_fd).st_size
+        try:
+            if os.write(self._journal_fd, lines) != len(lines):
+                raise StorageError("short write to the journal")
+            os.fdatasync(self._journal_fd)
+        except (OSError, StorageError):
+            try:
+                os.ftruncate(self._journal_fd, size)  # drop what this knock appended
+            except OSError as error:
+                log.error("could not undo a failed journal append: %s", error)
+            raise
         if self._dirty_since() is None:
             assert self._shm is not None
             _FLOAT.pack_into(self._shm, _DIRTY_OFFSET, now)
@@ -354,7 +373,7 @@ class Store:
     def _reload(self, repair: bool) -> None:
         """Snapshot + journal -> replica (under the writer lock, so it matches the ring)."""
         now = self._clock()
-        replica = self._read_snapshot(now, repair)
+        replica, dropped = self._read_snapshot(now, repair)
         journal_entries, torn = self._read_journal()
         for key, expiry in journal_entries:
             if expiry < 0:
@@ -365,17 +384,23 @@ class Store:
             self.replica = replica  # one reference swap: readers never see it half-built
             assert self._shm is not None
             self._seq = _SEQ.unpack_from(self._shm, _SEQ_OFFSET)[0]
-        if repair and (journal_entries or torn):
-            # Fold the journal into a fresh snapshot so every process starts from one file.
+        if repair and (journal_entries or torn or dropped):
+            # Fold the journal into a fresh snapshot, without the expired and invalid
+            # entries, so every process starts from one clean file.
             self._write_snapshot(self.replica.as_dict(now))
+        elif repair:
+            assert self._shm is not None
+            _FLOAT.pack_into(self._shm, _SOONEST_OFFSET, replica.soonest)
 
-    def _read_snapshot(self, now: float, repair: bool) -> Whitelist:
+    def _read_snapshot(self, now: float, repair: bool) -> tuple[Whitelist, bool]:
+        """The whitelist in whitelist.json, and whether the file held entries that were
+        dropped (expired or invalid) or was unreadable."""
         replica = Whitelist()
         try:
             with open(self.path, "rb") as handle:
                 raw = handle.read()
         except FileNotFoundError:
-            return replica
+            return replica, False
         except OSError as error:
             raise StorageError(f"cannot read {self.path}: {error.strerror}") from error
         try:
@@ -389,12 +414,12 @@ class Store:
             os.replace(self.path, aside)
             log.error("%s is not a valid whitelist (%s); moved it to %s and starting empty",
                       self.path, error, aside)
-            return Whitelist()
+            return Whitelist(), True
         for problem in problems[:20]:
             log.warning("skipping whitelist entry %s", problem)
         if len(problems) > 20:
             log.warning("skipped %d more invalid whitelist entries", len(problems) - 20)
-        return replica
+        return replica, len(replica) != len(data)
 
     def _read_journal(self) -> tuple[list[tuple[Key, int]], bool]:
         with open(self._journal_path, "rb") as handle:
@@ -419,8 +444,13 @@ class Store:
                             f".{os.path.basename(self.path)}.{os.getpid()}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
+        except OSError:
+            os.unlink(temp)
+            raise
         finally:
             os.close(fd)
         os.replace(temp, self.path)  # rename(2) is atomic within one filesystem
@@ -458,10 +488,14 @@ class Store:
         if now >= self._next_purge:
             self._next_purge = now + self._cleanup
             with self._replica_lock:
-                for key in self.replica.expired(now):
+                gone = self.replica.expired(now)
+                for key in gone:
                     self.replica.remove(key)
-            if self._file_soonest() <= now:
-                self._snapshot_now(purge=True)
+            if self._file_soonest() <= now and self._snapshot_now(purge=True) and gone:
+                # The process that purged the file closes the firewall holes (their
+                # firewalld timeouts have normally closed them already).
+                log.info("purged %d expired entries", len(gone))
+                self._firewall.revoke([entry_text(key) for key in gone])
         dirty = self._dirty_since()
         # A big snapshot costs tens of ms: space them so they take at most ~5 % of a core.
         if dirty is not None and now - dirty >= max(MIN_SNAPSHOT_DELAY, 20 * self._snapshot_cost):
@@ -472,17 +506,15 @@ class Store:
         soonest: float = _FLOAT.unpack_from(self._shm, _SOONEST_OFFSET)[0]
         return soonest
 
-    def _snapshot_now(self, purge: bool) -> None:
+    def _snapshot_now(self, purge: bool) -> bool:
+        """Rewrite whitelist.json if still due; False when another process did it."""
         with self._writing():
             self._catch_up()
             now = self._clock()
             if (self._file_soonest() > now) if purge else (self._dirty_since() is None):
-                return  # another process did it meanwhile
-            expired = [entry_text(k) for k, e in self.replica.items() if e <= now]
+                return False
             self._write_snapshot(self.replica.as_dict(now))
-        if purge and expired:
-            log.info("purged %d expired entries", len(expired))
-            self._firewall.revoke(expired)
+            return True
 
 
 def _journal_line(key: Key, expiry: int) -> bytes:

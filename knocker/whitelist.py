@@ -118,6 +118,11 @@ class Whitelist:
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def soonest(self) -> float:
+        """No entry expires before this (inf when empty); exact after loading."""
+        return self._soonest
+
     def items(self) -> Iterator[tuple[Key, int]]:
         """(key, expiry) for every entry, expired ones included until purged."""
         for version, by_plen in self._tables.items():
