@@ -1,0 +1,686 @@
+"""knocker.store: whitelist.json + journal on disk, and one whitelist shared by workers.
+
+Two Store objects on one path in one process stand in for two gunicorn workers: they share
+the files and the mmap exactly as forked workers do. The clock is injected; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import stat
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+import knocker.store
+from knocker.config import Config, load_config_text
+from knocker.errors import FirewallError, FirewallUnavailable, StorageError
+from knocker.firewall import NullFirewall
+from knocker.store import Store
+from knocker.whitelist import Key, parse_entry
+
+NOW = 1_700_000_000.0
+
+
+class Clock:
+    """A settable clock for Store(clock=...)."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingFirewall(NullFirewall):
+    """Records grants and revokes; can be told to fail grants."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object, object]] = []
+        self.revocations: list[str] = []
+        self.fail_with: FirewallError | None = None
+        self.on_grant: Callable[[str, int], None] | None = None
+
+    def grant(self, entry: str, ttl: int) -> None:
+        self.calls.append(("grant", entry, ttl))
+        if self.on_grant is not None:
+            self.on_grant(entry, ttl)
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def revoke(self, entries: Iterable[str]) -> None:
+        revoked = tuple(entries)
+        self.calls.append(("revoke", revoked, None))
+        self.revocations.extend(revoked)
+
+
+def key(text: str) -> Key:
+    parsed = parse_entry(text)
+    assert parsed is not None, text
+    return parsed
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def store_config(directory: Path, capacity: int = 10_000, cleanup: int = 60,
+                 failures: int = 3) -> Config:
+    return load_config_text(f"""
+api_keys:
+  - key: store-test-key-0a1b2c3d4e5f
+    max_ttl: 3600
+security:
+  max_whitelist_entries: {capacity}
+  knock_rate_limit:
+    window_seconds: 60
+    successful_requests: 5
+    failed_requests: {failures}
+whitelist:
+  storage_path: {directory / "whitelist.json"}
+  cleanup_interval_seconds: {cleanup}
+""")
+
+
+class Opener:
+    """Opens stores on one directory and closes every one of them at teardown."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.clock = Clock()
+        self.firewall = RecordingFirewall()
+        self.opened: list[Store] = []
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "whitelist.json"
+
+    @property
+    def journal(self) -> Path:
+        return self.directory / "whitelist.json.journal"
+
+    def __call__(self, directory: Path | None = None, clock: Clock | None = None,
+                 firewall: RecordingFirewall | None = None, **settings: int) -> Store:
+        config = store_config(directory or self.directory, **settings)
+        store = Store(config, firewall or self.firewall, clock=clock or self.clock)
+        store.open()
+        self.opened.append(store)
+        return store
+
+    def file(self, path: Path | None = None) -> dict[str, int]:
+        data = json.loads((path or self.path).read_text(encoding="utf-8"))
+        assert isinstance(data, dict)
+        assert all(isinstance(k, str) and type(v) is int for k, v in data.items())
+        return data
+
+    def crash_copy(self, name: str = "after-crash") -> Path:
+        """whitelist.json and its journal as a crash would leave them, in a new directory
+        (no close(), no shared memory: what a restart after a power cut finds)."""
+        target = self.directory / name
+        target.mkdir()
+        for source in (self.path, self.journal):
+            if source.exists():
+                shutil.copy2(source, target / source.name)
+        return target
+
+
+@pytest.fixture
+def opener(tmp_path: Path) -> Iterator[Opener]:
+    opened = Opener(tmp_path / "state")
+    yield opened
+    for store in opened.opened:
+        store.close()
+
+
+def journal_line(body: str) -> bytes:
+    return f"{body} {zlib.crc32(body.encode()):08x}\n".encode()
+
+
+def write_whitelist(opener: Opener, data: object) -> None:
+    opener.directory.mkdir(parents=True, exist_ok=True)
+    opener.path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def failing(error_number: int = errno.EIO) -> Callable[..., None]:
+    def fail(*args: object) -> None:
+        raise OSError(error_number, os.strerror(error_number))
+    return fail
+
+
+# --- durability -------------------------------------------------------------------------
+
+
+def test_open_creates_a_missing_storage_directory(opener: Opener) -> None:
+    """The storage directory is created when it does not exist yet."""
+    store = opener()
+    assert opener.directory.is_dir()
+    assert len(store.replica) == 0
+
+
+def test_knock_is_in_whitelist_json_before_it_returns(opener: Opener) -> None:
+    """A knock on a small whitelist has rewritten whitelist.json when knock() returns."""
+    store = opener()
+    result = store.knock(key("203.0.113.7"), 60, NOW)
+    assert opener.file() == {"203.0.113.7": int(NOW) + 60}
+    assert result.entry == "203.0.113.7"
+    assert result.expires_at == int(NOW) + 60
+    assert result.evicted == ()
+
+
+def test_knock_expiry_is_rounded_up_never_cut_short(opener: Opener) -> None:
+    """A knock at a fractional second expires at the next whole second after now + ttl."""
+    store = opener()
+    result = store.knock(key("203.0.113.7"), 60, NOW + 0.25)
+    assert result.expires_at == int(NOW) + 61
+    assert store.allows(ip("203.0.113.7"), NOW + 60.25)
+
+
+def test_knock_is_allowed_immediately(opener: Opener) -> None:
+    """The knocking store's own /verify sees the entry at once."""
+    store = opener()
+    store.knock(key("10.1.2.0/24"), 60, NOW)
+    assert store.allows(ip("10.1.2.99"), NOW)
+    assert not store.allows(ip("10.1.3.1"), NOW)
+
+
+def test_large_whitelist_knock_is_journaled_before_it_returns(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above INLINE_SNAPSHOT_MAX a knock is appended to the journal before it returns."""
+    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 2)
+    store = opener()
+    for n in range(1, 4):
+        store.knock(key(f"198.51.100.{n}"), 60, NOW)
+    assert "198.51.100.3" not in opener.file()
+    assert b"198.51.100.3" in opener.journal.read_bytes()
+
+
+def test_reopen_restores_every_entry(opener: Opener) -> None:
+    """Closing and reopening the store restores the whole whitelist."""
+    store = opener()
+    store.knock(key("203.0.113.7"), 60, NOW)
+    store.knock(key("2001:db8::/64"), 120, NOW)
+    store.close()
+    again = opener()
+    assert again.entries() == {"203.0.113.7": int(NOW) + 60, "2001:db8::/64": int(NOW) + 120}
+
+
+def test_crash_after_journaled_knocks_loses_nothing(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a crash, replaying the journal over whitelist.json restores every knock."""
+    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 2)
+    store = opener()
+    expected = {}
+    for n in range(1, 6):
+        store.knock(key(f"198.51.100.{n}"), 60 + n, NOW)
+        expected[f"198.51.100.{n}"] = int(NOW) + 60 + n
+    store.knock(key("198.51.100.1"), 500, NOW)  # an extension, journaled as well
+    expected["198.51.100.1"] = int(NOW) + 500
+    restarted = opener(opener.crash_copy())
+    assert restarted.entries() == expected
+    for text in expected:
+        assert restarted.allows(ip(text), NOW)
+
+
+def test_reopen_folds_the_journal_into_whitelist_json(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart that replayed a journal leaves one complete whitelist.json behind."""
+    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 1)
+    store = opener()
+    store.knock(key("198.51.100.1"), 60, NOW)
+    store.knock(key("198.51.100.2"), 60, NOW)
+    directory = opener.crash_copy()
+    opener(directory)
+    assert opener.file(directory / "whitelist.json") == {
+        "198.51.100.1": int(NOW) + 60, "198.51.100.2": int(NOW) + 60}
+    assert (directory / "whitelist.json.journal").read_bytes() == b""
+
+
+def test_torn_last_journal_line_is_ignored(opener: Opener,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A last journal line without its newline (crash mid-append) is ignored quietly."""
+    opener.directory.mkdir(parents=True)
+    expiry = int(NOW) + 100
+    opener.journal.write_bytes(journal_line(f"+ 198.51.100.1 {expiry}")
+                               + journal_line(f"+ 198.51.100.2 {expiry}")[:-5])
+    with caplog.at_level(logging.WARNING, logger="knocker"):
+        store = opener()
+    assert store.entries() == {"198.51.100.1": expiry}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_damaged_journal_line_stops_replay_with_an_error(
+        opener: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    """A line whose checksum fails stops the replay there, logged at ERROR."""
+    opener.directory.mkdir(parents=True)
+    expiry = int(NOW) + 100
+    damaged = journal_line(f"+ 198.51.100.2 {expiry}").replace(b"198.51", b"198.52")
+    opener.journal.write_bytes(journal_line(f"+ 198.51.100.1 {expiry}") + damaged
+                               + journal_line(f"+ 198.51.100.3 {expiry}"))
+    with caplog.at_level(logging.WARNING, logger="knocker"):
+        store = opener()
+    assert store.entries() == {"198.51.100.1": expiry}
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and "journal" in errors[0].getMessage()
+
+
+def test_journal_removal_record_is_replayed(opener: Opener) -> None:
+    """A `-` journal line removes the entry the snapshot still holds (an eviction)."""
+    write_whitelist(opener, {"198.51.100.1": int(NOW) + 100, "198.51.100.2": int(NOW) + 100})
+    opener.journal.write_bytes(journal_line("- 198.51.100.1"))
+    store = opener()
+    assert store.entries() == {"198.51.100.2": int(NOW) + 100}
+
+
+# --- loading whitelist.json -------------------------------------------------------------
+
+
+def test_upstream_whitelist_json_loads_as_is(opener: Opener) -> None:
+    """An upstream whitelist.json ({"entry": unix_int}) is read unchanged."""
+    write_whitelist(opener, {"1.2.3.4": int(NOW) + 100, "10.0.0.0/24": int(NOW) + 200,
+                             "2001:db8::1": int(NOW) + 300})
+    store = opener()
+    assert store.allows(ip("1.2.3.4"), NOW)
+    assert store.allows(ip("10.0.0.77"), NOW)
+    assert store.allows(ip("2001:db8::1"), NOW)
+    assert not store.allows(ip("1.2.3.5"), NOW)
+
+
+def test_whitelist_json_is_written_back_in_the_upstream_shape(opener: Opener) -> None:
+    """After a knock, whitelist.json is still one object of entry -> integer expiry."""
+    write_whitelist(opener, {"1.2.3.4": int(NOW) + 100, "10.0.0.0/24": int(NOW) + 200})
+    store = opener()
+    store.knock(key("203.0.113.7"), 60, NOW)
+    assert opener.file() == {"1.2.3.4": int(NOW) + 100, "10.0.0.0/24": int(NOW) + 200,
+                             "203.0.113.7": int(NOW) + 60}
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe\x00", b'{"1.2.3.4": 17'],
+    ids=["syntax", "array", "string", "binary", "truncated"],
+)
+def test_corrupt_whitelist_json_is_moved_aside_and_service_starts_empty(
+        opener: Opener, caplog: pytest.LogCaptureFixture, raw: bytes) -> None:
+    """A file that is not a JSON object is renamed <name>.corrupt-<unix>, logged at ERROR,
+    and the service starts with an empty whitelist."""
+    opener.directory.mkdir(parents=True)
+    opener.path.write_bytes(raw)
+    with caplog.at_level(logging.WARNING, logger="knocker"):
+        store = opener()
+    aside = opener.directory / f"whitelist.json.corrupt-{int(NOW)}"
+    assert aside.read_bytes() == raw
+    assert len(store.replica) == 0
+    assert any(r.levelno == logging.ERROR and "corrupt" in r.getMessage()
+               for r in caplog.records)
+    store.knock(key("203.0.113.7"), 60, NOW)
+    assert opener.file() == {"203.0.113.7": int(NOW) + 60}
+
+
+def test_invalid_entries_are_skipped_with_a_warning(
+        opener: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    """Invalid entries are skipped (WARNING naming them), valid ones still load."""
+    write_whitelist(opener, {"not-an-ip": int(NOW) + 100, "1.2.3.4": "tomorrow",
+                             "5.6.7.8": int(NOW) + 100})
+    with caplog.at_level(logging.WARNING, logger="knocker"):
+        store = opener()
+    assert store.entries() == {"5.6.7.8": int(NOW) + 100}
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "not-an-ip" in warnings
+    assert "1.2.3.4" in warnings
+
+
+def test_expired_entries_are_dropped_at_load(opener: Opener) -> None:
+    """Entries already expired when the service starts are not loaded."""
+    write_whitelist(opener, {"1.2.3.4": int(NOW) - 1, "5.6.7.8": int(NOW) + 100})
+    store = opener()
+    assert store.entries() == {"5.6.7.8": int(NOW) + 100}
+    assert not store.allows(ip("1.2.3.4"), NOW)
+
+
+# --- purge ------------------------------------------------------------------------------
+
+
+def test_tick_purges_expired_entries_from_memory_and_file_on_schedule(opener: Opener) -> None:
+    """Every cleanup_interval_seconds, expired entries leave memory and whitelist.json;
+    before the interval nothing is rewritten."""
+    store = opener(cleanup=60)
+    store.knock(key("198.51.100.1"), 10, NOW)
+    store.knock(key("198.51.100.2"), 1000, NOW)
+    opener.clock.now = NOW + 30
+    store.tick(NOW + 30)  # expired, but the interval has not passed
+    assert "198.51.100.1" in opener.file()
+    assert not store.allows(ip("198.51.100.1"), NOW + 30)
+    opener.clock.now = NOW + 61
+    store.tick(NOW + 61)
+    assert opener.file() == {"198.51.100.2": int(NOW) + 1000}
+    assert len(store.replica) == 1
+
+
+def test_tick_purges_entries_that_expire_after_loading(opener: Opener) -> None:
+    """Entries loaded from whitelist.json at startup are purged from the file once they
+    expire, even if nobody knocks."""
+    write_whitelist(opener, {"198.51.100.1": int(NOW) + 10, "198.51.100.2": int(NOW) + 1000})
+    store = opener(cleanup=60)
+    opener.clock.now = NOW + 61
+    store.tick(NOW + 61)
+    assert opener.file() == {"198.51.100.2": int(NOW) + 1000}
+
+
+def test_purge_of_journaled_entries_reaches_the_file(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the journal path too, expired entries are gone from whitelist.json after a purge."""
+    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 1)
+    store = opener(cleanup=60)
+    store.knock(key("198.51.100.1"), 10, NOW)
+    store.knock(key("198.51.100.2"), 1000, NOW)
+    opener.clock.now = NOW + 61
+    store.tick(NOW + 61)
+    assert opener.file() == {"198.51.100.2": int(NOW) + 1000}
+
+
+# --- capacity ---------------------------------------------------------------------------
+
+
+def test_full_whitelist_evicts_the_soonest_expiring_entry(opener: Opener) -> None:
+    """At max_whitelist_entries, a new entry evicts the one that expires soonest, from
+    memory, whitelist.json and the firewall."""
+    store = opener(capacity=2)
+    store.knock(key("198.51.100.1"), 300, NOW)
+    store.knock(key("198.51.100.2"), 100, NOW)
+    result = store.knock(key("198.51.100.3"), 200, NOW)
+    assert result.evicted == ("198.51.100.2",)
+    assert not store.allows(ip("198.51.100.2"), NOW)
+    assert set(opener.file()) == {"198.51.100.1", "198.51.100.3"}
+    assert opener.firewall.revocations == ["198.51.100.2"]
+
+
+def test_eviction_never_evicts_the_entry_being_granted(opener: Opener) -> None:
+    """The new entry is kept even when it expires sooner than every other entry."""
+    store = opener(capacity=2)
+    store.knock(key("198.51.100.1"), 3000, NOW)
+    store.knock(key("198.51.100.2"), 2000, NOW)
+    result = store.knock(key("198.51.100.3"), 5, NOW)
+    assert result.evicted == ("198.51.100.2",)
+    assert store.allows(ip("198.51.100.3"), NOW)
+
+
+def test_re_knock_at_capacity_evicts_nothing(opener: Opener) -> None:
+    """Extending an existing entry in a full whitelist evicts nobody."""
+    store = opener(capacity=2)
+    store.knock(key("198.51.100.1"), 300, NOW)
+    store.knock(key("198.51.100.2"), 100, NOW)
+    assert store.knock(key("198.51.100.2"), 400, NOW).evicted == ()
+    assert len(store.replica) == 2
+
+
+# --- re-knocks --------------------------------------------------------------------------
+
+
+def test_re_knock_never_shortens_a_grant(opener: Opener) -> None:
+    """A shorter re-knock keeps the later expiry, in memory, on disk and in the firewall."""
+    store = opener()
+    store.knock(key("203.0.113.7"), 1000, NOW)
+    result = store.knock(key("203.0.113.7"), 10, NOW + 100)
+    assert result.expires_at == int(NOW) + 1000
+    assert opener.file() == {"203.0.113.7": int(NOW) + 1000}
+    assert store.allows(ip("203.0.113.7"), NOW + 999)
+    assert opener.firewall.calls[-1] == ("grant", "203.0.113.7", 900)
+
+
+def test_re_knock_extends_a_grant(opener: Opener) -> None:
+    """A longer re-knock moves the expiry later."""
+    store = opener()
+    store.knock(key("203.0.113.7"), 100, NOW)
+    assert store.knock(key("203.0.113.7"), 1000, NOW + 50).expires_at == int(NOW) + 1050
+
+
+def test_knock_on_an_expired_unpurged_entry_starts_afresh(opener: Opener) -> None:
+    """An expired entry that was not purged yet does not influence the new grant."""
+    store = opener()
+    store.knock(key("203.0.113.7"), 10, NOW)
+    result = store.knock(key("203.0.113.7"), 20, NOW + 100)
+    assert result.expires_at == int(NOW) + 120
+    assert opener.firewall.calls[-1] == ("grant", "203.0.113.7", 20)
+
+
+# --- failures leave nothing granted -----------------------------------------------------
+
+
+def test_firewall_is_granted_before_the_whitelist_changes(opener: Opener) -> None:
+    """The firewall grant happens before the entry is on disk or visible to /verify."""
+    store = opener()
+    seen: list[tuple[bool, bool]] = []
+
+    def check(entry: str, ttl: int) -> None:
+        on_disk = opener.path.exists() and entry in opener.file()
+        seen.append((on_disk, store.replica.allows(ip(entry), NOW)))
+
+    opener.firewall.on_grant = check
+    store.knock(key("203.0.113.7"), 60, NOW)
+    assert seen == [(False, False)]
+    assert opener.firewall.calls == [("grant", "203.0.113.7", 60)]
+
+
+@pytest.mark.parametrize("error", [FirewallUnavailable("firewalld is gone"),
+                                   FirewallError("rule refused")])
+def test_firewall_failure_grants_nothing(opener: Opener, error: FirewallError) -> None:
+    """When the firewall grant fails, nothing is persisted or visible, to any worker."""
+    store = opener()
+    other = opener()
+    store.knock(key("198.51.100.1"), 60, NOW)
+    opener.firewall.fail_with = error
+    with pytest.raises(FirewallError) as caught:
+        store.knock(key("203.0.113.7"), 60, NOW)
+    assert caught.value.status == error.status
+    assert opener.file() == {"198.51.100.1": int(NOW) + 60}
+    assert not store.allows(ip("203.0.113.7"), NOW)
+    assert not other.allows(ip("203.0.113.7"), NOW)
+
+
+def test_persistence_failure_revokes_a_new_firewall_grant(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If whitelist.json cannot be made durable, the new grant is revoked from the firewall,
+    StorageError is raised and the entry is nowhere."""
+    store = opener()
+    store.knock(key("198.51.100.1"), 60, NOW)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", failing())
+        with pytest.raises(StorageError):
+            store.knock(key("203.0.113.7"), 60, NOW)
+    assert opener.firewall.calls[-2:] == [("grant", "203.0.113.7", 60),
+                                          ("revoke", ("203.0.113.7",), None)]
+    assert not store.allows(ip("203.0.113.7"), NOW)
+    assert opener.file() == {"198.51.100.1": int(NOW) + 60}
+    assert "203.0.113.7" not in opener(opener.crash_copy()).entries()
+
+
+def test_persistence_failure_restores_an_extended_grant(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If an extension cannot be persisted, the firewall gets the old remaining ttl back and
+    the old expiry stays."""
+    store = opener()
+    store.knock(key("203.0.113.7"), 100, NOW)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", failing())
+        with pytest.raises(StorageError):
+            store.knock(key("203.0.113.7"), 1000, NOW + 10)
+    assert opener.firewall.calls[-2:] == [("grant", "203.0.113.7", 1000),
+                                          ("grant", "203.0.113.7", 90)]
+    assert store.replica.expiry(key("203.0.113.7")) == int(NOW) + 100
+    assert opener.file() == {"203.0.113.7": int(NOW) + 100}
+
+
+def test_journal_sync_failure_leaves_nothing_on_disk(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journaled knock whose fdatasync fails is revoked and is not granted after a
+    restart either: the journal must not keep it."""
+    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 1)
+    store = opener()
+    store.knock(key("198.51.100.1"), 60, NOW)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fdatasync", failing())
+        with pytest.raises(StorageError):
+            store.knock(key("203.0.113.7"), 60, NOW)
+    assert opener.firewall.calls[-1] == ("revoke", ("203.0.113.7",), None)
+    assert not store.allows(ip("203.0.113.7"), NOW)
+    restarted = opener(opener.crash_copy())
+    assert restarted.entries() == {"198.51.100.1": int(NOW) + 60}
+
+
+def test_directory_sync_failure_leaves_nothing_on_disk(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A knock whose rename cannot be made durable (directory fsync fails) is reported as
+    failed; then whitelist.json must not hold it either, or a restart would grant it."""
+    store = opener()
+    store.knock(key("198.51.100.1"), 60, NOW)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        with pytest.raises(StorageError):
+            store.knock(key("203.0.113.7"), 60, NOW)
+    assert not store.allows(ip("203.0.113.7"), NOW)
+    assert "203.0.113.7" not in opener.file()
+
+
+def test_store_recovers_after_a_persistence_failure(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the disk works again, the next knock succeeds and the file is valid."""
+    store = opener()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", failing(errno.ENOSPC))
+        with pytest.raises(StorageError):
+            store.knock(key("203.0.113.7"), 60, NOW)
+    store.knock(key("203.0.113.7"), 60, NOW)
+    assert opener.file() == {"203.0.113.7": int(NOW) + 60}
+
+
+def test_unusable_storage_location_is_a_storage_error(tmp_path: Path) -> None:
+    """A storage path whose directory cannot be created refuses to open."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = Store(store_config(blocker / "sub"), NullFirewall(), clock=Clock())
+    with pytest.raises(StorageError):
+        store.open()
+
+
+# --- several workers --------------------------------------------------------------------
+
+
+def test_knock_through_one_worker_is_seen_by_another_at_once(opener: Opener) -> None:
+    """A knock acknowledged by one process is honoured by every other on its next request."""
+    first, second = opener(), opener()
+    assert not second.allows(ip("203.0.113.7"), NOW)
+    first.knock(key("203.0.113.7"), 60, NOW)
+    assert second.allows(ip("203.0.113.7"), NOW)
+    second.knock(key("2001:db8::/64"), 60, NOW)
+    assert first.allows(ip("2001:db8::42"), NOW)
+
+
+def test_eviction_through_one_worker_is_seen_by_another(opener: Opener) -> None:
+    """An entry evicted by one process stops passing in every process."""
+    first, second = opener(capacity=1), opener(capacity=1)
+    first.knock(key("198.51.100.1"), 60, NOW)
+    assert second.allows(ip("198.51.100.1"), NOW)
+    second.knock(key("198.51.100.2"), 120, NOW)
+    assert not first.allows(ip("198.51.100.1"), NOW)
+    assert first.allows(ip("198.51.100.2"), NOW)
+
+
+def test_knocks_through_different_workers_are_all_persisted(opener: Opener) -> None:
+    """Alternating writers never lose each other's entries in whitelist.json."""
+    first, second = opener(), opener()
+    for n in range(1, 11):
+        (first if n % 2 else second).knock(key(f"198.51.100.{n}"), 60 + n, NOW)
+    assert opener.file() == {f"198.51.100.{n}": int(NOW) + 60 + n for n in range(1, 11)}
+
+
+def test_re_knock_through_another_worker_never_shortens(opener: Opener) -> None:
+    """Another worker's shorter re-knock keeps the longer grant it did not make."""
+    first, second = opener(), opener()
+    first.knock(key("203.0.113.7"), 1000, NOW)
+    assert second.knock(key("203.0.113.7"), 10, NOW).expires_at == int(NOW) + 1000
+
+
+def test_rate_limits_are_shared_between_workers(opener: Opener) -> None:
+    """Failures counted by one process block the client in every process."""
+    first, second = opener(failures=3), opener(failures=3)
+    client = ipaddress.IPv6Address("::ffff:203.0.113.7").packed
+    for _ in range(2):
+        first.rate_record(client, False, NOW)
+    second.rate_record(client, False, NOW)
+    assert first.rate_blocked(client, NOW)
+    assert second.rate_blocked(client, NOW)
+    assert not second.rate_blocked(client, NOW + 61)
+
+
+@pytest.mark.parametrize("inline_max", [10_000, 1], ids=["snapshot", "journal"])
+def test_lagging_worker_reloads_from_disk_after_a_ring_overrun(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        inline_max: int) -> None:
+    """A process that fell more than a ring behind rebuilds its replica from disk and
+    answers correctly."""
+    monkeypatch.setattr(knocker.store, "RING_CAPACITY", 4)
+    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", inline_max)
+    first, second = opener(capacity=5), opener(capacity=5)
+    second.knock(key("192.0.2.1"), 5000, NOW)
+    for n in range(1, 11):  # 10 grants and 5 evictions: far more than 4 ring records
+        first.knock(key(f"198.51.100.{n}"), 100 + n, NOW)
+    with caplog.at_level(logging.WARNING, logger="knocker"):
+        answers = {n: second.allows(ip(f"198.51.100.{n}"), NOW) for n in range(1, 11)}
+    assert answers == {n: n > 6 for n in range(1, 11)}
+    assert second.allows(ip("192.0.2.1"), NOW)
+    assert any("behind" in r.getMessage() for r in caplog.records)
+
+
+# --- file integrity ---------------------------------------------------------------------
+
+
+def test_whitelist_json_is_valid_after_every_operation(opener: Opener) -> None:
+    """Knock, extension, eviction, purge and close each leave a valid whitelist.json."""
+    store = opener(capacity=2, cleanup=60)
+    steps: list[tuple[float, Callable[[], object]]] = [
+        (NOW, lambda: store.knock(key("198.51.100.1"), 10, NOW)),
+        (NOW, lambda: store.knock(key("198.51.100.2"), 1000, NOW)),
+        (NOW, lambda: store.knock(key("198.51.100.2"), 2000, NOW)),
+        (NOW, lambda: store.knock(key("2001:db8::/64"), 500, NOW)),  # evicts .1
+        (NOW + 600, lambda: store.tick(NOW + 600)),  # purges the /64
+        (NOW + 600, store.close),
+    ]
+    for now, step in steps:
+        opener.clock.now = now
+        step()
+        opener.file()  # parses, and is an object of entry -> int
+    assert opener.file() == {"198.51.100.2": int(NOW) + 2000}
+    assert not list(opener.directory.glob("*.tmp"))
+
+
+def test_entries_lists_only_live_entries(opener: Opener) -> None:
+    """entries() (what the firewall re-applies) leaves out expired entries."""
+    store = opener()
+    store.knock(key("198.51.100.1"), 10, NOW)
+    store.knock(key("198.51.100.2"), 100, NOW)
+    opener.clock.now = NOW + 50
+    assert store.entries() == {"198.51.100.2": int(NOW) + 100}
+
+
+def test_writable_problem_reports_a_vanished_directory_and_a_closed_store(
+        opener: Opener) -> None:
+    """writable_problem() is None while usable and explains why not otherwise."""
+    store = opener()
+    assert store.writable_problem() is None
+    shutil.rmtree(opener.directory)
+    assert store.writable_problem()
+    store.close()
+    assert store.writable_problem()
