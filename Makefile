@@ -49,11 +49,11 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check knocker tests
 	$(VENV)/bin/mypy
 
+# sdist, then the wheel built from it (which proves the sdist is complete)
 dist: $(VENV)/.installed
 	rm -rf dist
-	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
 	$(PY) -m pip install -q build
-	$(PY) -m build --sdist --outdir dist .
+	$(PY) -m build --outdir dist .
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache test-artifacts

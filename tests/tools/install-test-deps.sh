@@ -19,7 +19,7 @@ declare -A wanted=(
     [chromium]=chromium
     [chromedriver]=chromium-driver
     [systemd-analyze]=systemd
-    [dpkg-deb]=dpkg
+    [kill]=procps
 )
 missing=()
 for command in "${!wanted[@]}"; do
