@@ -89,7 +89,8 @@ class App:
             start_response(status_line, headers)
             return ()
         status, headers, body = self._route(path, environ)
-        headers.append(("Content-Length", str(len(body))))  # HEAD: the length GET would send
+        if status is not HTTPStatus.NO_CONTENT:  # RFC 9110 8.6: never on a 204
+            headers.append(("Content-Length", str(len(body))))  # HEAD: GET's length
         if environ.get("REQUEST_METHOD") == "HEAD":
             body = b""
         start_response(_STATUS_LINES[status], headers)

@@ -441,6 +441,7 @@ def test_preflight_is_204_with_exact_cors_headers(service: Service) -> None:
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert response.headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
     assert response.headers["Access-Control-Allow-Headers"] == "X-Api-Key, Content-Type"
+    assert "Content-Length" not in response.headers  # RFC 9110 8.6
 
 
 def test_preflight_has_no_side_effects(make: Services) -> None:
