@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .app import App, build_app, config_path, configure_logging, load_config_file
+from .config import Config
 from .errors import ConfigError, KnockerError
 
 log = logging.getLogger("knocker")
@@ -82,26 +83,29 @@ def _gen_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_config(args: argparse.Namespace) -> int:
-    out, err = args.out, args.err
-    path = config_path(args.path)
+def _load(path: str, err: TextIO) -> Config | None:
+    """The validated config, or None after printing why not (key path, never a secret)."""
     try:
-        config = load_config_file(path)
+        return load_config_file(path)
     except ConfigError as error:
-        print(f"{path}: invalid: {error}", file=err)
+        print(f"knocker: {path}: invalid: {error}", file=err)
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    path = config_path(args.path)
+    config = _load(path, args.err)
+    if config is None:
         return 1
     print(f"{path}: OK ({len(config.api_keys)} API key(s), firewalld "
-          f"{'enabled' if config.firewalld.enabled else 'disabled'})", file=out)
+          f"{'enabled' if config.firewalld.enabled else 'disabled'})", file=args.out)
     return 0
 
 
 def _serve(args: argparse.Namespace, run: Callable[[Any], None] | None = None) -> int:
-    err = args.err
     path = config_path(args.config)
-    try:
-        config = load_config_file(path)
-    except ConfigError as error:
-        print(f"knocker: {path}: invalid: {error}", file=err)
+    config = _load(path, args.err)
+    if config is None:
         return 1
     configure_logging(config.logging.level)
     log.info("config %s valid (%d API key(s))", path, len(config.api_keys))
