@@ -41,6 +41,7 @@ run: $(VENV)/.installed knocker.yaml
 
 test-deps:
 	@bash tests/tools/install-test-deps.sh
+	@bash tests/fwlab/prepare.sh --no-install
 
 test: $(VENV)/.installed-test test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,889 @@
+"""knocker.firewalld without a bus: rule strings, zone settings, messages, error classes,
+and the grant/rollback/restore logic against a fake firewalld (our own logic only; the
+real firewalld is in test_firewalld_integration.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jeepney import HeaderFields
+
+from knocker import firewalld as fwd
+from knocker.config import FirewalldConfig, MonitoredPort
+from knocker.errors import FirewallError, FirewallUnavailable
+from knocker.firewall import create_firewall
+
+REPO = Path(__file__).resolve().parents[1]
+SSH = MonitoredPort(22, "tcp")
+GAME = MonitoredPort(27015, "udp")
+NET4 = ipaddress.ip_network("192.0.2.0/24")
+NET6 = ipaddress.ip_network("2001:db8::/64")
+
+
+def config(**overrides: Any) -> FirewalldConfig:
+    values: dict[str, Any] = {
+        "enabled": True,
+        "monitored_ports": (SSH, GAME),
+        "monitored_ips": (NET4, NET6),
+    }
+    values.update(overrides)
+    return FirewalldConfig(**values)
+
+
+def net(text: str) -> fwd.IPNetwork:
+    network = fwd.parse_network(text)
+    assert network is not None
+    return network
+
+
+# ------------------------------------------------------------------ a fake firewalld
+
+
+def dbus_error(code: str, text: str = "") -> fwd.DBusError:
+    return fwd.DBusError(fwd.FIREWALLD_EXCEPTION, f"{code}: {text}" if text else code)
+
+
+class FakeFirewalld:
+    """Answers Knocker's D-Bus messages like firewalld does (rules, zones, reload), records
+    every call, and raises injected failures: fail[(member, nth)] = exception."""
+
+    def __init__(self, version: str = "2.3.1") -> None:
+        self.version = version
+        self.state = "RUNNING"
+        self.owner = True
+        self.permanent: dict[str, dict[str, Any]] = {"public": {"sources": [], "rules_str": []}}
+        self.runtime: dict[str, set[str]] = {}
+        self.timeouts: dict[str, int] = {}
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.fail: dict[tuple[str, int], Any] = {}  # an exception, or body -> exception
+        self.states: list[str] = []  # states to report before self.state
+        self.reloads = 0
+        self.closed = 0
+        self.reload_runtime()
+
+    # Connection protocol
+    def call(self, message: Any, timeout: float) -> tuple[Any, ...]:
+        member = message.header.fields[HeaderFields.member]
+        body = tuple(message.body)
+        self.calls.append((member, body))
+        nth = sum(1 for name, _ in self.calls if name == member)
+        failure = self.fail.get((member, nth)) or self.fail.get((member, 0))
+        if callable(failure):  # a side effect first (a timer firing), then the error
+            failure = failure(*body)
+        if failure is not None:
+            raise failure
+        handler = getattr(self, f"on_{member}")
+        result: tuple[Any, ...] = handler(message, *body)
+        return result
+
+    def close(self) -> None:
+        self.closed += 1
+
+    # bus daemon
+    def on_NameHasOwner(self, message: Any, name: str) -> tuple[Any, ...]:
+        return (self.owner,)
+
+    def on_AddMatch(self, message: Any, rule: str) -> tuple[Any, ...]:
+        return ()
+
+    # properties
+    def on_Get(self, message: Any, interface: str, name: str) -> tuple[Any, ...]:
+        if not self.owner:
+            raise fwd.DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "")
+        if name == "state":
+            return (("s", self.states.pop(0) if self.states else self.state),)
+        return (("s", self.version),)
+
+    # runtime
+    def reload_runtime(self) -> None:
+        self.runtime = {zone: set(s.get("rules_str", [])) for zone, s in self.permanent.items()}
+        self.timeouts = {}
+
+    def on_reload(self, message: Any) -> tuple[Any, ...]:
+        self.reloads += 1
+        self.reload_runtime()
+        return ()
+
+    def zone(self, name: str) -> set[str]:
+        if name not in self.runtime:
+            raise dbus_error("INVALID_ZONE", name)
+        return self.runtime[name]
+
+    def on_addRichRule(self, message: Any, zone: str, rule: str, timeout: int) -> tuple[Any, ...]:
+        rules = self.zone(zone)
+        if rule in rules:
+            raise dbus_error("ALREADY_ENABLED", rule)
+        rules.add(rule)
+        if timeout:
+            self.timeouts[rule] = timeout
+        return (zone,)
+
+    def on_removeRichRule(self, message: Any, zone: str, rule: str) -> tuple[Any, ...]:
+        rules = self.zone(zone)
+        if rule not in rules:
+            raise dbus_error("NOT_ENABLED", rule)
+        rules.discard(rule)
+        self.timeouts.pop(rule, None)
+        return (zone,)
+
+    def on_queryRichRule(self, message: Any, zone: str, rule: str) -> tuple[Any, ...]:
+        return (rule in self.zone(zone),)
+
+    def on_getRichRules(self, message: Any, zone: str) -> tuple[Any, ...]:
+        return (sorted(self.zone(zone)),)
+
+    def on_getActiveZones(self, message: Any) -> tuple[Any, ...]:
+        return (
+            {
+                zone: {"sources": list(settings.get("sources", []))}
+                for zone, settings in self.permanent.items()
+                if settings.get("sources") and zone in self.runtime
+            },
+        )
+
+    def on_getZoneSettings2(self, message: Any, zone: str) -> tuple[Any, ...]:
+        settings = dict(self.permanent[zone])
+        settings["rules_str"] = sorted(self.zone(zone))
+        return ({key: ("v", value) for key, value in settings.items()},)
+
+    # permanent
+    def on_getZoneNames(self, message: Any) -> tuple[Any, ...]:
+        return (sorted(self.permanent),)
+
+    def on_getZoneByName(self, message: Any, zone: str) -> tuple[Any, ...]:
+        return (f"/org/fedoraproject/FirewallD1/config/zone/{sorted(self.permanent).index(zone)}",)
+
+    def zone_at(self, message: Any) -> str:
+        index = int(str(message.header.fields[HeaderFields.path]).rsplit("/", 1)[1])
+        return sorted(self.permanent)[index]
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        if self.version.startswith("1.") and "ingress_priority" in settings:
+            raise dbus_error("INVALID_OPTION", "option 'ingress_priority' is not valid")
+
+    def on_addZone2(self, message: Any, zone: str, settings: dict[str, Any]) -> tuple[Any, ...]:
+        if zone in self.permanent:
+            raise dbus_error("NAME_CONFLICT", zone)
+        self.check_settings(settings)
+        self.permanent[zone] = {key: value[1] for key, value in settings.items()}
+        return (f"/org/fedoraproject/FirewallD1/config/zone/{sorted(self.permanent).index(zone)}",)
+
+    def on_getSettings2(self, message: Any) -> tuple[Any, ...]:
+        settings = self.permanent[self.zone_at(message)]
+        return ({key: ("v", value) for key, value in settings.items()},)
+
+    def on_update2(self, message: Any, settings: dict[str, Any]) -> tuple[Any, ...]:
+        self.check_settings(settings)
+        self.permanent[self.zone_at(message)].update(
+            {key: value[1] for key, value in settings.items()}
+        )
+        return ()
+
+    # helpers for assertions
+    def members(self) -> list[str]:
+        return [member for member, _ in self.calls]
+
+    def rule_calls(self) -> list[tuple[str, tuple[Any, ...]]]:
+        wanted = {"addRichRule", "removeRichRule"}
+        return [(member, body[1:]) for member, body in self.calls if member in wanted]
+
+
+@pytest.fixture
+def fake() -> FakeFirewalld:
+    return FakeFirewalld()
+
+
+def backend(
+    fake: FakeFirewalld, tmp_path: Path, entries: dict[str, int] | None = None, **overrides: Any
+) -> fwd.FirewalldFirewall:
+    """A prepared backend over `fake` (the watcher is not started: tests drive it)."""
+    firewall = fwd.FirewalldFirewall(config(**overrides), str(tmp_path), connect=lambda: fake)
+    firewall.prepare(entries or {}, time.time())
+    fake.calls.clear()
+    return firewall
+
+
+def accept(entry: str, port: MonitoredPort = SSH) -> str:
+    return fwd.accept_rule(net(entry), port)
+
+
+# ------------------------------------------------------------------ rule strings
+
+
+def test_accept_rule_uses_firewalld_canonical_word_order_for_ipv4() -> None:
+    """A grant rule reads exactly as firewalld prints it back (trap 3)."""
+    assert fwd.accept_rule(net("198.51.100.7"), SSH) == (
+        'rule priority="1000" family="ipv4" source address="198.51.100.7" '
+        'port port="22" protocol="tcp" accept'
+    )
+
+
+def test_accept_rule_for_ipv6_entry_uses_ipv6_family_and_compressed_address() -> None:
+    """The entry's family decides the rule family; the address is in canonical form."""
+    assert fwd.accept_rule(net("2001:DB8:0:0::7"), GAME) == (
+        'rule priority="1000" family="ipv6" source address="2001:db8::7" '
+        'port port="27015" protocol="udp" accept'
+    )
+
+
+def test_accept_rule_for_cidr_entries_keeps_the_prefix() -> None:
+    """Whitelisted networks become source ranges."""
+    assert 'source address="10.1.0.0/16"' in fwd.accept_rule(net("10.1.0.0/16"), SSH)
+    assert 'source address="2001:db8:1::/64"' in fwd.accept_rule(net("2001:db8:1::/64"), SSH)
+
+
+def test_block_rules_cover_every_port_in_both_families_with_the_configured_action() -> None:
+    """One blocking rule per monitored port and IP family, at priority 9999."""
+    assert fwd.block_rules(config(default_action="drop")) == [
+        'rule priority="9999" family="ipv4" port port="22" protocol="tcp" drop',
+        'rule priority="9999" family="ipv6" port port="22" protocol="tcp" drop',
+        'rule priority="9999" family="ipv4" port port="27015" protocol="udp" drop',
+        'rule priority="9999" family="ipv6" port port="27015" protocol="udp" drop',
+    ]
+    assert all(r.endswith(" reject") for r in fwd.block_rules(config(default_action="reject")))
+
+
+def test_grant_rules_open_every_monitored_port() -> None:
+    """A grant is one accept rule per monitored port."""
+    assert fwd.grant_rules(net("192.0.2.9"), config()) == [
+        accept("192.0.2.9", SSH),
+        accept("192.0.2.9", GAME),
+    ]
+
+
+def test_stray_grants_finds_knocker_rules_of_unwanted_entries_only() -> None:
+    """Leftover grant rules are recognised by shape; block rules and others stay."""
+    rules = [
+        accept("192.0.2.1"),
+        accept("192.0.2.2"),
+        accept("2001:db8::5"),
+        fwd.block_rule("ipv4", SSH, "drop"),
+        'rule family="ipv4" source address="192.0.2.3" accept',
+    ]
+    assert fwd.stray_grants(rules, {"192.0.2.1", "2001:db8::5"}) == [accept("192.0.2.2")]
+
+
+# ------------------------------------------------------------------ zone settings
+
+
+def test_parse_version_reads_numeric_parts() -> None:
+    """Versions compare as tuples; a suffix ends the parse."""
+    assert fwd.parse_version("1.3.3") == (1, 3, 3)
+    assert fwd.parse_version("2.3.1") == (2, 3, 1)
+    assert fwd.parse_version("2.0.0rc1") == (2, 0, 0)
+    assert fwd.supports_zone_priority((2, 0)) and not fwd.supports_zone_priority((1, 3, 3))
+
+
+def test_zone_settings_on_firewalld_2_carry_sources_rules_and_priority() -> None:
+    """ingress and egress priority are both set to zone_priority on firewalld >= 2.0."""
+    settings = fwd.zone_settings(config(zone_priority=-100, zone_target="ACCEPT"), "2.3.1")
+    assert settings["sources"] == ("as", ["192.0.2.0/24", "2001:db8::/64"])
+    assert settings["rules_str"] == ("as", fwd.block_rules(config()))
+    assert settings["ingress_priority"] == ("i", -100)
+    assert settings["egress_priority"] == ("i", -100)
+    assert settings["target"] == ("s", "ACCEPT")
+
+
+def test_zone_settings_without_priority_or_target_leave_them_to_firewalld() -> None:
+    """zone_priority: null and an unset zone_target are not sent at all."""
+    settings = fwd.zone_settings(config(zone_priority=None), "1.3.3")
+    assert "ingress_priority" not in settings and "egress_priority" not in settings
+    assert "target" not in settings
+    assert "priority" not in settings  # invalid on every version
+
+
+def test_zone_settings_refuse_a_priority_on_firewalld_1_with_the_fix_in_the_message() -> None:
+    """firewalld 1.3.x has no zone priority: refuse, telling the user about `null`."""
+    with pytest.raises(FirewallError) as caught:
+        fwd.zone_settings(config(zone_priority=-100), "1.3.3")
+    assert "zone_priority: null" in caught.value.message
+    assert "1.3.3" in caught.value.message
+
+
+def test_reject_target_is_spelled_the_way_firewalld_wants_it() -> None:
+    """knocker.yaml says REJECT; firewalld's zone API says %%REJECT%%."""
+    assert fwd.zone_settings(config(zone_target="REJECT"), "2.3.1")["target"][1] == "%%REJECT%%"
+    assert fwd.zone_settings(config(zone_target="DROP"), "2.3.1")["target"][1] == "DROP"
+
+
+def test_zone_changes_ignore_spelling_and_order_but_see_real_differences() -> None:
+    """Sources compare as networks, rules as sets; a new port is a change."""
+    desired = fwd.zone_settings(config(zone_target="default"), "2.3.1")
+    current = {
+        "sources": ["2001:DB8:0::/64", "192.0.2.0/24"],
+        "rules_str": list(reversed(fwd.block_rules(config()))),
+        "target": "{chain}_{zone}",
+        "ingress_priority": -100,
+        "egress_priority": -100,
+        "short": "renamed by an admin",
+    }
+    assert fwd.zone_changes(current, desired) == {}
+    other = fwd.zone_settings(config(monitored_ports=(SSH,), zone_priority=-5), "2.3.1")
+    assert set(fwd.zone_changes(current, other)) == {
+        "rules_str",
+        "ingress_priority",
+        "egress_priority",
+    }
+
+
+# ------------------------------------------------------------------ messages
+
+
+def test_add_rich_rule_message_addresses_firewalld_runtime_zone_interface() -> None:
+    """The message is built without a bus: destination, path, interface, signature, body."""
+    message = fwd.msg_add_rich_rule("knocker", accept("192.0.2.9"), 30)
+    fields = message.header.fields
+    assert fields[HeaderFields.destination] == "org.fedoraproject.FirewallD1"
+    assert fields[HeaderFields.path] == "/org/fedoraproject/FirewallD1"
+    assert fields[HeaderFields.interface] == "org.fedoraproject.FirewallD1.zone"
+    assert fields[HeaderFields.member] == "addRichRule"
+    assert fields[HeaderFields.signature] == "ssi"
+    assert message.body == ("knocker", accept("192.0.2.9"), 30)
+
+
+def test_zone_update_message_targets_the_zone_object_with_variants() -> None:
+    """update2 goes to the config zone object, with a{sv} values as (signature, value)."""
+    path = "/org/fedoraproject/FirewallD1/config/zone/7"
+    message = fwd.msg_config_zone_update(path, {"sources": ("as", ["192.0.2.0/24"])})
+    assert message.header.fields[HeaderFields.path] == path
+    assert message.header.fields[HeaderFields.signature] == "a{sv}"
+    assert message.body == ({"sources": ("as", ["192.0.2.0/24"])},)
+
+
+def test_signal_rules_match_reloaded_and_firewalld_name_owner_changes_only() -> None:
+    """The watcher subscribes to Reloaded and NameOwnerChanged(arg0 = firewalld's name)."""
+    reloaded, owner = fwd.signal_rules()
+    assert "member='Reloaded'" in reloaded.serialise()
+    assert "arg0='org.fedoraproject.FirewallD1'" in owner.serialise()
+    assert "member='NameOwnerChanged'" in owner.serialise()
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        fwd.DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "not provided"),
+        fwd.DBusError("org.freedesktop.DBus.Error.NoReply", ""),
+        dbus_error("NOT_RUNNING"),
+        ConnectionRefusedError(111, "refused"),
+        FileNotFoundError(2, "no socket"),
+        TimeoutError(),
+    ],
+)
+def test_unreachable_firewalld_or_bus_is_a_503(error: BaseException) -> None:
+    """Gone, restarting, timed out or no bus at all: try again later."""
+    result = fwd.classify(error, "granting 192.0.2.1")
+    assert isinstance(result, FirewallUnavailable)
+    assert result.status == 503
+
+
+@pytest.mark.parametrize("code", ["INVALID_RULE", "INVALID_ZONE", "INVALID_ADDR", "ZONE_CONFLICT"])
+def test_firewalld_refusals_are_a_500_with_the_code(code: str) -> None:
+    """firewalld answered no: a server-side problem, reported with firewalld's code."""
+    result = fwd.classify(dbus_error(code, "details"), "granting 192.0.2.1")
+    assert type(result) is FirewallError
+    assert result.status == 500
+    assert code in result.message
+
+
+def test_not_authorized_is_a_500_that_points_at_root_or_polkit() -> None:
+    """A non-root Knocker without the polkit rule learns what to do."""
+    error = fwd.DBusError("org.fedoraproject.FirewallD1.NotAuthorizedException", "config")
+    result = fwd.classify(error, "granting 192.0.2.1")
+    assert result.status == 500 and "polkit" in result.message
+
+
+def test_error_code_is_read_only_from_firewalld_exceptions() -> None:
+    """The leading word is a firewalld code only for firewalld's own exception type."""
+    assert dbus_error("ALREADY_ENABLED", "rule").code == "ALREADY_ENABLED"
+    assert fwd.DBusError("org.freedesktop.DBus.Error.Failed", "ALREADY_ENABLED: x").code == ""
+
+
+# ------------------------------------------------------------------ trap 2 sequence
+
+
+def test_apply_timed_sends_zero_timeout_add_then_remove_then_timed_add(fake: FakeFirewalld) -> None:
+    """The measured remedy for stale timers: addRichRule(R, 0), removeRichRule(R),
+    addRichRule(R, ttl), all with the very same string."""
+    rule = accept("192.0.2.9")
+    fwd.apply_timed(fwd.FirewalldClient(fake), "public", rule, 30)
+    assert fake.rule_calls() == [
+        ("addRichRule", (rule, 0)),
+        ("removeRichRule", (rule,)),
+        ("addRichRule", (rule, 30)),
+    ]
+    assert fake.timeouts[rule] == 30
+
+
+def test_apply_timed_accepts_already_enabled_for_a_rule_that_is_there(fake: FakeFirewalld) -> None:
+    """Re-knock: the first add finds the rule (ALREADY_ENABLED), the remove cancels its timer."""
+    rule = accept("192.0.2.9")
+    client = fwd.FirewalldClient(fake)
+    client.add_rich_rule("public", rule, 10)
+    fwd.apply_timed(client, "public", rule, 40)
+    assert fake.timeouts[rule] == 40 and rule in fake.runtime["public"]
+
+
+def test_apply_timed_accepts_not_enabled_when_the_rule_vanished_meanwhile(
+    fake: FakeFirewalld,
+) -> None:
+    """NOT_ENABLED on the remove (a timer fired in between) is not a failure."""
+
+    def timer_fired(zone: str, rule: str) -> BaseException:
+        fake.runtime[zone].discard(rule)
+        return dbus_error("NOT_ENABLED")
+
+    fake.fail[("removeRichRule", 1)] = timer_fired
+    fwd.apply_timed(fwd.FirewalldClient(fake), "public", accept("192.0.2.9"), 30)
+    assert fake.rule_calls()[-1] == ("addRichRule", (accept("192.0.2.9"), 30))
+
+
+def test_apply_timed_raises_other_firewalld_errors(fake: FakeFirewalld) -> None:
+    """Anything but the two expected codes stops the sequence."""
+    fake.fail[("addRichRule", 1)] = dbus_error("INVALID_RULE")
+    with pytest.raises(fwd.DBusError):
+        fwd.apply_timed(fwd.FirewalldClient(fake), "public", accept("192.0.2.9"), 30)
+    assert fake.members() == ["addRichRule"]
+
+
+# ------------------------------------------------------------------ grant / rollback
+
+
+def test_grant_opens_every_monitored_port_for_the_ttl(fake: FakeFirewalld, tmp_path: Path) -> None:
+    """Each monitored port gets the entry's accept rule with firewalld's timeout."""
+    firewall = backend(fake, tmp_path)
+    firewall.grant("192.0.2.9", 60)
+    assert fake.timeouts == {accept("192.0.2.9", SSH): 60, accept("192.0.2.9", GAME): 60}
+
+
+def test_grant_of_an_ipv6_network_uses_ipv6_rules(fake: FakeFirewalld, tmp_path: Path) -> None:
+    """The entry's family decides the rule family."""
+    backend(fake, tmp_path).grant("2001:db8:7::/64", 60)
+    assert set(fake.timeouts) == {accept("2001:db8:7::/64", SSH), accept("2001:db8:7::/64", GAME)}
+
+
+def test_partial_grant_failure_removes_what_this_grant_added(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """Second port fails: the first port's new rule is removed and the knock fails (500)."""
+    firewall = backend(fake, tmp_path)
+    fake.fail[("addRichRule", 3)] = dbus_error("INVALID_VALUE", "bad timeout")  # 2nd port
+    with pytest.raises(FirewallError) as caught:
+        firewall.grant("192.0.2.9", 60)
+    assert caught.value.status == 500 and "INVALID_VALUE" in caught.value.message
+    assert accept("192.0.2.9", SSH) not in fake.runtime["knocker"]
+    assert accept("192.0.2.9", GAME) not in fake.runtime["knocker"]
+
+
+def test_failed_re_knock_puts_the_earlier_grant_back(fake: FakeFirewalld, tmp_path: Path) -> None:
+    """A failing extension leaves the entry as the whitelist still has it: open for the
+    time it had left, not closed and not extended."""
+    whitelist = {"192.0.2.9": int(time.time()) + 100}
+    firewall = backend(fake, tmp_path, whitelist)
+    firewall._current = lambda: whitelist  # what start_worker hands over
+    fake.fail[("addRichRule", 4)] = dbus_error("COMMAND_FAILED")  # 2nd port, timed add
+    with pytest.raises(FirewallError):
+        firewall.grant("192.0.2.9", 3600)
+    for port in (SSH, GAME):
+        assert 98 <= fake.timeouts[accept("192.0.2.9", port)] <= 100
+
+
+def test_grant_while_firewalld_is_gone_is_503_and_tries_no_rollback(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """ServiceUnknown: no point in rollback calls (each would fail); the knock gets 503."""
+    firewall = backend(fake, tmp_path)
+    fake.fail[("addRichRule", 0)] = fwd.DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "")
+    with pytest.raises(FirewallUnavailable):
+        firewall.grant("192.0.2.9", 60)
+    assert fake.members() == ["addRichRule"]
+
+
+def test_rules_left_by_a_failed_grant_are_settled_before_the_next_one(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """A grant cut short mid-sequence (add with timeout 0 done, then the bus failed) must
+    not leave a rule without timeout: the next mutation removes it."""
+    firewall = backend(fake, tmp_path)
+    fake.fail[("removeRichRule", 1)] = ConnectionResetError(104, "reset")
+    with pytest.raises(FirewallUnavailable):
+        firewall.grant("192.0.2.9", 60)
+    assert accept("192.0.2.9", SSH) in fake.runtime["knocker"]  # the timeout-0 add
+    fake.fail.clear()
+    firewall.grant("192.0.2.10", 60)
+    assert accept("192.0.2.9", SSH) not in fake.runtime["knocker"]
+    assert accept("192.0.2.10", SSH) in fake.runtime["knocker"]
+
+
+def test_grant_of_zero_seconds_or_a_bad_entry_is_refused(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """Nothing is sent for a grant that cannot be right."""
+    firewall = backend(fake, tmp_path)
+    with pytest.raises(FirewallError):
+        firewall.grant("192.0.2.9", 0)
+    with pytest.raises(FirewallError):
+        firewall.grant("not-an-address", 10)
+    assert fake.calls == []
+
+
+def test_full_mutation_queue_answers_503_quickly(tmp_path: Path) -> None:
+    """With firewalld stuck, waiting grants are bounded: the next one gets 503 at once."""
+    release = threading.Event()
+    fake = FakeFirewalld()
+    firewall = backend(fake, tmp_path)
+
+    class Stuck:
+        def call(self, message: Any, timeout: float) -> tuple[Any, ...]:
+            release.wait(10)
+            return fake.call(message, timeout)
+
+        def close(self) -> None:
+            pass
+
+    firewall._conn = Stuck()
+    threads = [
+        threading.Thread(target=lambda i=i: _ignore(firewall.grant, f"192.0.2.{i}", 60))
+        for i in range(1, fwd.QUEUE_LIMIT + 1)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # every slot is taken by now
+    started = time.monotonic()
+    with pytest.raises(FirewallUnavailable) as caught:
+        firewall.grant("192.0.2.200", 60)
+    assert time.monotonic() - started < 2
+    assert "queue is full" in caught.value.message
+    release.set()
+    for thread in threads:
+        thread.join(15)
+
+
+def _ignore(function: Any, *args: Any) -> None:
+    try:
+        function(*args)
+    except FirewallError:
+        pass
+
+
+def test_revoke_removes_rules_and_ignores_ones_already_gone(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """Revocation is best effort: NOT_ENABLED (expired meanwhile) is fine."""
+    firewall = backend(fake, tmp_path)
+    firewall.grant("192.0.2.9", 60)
+    firewall.revoke(["192.0.2.9", "192.0.2.10"])
+    assert not any("192.0.2" in rule and "accept" in rule for rule in fake.runtime["knocker"])
+
+
+def test_revoke_logs_failures_instead_of_raising(
+    fake: FakeFirewalld, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Eviction and purge must go on when firewalld cannot be reached."""
+    firewall = backend(fake, tmp_path)
+    fake.fail[("removeRichRule", 0)] = fwd.DBusError("org.freedesktop.DBus.Error.NoReply", "")
+    firewall.revoke(["192.0.2.9"])
+    assert "could not revoke 192.0.2.9" in caplog.text
+
+
+def test_revoke_with_firewalld_unreachable_stops_at_once_and_settles_later(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """A purge of many entries does not wait for a timeout per entry; the rules are
+    removed before the next change once firewalld answers again."""
+    firewall = backend(fake, tmp_path)
+    for n in (1, 2, 3):
+        firewall.grant(f"192.0.2.{n}", 60)
+    fake.calls.clear()
+    fake.fail[("removeRichRule", 0)] = fwd.DBusError("org.freedesktop.DBus.Error.NoReply", "")
+    firewall.revoke(["192.0.2.1", "192.0.2.2", "192.0.2.3"])
+    assert fake.members() == ["removeRichRule"]
+    fake.fail.clear()
+    firewall.grant("192.0.2.9", 60)
+    left = {rule for rule in fake.runtime["knocker"] if "accept" in rule}
+    assert left == {accept("192.0.2.9", SSH), accept("192.0.2.9", GAME)}
+
+
+# ------------------------------------------------------------------ prepare
+
+
+def test_prepare_creates_the_zone_reloads_and_restores_unexpired_entries(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """Zone with sources, target, priority and block rules; reload; each unexpired entry
+    restored for its remaining time; expired ones skipped."""
+    now = time.time()
+    firewall = fwd.FirewalldFirewall(
+        config(zone_target="ACCEPT"), str(tmp_path), connect=lambda: fake
+    )
+    firewall.prepare({"192.0.2.7": int(now) + 120, "192.0.2.8": int(now) - 5}, now)
+    zone = fake.permanent["knocker"]
+    assert zone["sources"] == ["192.0.2.0/24", "2001:db8::/64"]
+    assert zone["target"] == "ACCEPT" and zone["ingress_priority"] == -100
+    assert set(zone["rules_str"]) == set(fwd.block_rules(config()))
+    assert fake.reloads == 1
+    assert 119 <= fake.timeouts[accept("192.0.2.7")] <= 120
+    assert accept("192.0.2.8") not in fake.runtime["knocker"]
+    assert "runtimeToPermanent" not in fake.members()
+    assert firewall.problem() is None
+
+
+def test_prepare_on_firewalld_1_refuses_a_zone_priority(tmp_path: Path) -> None:
+    """1.3.x with zone_priority set: the service must not start, and the message says why."""
+    fake = FakeFirewalld("1.3.3")
+    firewall = fwd.FirewalldFirewall(
+        config(zone_priority=-100), str(tmp_path), connect=lambda: fake
+    )
+    with pytest.raises(FirewallError) as caught:
+        firewall.prepare({}, time.time())
+    assert "zone_priority: null" in caught.value.message
+    assert "addZone2" not in fake.members()
+
+
+def test_prepare_on_firewalld_1_works_without_priority(tmp_path: Path) -> None:
+    """zone_priority: null on 1.3.x: zone created without priority keys."""
+    fake = FakeFirewalld("1.3.3")
+    firewall = fwd.FirewalldFirewall(
+        config(zone_priority=None), str(tmp_path), connect=lambda: fake
+    )
+    firewall.prepare({}, time.time())
+    assert "ingress_priority" not in fake.permanent["knocker"]
+
+
+def test_prepare_updates_a_changed_zone_and_leaves_a_matching_one_alone(tmp_path: Path) -> None:
+    """A zone already as wanted is not reloaded (a reload would drop every runtime-only
+    rule on the machine); our leftover grants are removed instead."""
+    fake = FakeFirewalld()
+    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    leftover = accept("192.0.2.50")
+    fake.runtime["knocker"].add(leftover)
+    fake.reloads = 0
+    (tmp_path / fwd.PREPARED_MARKER).unlink()  # a new service start
+    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    assert fake.reloads == 0 and leftover not in fake.runtime["knocker"]
+    (tmp_path / fwd.PREPARED_MARKER).unlink()
+    narrower = config(monitored_ports=(SSH,))
+    fwd.FirewalldFirewall(narrower, str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    assert fake.reloads == 1
+    assert set(fake.permanent["knocker"]["rules_str"]) == set(fwd.block_rules(narrower))
+
+
+def test_prepare_warns_when_the_default_target_closes_unmonitored_ports_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unset zone_target: firewalld's default target rejects every other port for
+    monitored_ips, Knocker's own included; say so. An explicit target is not second-guessed."""
+    fake = FakeFirewalld()
+    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    assert "zone_target: ACCEPT" in caplog.text
+    caplog.clear()
+    other, fresh = tmp_path / "other", FakeFirewalld()
+    other.mkdir()
+    accepting = config(zone_target="ACCEPT")
+    fwd.FirewalldFirewall(accepting, str(other), connect=lambda: fresh).prepare({}, time.time())
+    assert "zone_target" not in caplog.text
+
+
+def test_prepare_runs_once_per_service_start(fake: FakeFirewalld, tmp_path: Path) -> None:
+    """A second prepare of the same service (gunicorn workers without preload) is skipped."""
+    firewall = fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake)
+    firewall.prepare({}, time.time())
+    calls = len(fake.calls)
+    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    assert len(fake.calls) == calls
+
+
+def test_prepare_waits_for_running_state(fake: FakeFirewalld, tmp_path: Path) -> None:
+    """firewalld owns its name before its rules are in place: wait for RUNNING."""
+    fake.states = ["INIT", "INIT", "INIT"]
+    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    assert fake.members().count("Get") >= 4 and "knocker" in fake.permanent
+
+
+def test_failed_state_stops_startup_with_a_clear_message(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """A firewalld whose own config failed to load is not waited for."""
+    fake.state = "FAILED"
+    firewall = fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake)
+    with pytest.raises(FirewallError) as caught:
+        firewall.prepare({}, time.time())
+    assert "FAILED" in caught.value.message
+
+
+def test_prepare_reports_the_step_and_cause_of_a_failure(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """Any failure stops startup with firewalld's own words."""
+    fake.fail[("addZone2", 1)] = dbus_error("ZONE_CONFLICT", "192.0.2.0/24 is in zone home")
+    firewall = fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake)
+    with pytest.raises(FirewallError) as caught:
+        firewall.prepare({}, time.time())
+    assert "zone knocker" in caught.value.message and "ZONE_CONFLICT" in caught.value.message
+
+
+def test_wait_running_gives_up_after_the_timeout(fake: FakeFirewalld) -> None:
+    """No firewalld: a bounded wait, then 503-class error naming the last state seen."""
+    fake.owner = False
+    with pytest.raises(FirewallUnavailable) as caught:
+        fwd.wait_running(fwd.FirewalldClient(fake), 0.05, lambda s: None)
+    assert "not RUNNING" in caught.value.message
+
+
+# ------------------------------------------------------------------ staying correct
+
+
+def test_reconcile_after_reload_reapplies_missing_grants_for_their_remaining_time(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """Reloaded: every unexpired entry is back with the time it has left; rules a knock
+    re-applied after the reload keep their fresh timer."""
+    now = int(time.time())
+    whitelist = {"192.0.2.1": now + 50, "2001:db8::1": now + 500, "192.0.2.3": now - 1}
+    firewall = backend(fake, tmp_path)
+    firewall._current = lambda: whitelist
+    fake.on_reload(None)
+    firewall.grant("2001:db8::1", 900)  # knocked again after the reload
+    firewall.reconcile(fwd.FirewalldClient(fake), "reloaded")
+    assert 48 <= fake.timeouts[accept("192.0.2.1", SSH)] <= 50
+    assert fake.timeouts[accept("2001:db8::1", GAME)] == 900
+    assert accept("192.0.2.3") not in fake.runtime["knocker"]
+    assert firewall.problem() is None
+
+
+def test_reconcile_recreates_a_zone_lost_with_a_fresh_config(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """A restart with a pristine configuration: zone created again, reloaded, grants back."""
+    now = int(time.time())
+    firewall = backend(fake, tmp_path)
+    firewall._current = lambda: {"192.0.2.1": now + 50}
+    del fake.permanent["knocker"]
+    fake.reload_runtime()
+    firewall.reconcile(fwd.FirewalldClient(fake), "restarted")
+    assert "knocker" in fake.permanent
+    assert accept("192.0.2.1") in fake.runtime["knocker"]
+
+
+def test_runtime_tampering_is_repaired_by_a_reload_but_never_in_a_loop(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """A block rule removed at runtime (no reload, no signal) comes back with one reload;
+    if it keeps disappearing, Knocker reports it instead of reloading again and again."""
+    firewall = backend(fake, tmp_path)
+    block = fwd.block_rules(config())[0]
+    fake.runtime["knocker"].discard(block)
+    fake.reloads = 0
+    reader = fwd.FirewalldClient(fake)
+    assert "missing rule" in " ".join(firewall.zone_problems(reader))
+    firewall.reconcile(reader, "periodic check")
+    assert fake.reloads == 1 and block in fake.runtime["knocker"]
+    fake.runtime["knocker"].discard(block)
+    with pytest.raises(FirewallError):
+        firewall.reconcile(reader, "periodic check")
+    assert fake.reloads == 1
+
+
+def test_status_file_tells_every_process_what_the_watcher_saw(tmp_path: Path) -> None:
+    """/ready's reason comes from the shared status: fresh ok, failure, stale, missing."""
+    path = str(tmp_path / "status.json")
+    assert fwd.read_status(path, time.time()) is not None
+    fwd.write_status(path, True, "")
+    assert fwd.read_status(path, time.time()) is None
+    assert "watching" in str(fwd.read_status(path, time.time() + fwd.STATUS_STALE + 1))
+    fwd.write_status(path, False, "firewalld is not running")
+    assert fwd.read_status(path, time.time()) == "firewalld is not running"
+    assert json.loads(Path(path).read_text())["pid"] == os.getpid()
+
+
+def test_problem_is_cached_briefly(fake: FakeFirewalld, tmp_path: Path) -> None:
+    """/ready reads a small file at most once a second per process, never the bus."""
+    firewall = backend(fake, tmp_path)
+    assert firewall.problem() is None
+    fwd.write_status(str(tmp_path / fwd.STATUS_FILE), False, "gone")
+    assert firewall.problem() is None  # cached
+    firewall._problem_cache = (-1e9, None)
+    assert firewall.problem() == "gone"
+    assert fake.calls == []
+
+
+def test_create_firewall_picks_this_backend_when_enabled(tmp_path: Path) -> None:
+    """The registry line in knocker/firewall.py reaches FirewalldFirewall."""
+    assert isinstance(create_firewall(config(), str(tmp_path)), fwd.FirewalldFirewall)
+
+
+# ------------------------------------------------------------------ Docker
+
+
+def test_docker_api_answer_lists_published_host_ports() -> None:
+    """PublicPort/Type of every container's published ports."""
+    body = json.dumps(
+        [
+            {
+                "Ports": [
+                    {"PrivatePort": 22, "PublicPort": 2222, "Type": "tcp", "IP": "0.0.0.0"},
+                    {"PrivatePort": 53, "Type": "udp"},
+                ]
+            },
+            {"Ports": [{"PrivatePort": 27015, "PublicPort": 27015, "Type": "udp"}]},
+        ]
+    ).encode()
+    assert fwd.docker_ports_from_api(body) == {(2222, "tcp"), (27015, "udp")}
+
+
+def test_docker_proxy_command_line_gives_its_host_port() -> None:
+    """docker-proxy -proto tcp -host-ip 0.0.0.0 -host-port 8022 ..."""
+    argv = [
+        "/usr/bin/docker-proxy",
+        "-proto",
+        "tcp",
+        "-host-ip",
+        "0.0.0.0",
+        "-host-port",
+        "22",
+        "-container-ip",
+        "172.17.0.2",
+        "-container-port",
+        "22",
+    ]
+    assert fwd.docker_port_from_proxy(argv) == (22, "tcp")
+    assert fwd.docker_port_from_proxy(["/usr/sbin/sshd", "-D"]) is None
+
+
+def test_docker_warning_names_the_port_and_the_workaround() -> None:
+    """Only monitored ports that Docker publishes are warned about."""
+    warnings = fwd.docker_warnings({(22, "tcp"), (80, "tcp")}, [SSH, GAME])
+    assert len(warnings) == 1
+    assert "22/tcp" in warnings[0] and "host networking" in warnings[0]
+
+
+def test_docker_detection_never_fails(tmp_path: Path) -> None:
+    """A broken socket or /proc does not stop startup."""
+    broken = tmp_path / "docker.sock"
+    broken.write_text("not a socket")
+    assert fwd.docker_published_ports(str(broken), str(tmp_path / "noproc")) == set()
+
+
+# ------------------------------------------------------------------ polkit rule
+
+
+def test_polkit_rule_grants_the_knocker_user_only_the_config_actions() -> None:
+    """The shipped rule names exactly .config and .config.info, for user knocker only."""
+    text = (REPO / "deploy/polkit/50-knocker-firewalld.rules").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.strip().startswith("//"))
+    actions = set(part.split('"')[1] for part in code.split("action.id ==")[1:])
+    assert actions == {
+        "org.fedoraproject.FirewallD1.config",
+        "org.fedoraproject.FirewallD1.config.info",
+    }
+    assert 'subject.user == "knocker"' in code
+    assert "polkit.Result.YES" in code
