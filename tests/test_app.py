@@ -807,18 +807,6 @@ def test_ready_is_503_when_the_storage_directory_is_gone(service: Service) -> No
     assert response.json["error"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions; "
-                    "test_ready_is_503_when_the_storage_directory_is_gone covers it")
-def test_ready_is_503_when_the_storage_directory_is_read_only(service: Service) -> None:
-    """A read-only whitelist directory makes /ready 503."""
-    service.directory.chmod(0o500)
-    try:
-        response = service.web.get("/ready", expect_errors=True)
-    finally:
-        service.directory.chmod(0o700)
-    assert response.status_int == 503
-
-
 @pytest.mark.parametrize("path", ["/", "/knock/", "/verify/x", "/nope", "/openapi.json"])
 def test_unknown_paths_are_404(service: Service, path: str) -> None:
     """Unknown paths (and /openapi.json when documentation is off) are 404."""
