@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIND ?= 0.0.0.0:8000
+PORT := $(lastword $(subst :, ,$(BIND)))
 PY := $(VENV)/bin/python
 KNOCKER := $(VENV)/bin/knocker
 PYTEST_ARGS ?=
@@ -27,16 +28,16 @@ $(VENV)/.installed-test: $(VENV)/.installed
 knocker.yaml: | $(VENV)/.installed
 	@umask 077 && $(PY) -c 'import re, secrets, sys; \
 	  text = open("knocker.yaml.example").read(); \
-	  sys.stdout.write(re.sub(r"REPLACE_WITH_A_GENERATED_KEY\w*", \
-	                          lambda m: secrets.token_urlsafe(32), text))' > $@.tmp
+	  sys.stdout.write(re.sub(r"(?m)^(\s*key: \")REPLACE_WITH_A_GENERATED_KEY\w*\"", \
+	                          lambda m: m[1] + secrets.token_urlsafe(32) + "\"", text))' > $@.tmp
 	@mv $@.tmp $@
 	@echo "Created knocker.yaml with freshly generated API keys (edit it to taste)."
 
 run: $(VENV)/.installed knocker.yaml
 	@$(KNOCKER) check-config knocker.yaml
 	@echo "Knock from this machine with:"
-	@echo "  curl -i -X POST -H \"X-Api-Key: \$$(awk '/^ *key:/ {gsub(/\"/, \"\", \$$2); print \$$2; exit}' knocker.yaml)\" http://127.0.0.1:8000/knock"
-	@echo "then: curl -i http://127.0.0.1:8000/verify   (200 for a whitelisted caller, 401 otherwise)"
+	@echo "  curl -i -X POST -H \"X-Api-Key: \$$(awk '/^ *key:/ {gsub(/\"/, \"\", \$$2); print \$$2; exit}' knocker.yaml)\" http://127.0.0.1:$(PORT)/knock"
+	@echo "then: curl -i http://127.0.0.1:$(PORT)/verify   (200 for a whitelisted caller, 401 otherwise)"
 	exec $(KNOCKER) serve --config knocker.yaml --bind $(BIND)
 
 test-deps:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import subprocess
 import threading
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.serverproc import ADMIN_KEY, KNOCKER, TEST_KEY, KnockerProcess, base_config
 
@@ -243,3 +246,24 @@ def test_plain_gunicorn_serves_the_factory(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(20)
+
+
+def test_example_config_as_make_run_writes_it_lets_this_machine_knock(tmp_path: Path) -> None:
+    """knocker.yaml.example with generated keys (as `make run` does) serves, and a knock
+    from this very machine, as the printed curl line does it, is whitelisted."""
+    example = (Path(__file__).parent.parent / "knocker.yaml.example").read_text()
+    keys: list[str] = []
+
+    def generated(match: re.Match[str]) -> str:
+        keys.append(secrets.token_urlsafe(32))
+        return f'{match[1]}{keys[-1]}"'
+
+    # the Makefile's substitution, verbatim
+    text = re.sub(r'(?m)^(\s*key: ")REPLACE_WITH_A_GENERATED_KEY\w*"', generated, example)
+    config = yaml.safe_load(text)
+    config["whitelist"]["storage_path"] = str(tmp_path / "whitelist.json")
+    with KnockerProcess(tmp_path, config) as server:
+        assert len(keys) == 2
+        status, body = server.knock(keys[0])
+        assert (status, body["whitelisted_entry"]) == (200, "127.0.0.1")
+        assert server.verify() == 200
