@@ -216,8 +216,10 @@ def _web_routes(config: Config) -> dict[str, tuple[str, bytes, Headers]]:
 
 
 def configure_logging(level: str) -> None:
+    """Knocker's lines on stderr, in the shape of gunicorn's own (one log to read)."""
     logging.basicConfig(level=getattr(logging, level, logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S %z")
     logging.getLogger("knocker").setLevel(level)
 
 
