@@ -42,7 +42,16 @@ from .config import Config
 from .errors import StorageError
 from .firewall import Firewall
 from .ratelimit import Layout, RateLimiter, layout_for
-from .whitelist import Key, Whitelist, entry_text, granted_expiry, load_entries, parse_entry
+from .whitelist import (
+    Key,
+    NotCanonical,
+    Whitelist,
+    canonical_pairs,
+    entry_text,
+    granted_expiry,
+    load_entries,
+    parse_entry,
+)
 
 log = logging.getLogger("knocker.store")
 
@@ -404,9 +413,15 @@ class Store:
         except OSError as error:
             raise StorageError(f"cannot read {self.path}: {error.strerror}") from error
         try:
-            data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-            del raw
-            problems = load_entries(data, now, replica)
+            try:  # Knocker's own layout is read without building a JSON object
+                seen, problems = load_entries(canonical_pairs(raw), now, replica)
+            except NotCanonical:
+                replica = Whitelist()
+                data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+                if not isinstance(data, dict):
+                    raise ValueError(  # noqa: B904 - the layout check is not the cause
+                        f"expected a JSON object, found {type(data).__name__}")
+                seen, problems = load_entries(data.items(), now, replica)
         except (UnicodeDecodeError, ValueError) as error:
             if not repair:
                 raise StorageError(f"{self.path} is not a whitelist: {error}") from error
@@ -419,7 +434,7 @@ class Store:
             log.warning("skipping whitelist entry %s", problem)
         if len(problems) > 20:
             log.warning("skipped %d more invalid whitelist entries", len(problems) - 20)
-        return replica, len(replica) != len(data)
+        return replica, len(replica) != seen
 
     def _read_journal(self) -> tuple[list[tuple[Key, int]], bool]:
         with open(self._journal_path, "rb") as handle:

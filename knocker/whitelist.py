@@ -10,9 +10,10 @@ spelling. No I/O, no clock: `now` is always an argument.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from .addresses import IPAddress, IPNetwork, parse_network
 
@@ -178,14 +179,14 @@ class Whitelist:
             self.set(key, expiry)
 
     def extend_hosts(self, version: int, hosts: dict[int, int]) -> None:
-        """extend() for many single addresses at once ({address int: expiry}); into an
-        empty table it is a few C-speed bulk operations."""
+        """extend() for many single addresses at once ({address int: expiry}, which the
+        whitelist may keep); into an empty table it is a few C-speed bulk operations."""
         bits = _BITS[version]
         if self._tables[version].get(bits) or not hosts:
             for value, expiry in hosts.items():
                 self.extend((version, bits, value), expiry)
             return
-        self._tables[version][bits] = dict(hosts)
+        self._tables[version][bits] = hosts  # taken over, not copied: it can be big
         self._count += len(hosts)
         guard = self._guard[version]
         for top, count in Counter(value >> _GUARD_SHIFT[version] for value in hosts).items():
@@ -253,20 +254,48 @@ def granted_expiry(current: int | None, now: float, ttl: int) -> int:
     return expiry if current is None or current < expiry else current
 
 
-def load_entries(data: object, now: float, into: Whitelist) -> list[str]:
-    """Add the unexpired entries of an upstream whitelist.json object
-    ({"entry": unix_expiry_int}) to `into`; returns complaints about skipped entries
-    (never quoting more than the entry text). ValueError if `data` is not an object.
+# One entry of whitelist.json as Knocker writes it: `"1.2.3.4": 1767225600`. The name
+# can hold no quote or backslash, so a file made only of these is plain JSON.
+_CANONICAL_PAIR = re.compile(rb'"([0-9a-f.:/]{2,43})": ([0-9]{1,15})')
+
+
+class NotCanonical(ValueError):
+    """whitelist.json is not in Knocker's own layout: read it with a JSON parser."""
+
+
+def canonical_pairs(raw: bytes) -> Iterator[tuple[str, int]]:
+    """The entries of a whitelist.json in Knocker's own layout (`{"k": v, "k": v}`), one
+    at a time, without building the JSON object (startup memory with 100,000 entries).
+    Raises NotCanonical, possibly after yielding some pairs, for any other layout."""
+    if raw == b"{}":
+        return
+    if raw[:1] != b"{" or raw[-1:] != b"}":
+        raise NotCanonical("not Knocker's layout")
+    position = 1
+    for match in _CANONICAL_PAIR.finditer(raw, 1, len(raw) - 1):
+        if match.start() != position:
+            raise NotCanonical("not Knocker's layout")
+        yield match[1].decode("ascii"), int(match[2])
+        position = match.end() + 2  # the ", " between pairs
+    if position != len(raw) + 1:
+        raise NotCanonical("not Knocker's layout")
+
+
+def load_entries(pairs: Iterable[tuple[str, object]], now: float,
+                 into: Whitelist) -> tuple[int, list[str]]:
+    """Add the unexpired entries of an upstream whitelist.json ({"entry":
+    unix_expiry_int}, given as its items) to `into`. Returns how many pairs were read and
+    complaints about skipped entries (never quoting more than the entry text).
 
     Single addresses, nearly all of a big whitelist, take an unrolled path: startup
     with 100,000 entries must stay well under a second.
     """
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
     problems = []
     hosts: dict[int, dict[int, int]] = {4: {}, 6: {}}
     pton, from_bytes = socket.inet_pton, int.from_bytes
-    for text, expiry in data.items():
+    seen = 0
+    for text, expiry in pairs:
+        seen += 1
         if type(expiry) is not int:  # bool is an int subclass, and no expiry
             if isinstance(expiry, float):
                 expiry = -int(-expiry // 1)  # round up: never cut a grant short
@@ -293,4 +322,4 @@ def load_entries(data: object, now: float, into: Whitelist) -> list[str]:
             into.extend(key, expiry)
     for version, table in hosts.items():
         into.extend_hosts(version, table)
-    return problems
+    return seen, problems

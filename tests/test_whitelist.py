@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import pytest
 
 from knocker.addresses import parse_network
 from knocker.whitelist import (
     Key,
+    NotCanonical,
     Whitelist,
+    canonical_pairs,
     entry_text,
     granted_expiry,
     key_of,
@@ -291,8 +294,10 @@ def test_granted_expiry_extends_an_existing_grant() -> None:
 
 def loaded(data: object, now: float = NOW) -> tuple[dict[str, int], list[str]]:
     """(entry -> expiry loaded, complaints) for one whitelist.json object."""
+    assert isinstance(data, dict)
     table = Whitelist()
-    problems = load_entries(data, now, table)
+    seen, problems = load_entries(data.items(), now, table)
+    assert seen == len(data)
     return table.as_dict(), problems
 
 
@@ -305,7 +310,7 @@ def test_load_entries_reads_the_upstream_format() -> None:
 def test_load_entries_adds_to_an_existing_whitelist() -> None:
     """Loading keeps what the whitelist already holds and never shortens it."""
     table = filled({"192.0.2.1": 1_800_000_000, "192.0.2.2": 1_800_000_000})
-    load_entries({"192.0.2.2": 1_700_000_100, "192.0.2.3": 1_700_000_100}, NOW, table)
+    load_entries({"192.0.2.2": 1_700_000_100, "192.0.2.3": 1_700_000_100}.items(), NOW, table)
     assert table.as_dict() == {"192.0.2.1": 1_800_000_000, "192.0.2.2": 1_800_000_000,
                                "192.0.2.3": 1_700_000_100}
 
@@ -345,8 +350,23 @@ def test_load_entries_merges_spellings_of_one_entry_keeping_the_latest() -> None
     assert loaded(data)[0] == {"10.0.0.0/24": 1_900_000_000}
 
 
-@pytest.mark.parametrize("data", [[], "x", 3, None])
-def test_load_entries_refuses_anything_but_an_object(data: object) -> None:
-    """A whitelist file that is not a JSON object is a ValueError."""
-    with pytest.raises(ValueError):
-        load_entries(data, NOW, Whitelist())
+def test_canonical_pairs_reads_knockers_own_layout() -> None:
+    """A file as Knocker writes it is read pair by pair, without a JSON object."""
+    state = {"1.2.3.4": 1_800_000_000, "10.0.0.0/24": 1_800_000_001, "2001:db8::/64": 7}
+    raw = json.dumps(state, separators=(", ", ": ")).encode()
+    assert list(canonical_pairs(raw)) == list(state.items())
+    assert list(canonical_pairs(b"{}")) == []
+
+
+@pytest.mark.parametrize("raw", [
+    b'{\n  "1.2.3.4": 1800000000\n}',            # indented (upstream's json.dump)
+    b'{"1.2.3.4":1800000000}',                   # other separators
+    b'{"1.2.3.4": 1800000000, "1.2.3.5": 1.5}',  # a float
+    b'{"1.2.3.4": 1800000000, "x\\"": 1}',     # an escape
+    b'{"1.2.3.4": 1800000000',                   # torn
+    b'[]', b'', b'{"1.2.3.4": 1800000000}garbage}',
+])
+def test_canonical_pairs_leaves_every_other_layout_to_the_json_parser(raw: bytes) -> None:
+    """Anything but the exact canonical layout raises NotCanonical (JSON parser decides)."""
+    with pytest.raises(NotCanonical):
+        list(canonical_pairs(raw))
