@@ -61,14 +61,18 @@ INLINE_SNAPSHOT_MAX = 2000
 MIN_SNAPSHOT_DELAY = 1.0  # seconds a large, dirty whitelist waits before its snapshot
 TICK = 0.25  # maintenance thread period: keeps replicas well inside the ring
 
-_MAGIC = b"KNOCKSH1"
+_MAGIC = b"KNOCKSH2"
 # magic, ring capacity, rate-limit slots/successes/failures/window, salt; then the
 # sequence of published ring records, the soonest expiry in whitelist.json (when the file
-# needs a purge) and since when the journal holds changes the snapshot lacks (0: none)
-_HEADER = struct.Struct("<8sIIIII16sQdd")
+# needs a purge), since when the journal holds changes the snapshot lacks (0: none), and
+# how far the journal is known to be on disk: (epoch, offset), the epoch counting the
+# journal's truncations (group commit, see _sync)
+_HEADER = struct.Struct("<8sIIIII16sQddQQ")
 _SEQ_OFFSET = 8 + 4 * 5 + 16
 _SOONEST_OFFSET = _SEQ_OFFSET + 8
 _DIRTY_OFFSET = _SOONEST_OFFSET + 8
+_SYNCED_OFFSET = _DIRTY_OFFSET + 8
+_SYNCED = struct.Struct("<QQ")
 _SEQ = struct.Struct("<Q")
 _FLOAT = struct.Struct("<d")
 _HEADER_SIZE = 4096
@@ -116,7 +120,7 @@ class Store:
         self._writer = threading.RLock()  # with flock(journal): one writer per service
         self._writer_depth = 0
         self._replica_lock = threading.Lock()  # one thread applies ring records at a time
-        self._limiter_lock = threading.Lock()
+        self._shm_lock = threading.Lock()  # with flock(shm): rate table, sync watermark
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -148,7 +152,7 @@ class Store:
                 os.ftruncate(self._shm_fd, 0)
                 os.ftruncate(self._shm_fd, size)
                 os.pwrite(self._shm_fd, _HEADER.pack(_MAGIC, *wanted, os.urandom(16), 0,
-                                                     float("inf"), 0.0), 0)
+                                                     float("inf"), 0.0, 0, 0), 0)
             self._shm = mmap.mmap(self._shm_fd, size)
         finally:
             fcntl.flock(self._shm_fd, fcntl.LOCK_UN)
@@ -220,10 +224,17 @@ class Store:
     @contextmanager
     def _rate_table(self) -> Iterator[RateLimiter]:
         assert self._limiter is not None
-        with self._limiter_lock:
+        with self._shm_locked():
+            yield self._limiter
+
+    @contextmanager
+    def _shm_locked(self) -> Iterator[None]:
+        # One thread lock for every use of flock(shm): threads of one process share the
+        # file description, so flock alone would not keep them apart.
+        with self._shm_lock:
             fcntl.flock(self._shm_fd, fcntl.LOCK_EX)
             try:
-                yield self._limiter
+                yield
             finally:
                 fcntl.flock(self._shm_fd, fcntl.LOCK_UN)
 
@@ -242,11 +253,17 @@ class Store:
             self._firewall.grant(entry, remaining)  # raises: nothing was changed
             changes = [(victim, -1) for victim in victims] + [(key, expiry)]
             try:
-                self._persist(changes, now)
+                pending = self._persist(changes, now)
             except (OSError, StorageError) as error:
                 self._undo_grant(entry, live, now)
                 raise StorageError(f"could not persist the whitelist: {error}") from error
             self._publish(changes)
+        if pending is not None:
+            try:
+                self._sync(pending)
+            except OSError as error:
+                self._revert(key, expiry, live, now)
+                raise StorageError(f"could not persist the whitelist: {error}") from error
         evicted = tuple(entry_text(victim) for victim in victims)
         if evicted:
             log.warning("whitelist full (%d entries): evicted %s", self._capacity,
@@ -263,9 +280,12 @@ class Store:
         except Exception as error:  # the knock fails either way; say what is left open
             log.error("could not restore the firewall grant of %s: %s", entry, error)
 
-    def _persist(self, changes: list[tuple[Key, int]], now: float) -> None:
-        """Make `changes` durable; on failure leave the files as they were (a knock that
-        is refused must not come back at the next start)."""
+    def _persist(self, changes: list[tuple[Key, int]],
+                 now: float) -> tuple[int, int] | None:
+        """Write `changes`; on failure leave the files as they were (a knock that is
+        refused must not come back at the next start). Small whitelists: whitelist.json
+        is rewritten and durable on return (None). Otherwise the changes are appended to
+        the journal and durable once _sync() passes the returned (epoch, offset)."""
         if len(self.replica) + 1 <= INLINE_SNAPSHOT_MAX:
             state = self.replica.as_dict(now)
             for key, expiry in changes:
@@ -284,22 +304,54 @@ class Store:
                     log.error("could not restore %s after a failed write: %s", self.path,
                               error)
                 raise
-            return
+            return None
         lines = b"".join(_journal_line(key, expiry) for key, expiry in changes)
         size = os.fstat(self._journal_fd).st_size
         try:
             if os.write(self._journal_fd, lines) != len(lines):
                 raise StorageError("short write to the journal")
-            os.fdatasync(self._journal_fd)
         except (OSError, StorageError):
             try:
                 os.ftruncate(self._journal_fd, size)  # drop what this knock appended
             except OSError as error:
                 log.error("could not undo a failed journal append: %s", error)
             raise
+        assert self._shm is not None
         if self._dirty_since() is None:
-            assert self._shm is not None
             _FLOAT.pack_into(self._shm, _DIRTY_OFFSET, now)
+        return _SYNCED.unpack_from(self._shm, _SYNCED_OFFSET)[0], size + len(lines)
+
+    def _sync(self, pending: tuple[int, int]) -> None:
+        """Return once the journal is on disk up to `pending` (epoch, offset).
+
+        Group commit: the writer lock is not held here, so other knocks keep appending
+        while one fdatasync runs; whoever syncs next covers them all, and a knock that
+        finds the watermark already past its record returns without a syscall. A later
+        epoch means a snapshot (fsynced before the truncation) already holds it."""
+        epoch, offset = pending
+        shm = self._shm
+        assert shm is not None
+        with self._shm_locked():
+            synced_epoch, synced = _SYNCED.unpack_from(shm, _SYNCED_OFFSET)
+            if synced_epoch > epoch or (synced_epoch == epoch and synced >= offset):
+                return
+            target = os.fstat(self._journal_fd).st_size
+            os.fdatasync(self._journal_fd)
+            _SYNCED.pack_into(shm, _SYNCED_OFFSET, synced_epoch, max(target, offset))
+
+    def _revert(self, key: Key, granted: int, previous: int | None, now: float) -> None:
+        """Undo a published grant whose journal record could not be synced (best
+        effort: the knock is answered 500 either way)."""
+        restore = previous if previous is not None else -1
+        with self._writing():
+            self._catch_up()
+            if self.replica.expiry(key) == granted:  # unless a later knock extended it
+                try:
+                    os.write(self._journal_fd, _journal_line(key, restore))
+                except OSError as error:
+                    log.error("could not journal the undo of %s: %s", entry_text(key), error)
+                self._publish([(key, restore)])
+        self._undo_grant(entry_text(key), previous, now)
 
     def _dirty_since(self) -> float | None:
         assert self._shm is not None
@@ -474,6 +526,9 @@ class Store:
         os.ftruncate(self._journal_fd, 0)
         os.fsync(self._journal_fd)
         assert self._shm is not None
+        with self._shm_locked():  # a new journal epoch: everything before is durable
+            epoch = _SYNCED.unpack_from(self._shm, _SYNCED_OFFSET)[0]
+            _SYNCED.pack_into(self._shm, _SYNCED_OFFSET, epoch + 1, 0)
         _FLOAT.pack_into(self._shm, _DIRTY_OFFSET, 0.0)
         _FLOAT.pack_into(self._shm, _SOONEST_OFFSET, float(min(state.values(), default=inf)))
         self._snapshot_cost = time.monotonic() - started
