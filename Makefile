@@ -47,6 +47,10 @@ test-deps:
 test: $(VENV)/.installed-test test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# A report, not a test: prints req/s, latency, memory, startup and the issue-3 ratios.
+bench: $(VENV)/.installed
+	$(PY) -m tests.bench.run $(if $(QUICK),--quick,)
+
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check knocker tests
 	$(VENV)/bin/mypy

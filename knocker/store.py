@@ -120,7 +120,8 @@ class Store:
         self._writer = threading.RLock()  # with flock(journal): one writer per service
         self._writer_depth = 0
         self._replica_lock = threading.Lock()  # one thread applies ring records at a time
-        self._shm_lock = threading.Lock()  # with flock(shm): rate table, sync watermark
+        self._shm_lock = threading.Lock()  # with flock(shm): the rate table, epochs
+        self._sync_lock = threading.Lock()  # one fdatasync at a time in this process
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -131,8 +132,12 @@ class Store:
         except OSError as error:
             raise StorageError(f"cannot open whitelist storage in {self.directory}: "
                                f"{error.strerror}") from error
+        started = time.monotonic()
         with self._writing():
             self._reload(repair=True)
+        # Until this process has timed a snapshot of its own, loading the whitelist is
+        # the best estimate of one (both go through every entry once).
+        self._snapshot_cost = time.monotonic() - started
         self._next_purge = self._clock() + self._cleanup
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -190,7 +195,7 @@ class Store:
         if self._journal_fd >= 0:
             try:
                 if self._dirty_since() is not None:
-                    self._snapshot_now(purge=False)
+                    self._snapshot_now(purge=False, final=True)
             except (OSError, StorageError) as error:
                 log.error("final snapshot failed (the journal still holds every knock): %s",
                           error)
@@ -331,13 +336,20 @@ class Store:
         epoch, offset = pending
         shm = self._shm
         assert shm is not None
-        with self._shm_locked():
+        # This process's threads queue here; processes may sync side by side, and the
+        # shared lock is held only to move the watermark, never across the fdatasync
+        # (rate-limit checks use it too).
+        with self._sync_lock:
             synced_epoch, synced = _SYNCED.unpack_from(shm, _SYNCED_OFFSET)
             if synced_epoch > epoch or (synced_epoch == epoch and synced >= offset):
                 return
-            target = os.fstat(self._journal_fd).st_size
+            target = os.fstat(self._journal_fd).st_size  # everything appended so far
             os.fdatasync(self._journal_fd)
-            _SYNCED.pack_into(shm, _SYNCED_OFFSET, synced_epoch, max(target, offset))
+            with self._shm_locked():
+                now_epoch, now_synced = _SYNCED.unpack_from(shm, _SYNCED_OFFSET)
+                # A truncation meanwhile began a new epoch whose offsets are not ours.
+                if now_epoch == synced_epoch and now_synced < target:
+                    _SYNCED.pack_into(shm, _SYNCED_OFFSET, synced_epoch, target)
 
     def _revert(self, key: Key, granted: int, previous: int | None, now: float) -> None:
         """Undo a published grant whose journal record could not be synced (best
@@ -566,24 +578,39 @@ class Store:
                 # firewalld timeouts have normally closed them already).
                 log.info("purged %d expired entries", len(gone))
                 self._firewall.revoke([entry_text(key) for key in gone])
-        dirty = self._dirty_since()
-        # A big snapshot costs tens of ms: space them so they take at most ~5 % of a core.
-        if dirty is not None and now - dirty >= max(MIN_SNAPSHOT_DELAY, 20 * self._snapshot_cost):
+        if self._snapshot_due(now):
             self._snapshot_now(purge=False)
+
+    def _snapshot_due(self, now: float) -> bool:
+        # A big snapshot holds the writer lock for its whole cost (hundreds of ms at
+        # 100,000 entries): space them so knocks wait behind one at most ~5 % of the time.
+        dirty = self._dirty_since()
+        return dirty is not None and now - dirty >= max(MIN_SNAPSHOT_DELAY,
+                                                         20 * self._snapshot_cost)
 
     def _file_soonest(self) -> float:
         assert self._shm is not None
         soonest: float = _FLOAT.unpack_from(self._shm, _SOONEST_OFFSET)[0]
         return soonest
 
-    def _snapshot_now(self, purge: bool) -> bool:
-        """Rewrite whitelist.json if still due; False when another process did it."""
+    def _snapshot_now(self, purge: bool, final: bool = False) -> bool:
+        """Rewrite whitelist.json if still due; False when another process did it.
+        final: whenever the journal holds anything (SIGTERM), however recent."""
         with self._writing():
             self._catch_up()
             now = self._clock()
-            if (self._file_soonest() > now) if purge else (self._dirty_since() is None):
+            # Re-checked under the lock: another worker may have written one while we
+            # waited; then the journal holds only the knocks since, and they can wait.
+            if purge:
+                due = self._file_soonest() <= now
+            else:
+                due = self._dirty_since() is not None if final else self._snapshot_due(now)
+            if not due:
                 return False
+            started = time.monotonic()
             self._write_snapshot(self.replica.as_dict(now))
+            # The whole cost, rendering the entries included, is what knocks wait for.
+            self._snapshot_cost = time.monotonic() - started
             return True
 
 
