@@ -8,6 +8,7 @@ bytes, `now` as a float); nothing here reads the environment, the clock or a soc
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,8 +99,7 @@ def authorize(key: ApiKey, client: IPAddress | None, body: KnockBody) -> Grant:
     elif client is None:
         raise RequestError("Could not determine the client address")
     else:
-        network = parse_network(str(client))
-        assert network is not None
+        network = ipaddress.ip_network(client)  # the address itself, as a /32 or /128
     ttl = key.max_ttl if body.ttl is None else min(body.ttl, key.max_ttl)
     return Grant(key_name=key.name, entry=canonical(network), key=key_of(network), ttl=ttl)
 

@@ -219,10 +219,14 @@ class Store:
 
     # ------------------------------------------------------------------ rate limits
     def rate_blocked(self, client: bytes, now: float) -> bool:
+        if not (self._layout.successes or self._layout.failures):
+            return False  # both budgets unlimited: no table, no lock
         with self._rate_table() as limiter:
             return limiter.blocked(client, now)
 
     def rate_record(self, client: bytes, success: bool, now: float) -> None:
+        if not (self._layout.successes if success else self._layout.failures):
+            return  # an unlimited budget counts nothing
         with self._rate_table() as limiter:
             limiter.record(client, success, now)
 
