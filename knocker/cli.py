@@ -8,6 +8,7 @@ the client commands registered by knocker.client.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import secrets
 import sys
@@ -18,6 +19,7 @@ from . import __version__
 from .app import App, build_app, config_path, configure_logging, load_config_file
 from .config import Config
 from .errors import ConfigError, KnockerError
+from .store import release_free_memory
 
 log = logging.getLogger("knocker")
 
@@ -114,6 +116,11 @@ def _serve(args: argparse.Namespace, run: Callable[[Any], None] | None = None) -
     except KnockerError as error:
         log.error("cannot start: %s", error.message)
         return 1
+    # Loading parsed the whole whitelist (tens of MB of short-lived objects at 100,000
+    # entries): give that back to the kernel before the workers fork, or each of them
+    # keeps it in its resident set.
+    gc.collect()
+    release_free_memory()
     options = {
         "bind": args.bind or [DEFAULT_BIND],
         "workers": args.workers,

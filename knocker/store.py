@@ -22,6 +22,8 @@ under the writer lock, which /verify never needs.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import json
@@ -32,7 +34,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from math import inf
@@ -519,17 +521,26 @@ class Store:
             records.append(record)
         return records, torn
 
-    def _write_snapshot(self, state: dict[str, int]) -> None:
-        """Atomically replace whitelist.json with `state`, then empty the journal."""
+    def _write_snapshot(self, state: dict[str, int] | None, now: float = 0.0) -> None:
+        """Atomically replace whitelist.json with `state`, then empty the journal.
+        state None: the replica's entries expiring after `now`, rendered piece by piece
+        (at 100,000 entries a dict of their texts and its JSON would be tens of MB)."""
         started = time.monotonic()
-        data = json.dumps(state, separators=(", ", ": ")).encode("utf-8")
+        soonest = [inf]
+        pieces: Iterable[bytes]
+        if state is None:
+            pieces = self.replica.json_pieces(now, soonest)
+        else:
+            pieces = [json.dumps(state, separators=(", ", ": ")).encode("utf-8")]
+            soonest[0] = float(min(state.values(), default=inf))
         temp = os.path.join(self.directory,
                             f".{os.path.basename(self.path)}.{os.getpid()}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         except OSError:
             os.unlink(temp)
@@ -546,7 +557,7 @@ class Store:
             epoch = _SYNCED.unpack_from(self._shm, _SYNCED_OFFSET)[0]
             _SYNCED.pack_into(self._shm, _SYNCED_OFFSET, epoch + 1, 0)
         _FLOAT.pack_into(self._shm, _DIRTY_OFFSET, 0.0)
-        _FLOAT.pack_into(self._shm, _SOONEST_OFFSET, float(min(state.values(), default=inf)))
+        _FLOAT.pack_into(self._shm, _SOONEST_OFFSET, soonest[0])
         self._snapshot_cost = time.monotonic() - started
 
     def writable_problem(self) -> str | None:
@@ -612,10 +623,32 @@ class Store:
             if not due:
                 return False
             started = time.monotonic()
-            self._write_snapshot(self.replica.as_dict(now))
+            self._write_snapshot(None, now)
             # The whole cost, rendering the entries included, is what knocks wait for.
             self._snapshot_cost = time.monotonic() - started
-            return True
+        if len(self.replica) > INLINE_SNAPSHOT_MAX:
+            release_free_memory()  # what rendering a big snapshot allocated
+        return True
+
+
+def release_free_memory() -> None:
+    """Give freed heap back to the kernel (glibc malloc_trim(3)); elsewhere a no-op.
+    CPython frees big buffers but glibc keeps the pages, so a worker that once rendered
+    a 100,000-entry snapshot would stay that big."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
 
 
 def _journal_line(key: Key, expiry: int) -> bytes:

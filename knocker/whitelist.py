@@ -14,6 +14,7 @@ import re
 import socket
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from math import inf
 
 from .addresses import IPAddress, IPNetwork, parse_network
 
@@ -132,10 +133,9 @@ class Whitelist:
                 for value, expiry in list(table.items()):
                     yield (version, plen, value << shift), expiry
 
-    def as_dict(self, now: float = 0.0) -> dict[str, int]:
-        """entry text -> expiry of the entries expiring after `now` (snapshots: written
+    def texts(self, now: float = 0.0) -> Iterator[tuple[str, int]]:
+        """(entry text, expiry) of the entries expiring after `now` (snapshots: written
         often with 100,000 entries, hence the unrolled loops)."""
-        result: dict[str, int] = {}
         ntop = socket.inet_ntop
         for version, by_plen in self._tables.items():
             family, bits = _FAMILY[version], _BITS[version]
@@ -147,10 +147,35 @@ class Whitelist:
                     if expiry > now:
                         full = value << shift
                         if version == 6 and full >> 32 == 0:
-                            result[entry_text((6, plen, full))] = expiry
+                            yield entry_text((6, plen, full)), expiry
                         else:
-                            result[ntop(family, full.to_bytes(size, "big")) + suffix] = expiry
-        return result
+                            yield ntop(family, full.to_bytes(size, "big")) + suffix, expiry
+
+    def as_dict(self, now: float = 0.0) -> dict[str, int]:
+        """entry text -> expiry of the entries expiring after `now`."""
+        return dict(self.texts(now))
+
+    def json_pieces(self, now: float, soonest: list[float],
+                    per_piece: int = 4096) -> Iterator[bytes]:
+        """as_dict(now) as whitelist.json text, byte for byte what json.dumps(...,
+        separators=(", ", ": ")) gives, in pieces of `per_piece` entries, so a snapshot
+        of 100,000 entries never exists as one dict or one string; soonest[0] ends up as
+        the smallest expiry written. Entry texts are plain ASCII: nothing to escape."""
+        parts: list[str] = []
+        separator = ""
+        low = inf
+        yield b"{"
+        for text, expiry in self.texts(now):
+            if expiry < low:
+                low = expiry
+            parts.append(f'"{text}": {expiry}')
+            if len(parts) >= per_piece:
+                yield (separator + ", ".join(parts)).encode()
+                separator, parts = ", ", []
+        if parts:
+            yield (separator + ", ".join(parts)).encode()
+        yield b"}"
+        soonest[0] = low
 
     # ------------------------------------------------------------------ writing
     def set(self, key: Key, expiry: int) -> None:

@@ -370,3 +370,21 @@ def test_canonical_pairs_leaves_every_other_layout_to_the_json_parser(raw: bytes
     """Anything but the exact canonical layout raises NotCanonical (JSON parser decides)."""
     with pytest.raises(NotCanonical):
         list(canonical_pairs(raw))
+
+
+@pytest.mark.parametrize("per_piece", [1, 2, 4096])
+def test_json_pieces_are_exactly_the_snapshot_json(per_piece: int) -> None:
+    """Streamed snapshot text equals json.dumps of as_dict, whatever the piece size, and
+    reports the soonest expiry written (expired entries left out)."""
+    table = filled({"1.2.3.4": 1_800_000_003, "10.0.0.0/24": 1_800_000_001,
+                    "2001:db8::1": 1_800_000_002, "::102:304": 1_800_000_005,
+                    "2001:db8::/64": 1_800_000_004, "192.0.2.9": int(NOW) - 1})
+    soonest = [0.0]
+    text = b"".join(table.json_pieces(NOW, soonest, per_piece))
+    expected = json.dumps(table.as_dict(NOW), separators=(", ", ": ")).encode()
+    assert text == expected
+    assert json.loads(text)["::102:304"] == 1_800_000_005
+    assert "192.0.2.9" not in json.loads(text)
+    assert soonest == [1_800_000_001]
+    empty = [0.0]
+    assert b"".join(Whitelist().json_pieces(NOW, empty)) == b"{}"
