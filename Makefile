@@ -49,7 +49,7 @@ test: $(VENV)/.installed-test test-deps
 
 # A report, not a test: prints req/s, latency, memory, startup and the issue-3 ratios.
 bench: $(VENV)/.installed
-	$(PY) -m tests.bench.run $(if $(QUICK),--quick,)
+	$(PY) -m tests.bench.run $(if $(filter-out 0,$(QUICK)),--quick,)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check knocker tests
