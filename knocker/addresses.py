@@ -61,8 +61,3 @@ def canonical(network: IPNetwork) -> str:
     if network.prefixlen == network.max_prefixlen:
         return str(network.network_address)
     return str(network)
-
-
-def contains(networks: tuple[IPNetwork, ...], address: IPAddress) -> bool:
-    """True when address lies in one of networks (families never mix)."""
-    return any(address.version == n.version and address in n for n in networks)

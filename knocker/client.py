@@ -26,12 +26,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 import yaml
 
 from . import __version__
 from .addresses import parse_ip
+
+_N = TypeVar("_N", int, float)
 
 # Exit codes of `knocker knock` (documented in --help and the README). 2 is argparse's
 # own code for a bad command line, so settings errors share it.
@@ -513,24 +515,26 @@ def cap_warning(requested: int | None, grant: Grant) -> str | None:
 # Command-line plumbing shared by both subcommands
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= value <= MAX_TTL:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_TTL}")
-    return value
+def _number(convert: Callable[[str], _N], valid: Callable[[_N], bool],
+            rule: str) -> Callable[[str], _N]:
+    """An argparse type: `convert` the text, then insist on `valid` (else say `rule`)."""
+
+    def parse(text: str) -> _N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(rule)
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive number")
-    return value
+_positive_int = _number(int, lambda value: 1 <= value <= MAX_TTL,
+                        f"must be between 1 and {MAX_TTL}")
+_positive_float = _number(float, lambda value: math.isfinite(value) and value > 0,
+                          "must be a positive number")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:

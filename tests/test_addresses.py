@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from knocker.addresses import canonical, contains, parse_ip, parse_network, unmap
+from knocker.addresses import canonical, parse_ip, parse_network, unmap
 
 
 @pytest.mark.parametrize(
@@ -104,13 +104,3 @@ def test_canonical_spells_single_addresses_without_prefix(text: str, expected: s
     network = parse_network(text)
     assert network is not None
     assert canonical(network) == expected
-
-
-def test_contains_never_mixes_families() -> None:
-    """An IPv4 address is never inside an IPv6 network, and the reverse."""
-    networks = (ipaddress.ip_network("::/0"), ipaddress.ip_network("10.0.0.0/8"))
-    assert contains(networks, ipaddress.ip_address("10.1.2.3"))
-    assert contains(networks, ipaddress.ip_address("2001:db8::1"))
-    assert not contains((ipaddress.ip_network("::/0"),), ipaddress.ip_address("10.1.2.3"))
-    assert not contains((ipaddress.ip_network("0.0.0.0/0"),), ipaddress.ip_address("::1"))
-    assert not contains((), ipaddress.ip_address("10.1.2.3"))
