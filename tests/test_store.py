@@ -684,3 +684,27 @@ def test_writable_problem_reports_a_vanished_directory_and_a_closed_store(
     assert store.writable_problem()
     store.close()
     assert store.writable_problem()
+
+
+def test_a_worker_that_waited_for_the_lock_does_not_snapshot_again(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers decide a snapshot is due; the first writes it, a knock lands, and the
+    second, once it holds the lock, finds the new journal too young to snapshot."""
+    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 2)
+    first, second = opener(), opener()
+    for n in range(1, 5):
+        first.knock(key(f"198.51.100.{n}"), 600, NOW)
+    writes: list[int] = []
+    for store in (first, second):
+        original = store._write_snapshot
+        monkeypatch.setattr(store, "_write_snapshot",
+                            lambda *a, _w=original, **k: (writes.append(1), _w(*a, **k))[1])
+    opener.clock.now = NOW + 30  # long past the snapshot spacing of a tiny whitelist
+    first.tick(opener.clock.now)
+    assert len(writes) == 1 and opener.journal.stat().st_size == 0
+    first.knock(key("198.51.100.9"), 600, opener.clock.now)  # journal dirty again, now
+    # `second` had decided before the first snapshot; it only now gets the lock
+    assert second._snapshot_now(purge=False) is False
+    assert len(writes) == 1
+    assert opener.journal.stat().st_size > 0
+    assert set(opener.file()) == {f"198.51.100.{n}" for n in range(1, 5)}
