@@ -642,6 +642,23 @@ def _settings_or_exit(
     return settings
 
 
+def _start(
+    args: argparse.Namespace,
+    environ: Mapping[str, str] | None,
+    home: Path | None,
+    out: TextIO | None,
+    err: TextIO | None,
+) -> tuple[TextIO, TextIO, Settings | None]:
+    """Streams (cli.main hands its own over on the namespace) and settings (None after
+    printing why they are unusable) for either subcommand."""
+    out = out or getattr(args, "out", None) or sys.stdout
+    err = err or getattr(args, "err", None) or sys.stderr
+    settings = _settings_or_exit(
+        args, os.environ if environ is None else environ, home or Path.home(), err
+    )
+    return out, err, settings
+
+
 def run_knock(
     args: argparse.Namespace,
     transport: Transport = urllib_transport,
@@ -652,12 +669,7 @@ def run_knock(
     err: TextIO | None = None,
 ) -> int:
     """`knocker knock`: one knock; prints the grant (or JSON); exit status per EXIT_CODES_HELP."""
-    # cli.main hands its streams over on the namespace.
-    out = out or getattr(args, "out", None) or sys.stdout
-    err = err or getattr(args, "err", None) or sys.stderr
-    settings = _settings_or_exit(
-        args, os.environ if environ is None else environ, home or Path.home(), err
-    )
+    out, err, settings = _start(args, environ, home, out, err)
     if settings is None:
         return EXIT_USAGE
     requested = settings.ttl
@@ -938,12 +950,7 @@ def run_watch(
     stop: threading.Event | None = None,
 ) -> int:
     """`knocker watch`: keeps this machine whitelisted until SIGTERM/SIGINT (exit 0)."""
-    # cli.main hands its streams over on the namespace.
-    out = out or getattr(args, "out", None) or sys.stdout
-    err = err or getattr(args, "err", None) or sys.stderr
-    settings = _settings_or_exit(
-        args, os.environ if environ is None else environ, home or Path.home(), err
-    )
+    out, err, settings = _start(args, environ, home, out, err)
     if settings is None:
         return EXIT_USAGE
     if args.ip:
