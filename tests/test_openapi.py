@@ -14,7 +14,8 @@ from knocker import __version__
 from knocker.app import App, build_app
 from knocker.config import load_config_text
 from knocker.openapi import openapi_document
-from knocker.policy import MAX_BODY, MAX_TTL
+from knocker.config import MAX_TTL
+from knocker.policy import MAX_BODY
 
 KEY = "openapi-test-key-2b7d9e4f1a6c"
 CLIENT = "203.0.113.7"

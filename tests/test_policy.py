@@ -10,10 +10,9 @@ from http import HTTPStatus
 import pytest
 
 from knocker.addresses import IPAddress
-from knocker.config import ApiKey, Config, load_config_text
+from knocker.config import MAX_TTL, ApiKey, Config, load_config_text
 from knocker.errors import RequestError
 from knocker.policy import (
-    MAX_TTL,
     Grant,
     KnockBody,
     Verifier,

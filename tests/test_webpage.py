@@ -24,7 +24,7 @@ import webtest
 
 from knocker import webpage
 from knocker.app import build_app
-from knocker.config import parse_config
+from knocker.config import MAX_TTL, parse_config
 from tests.serverproc import ADMIN_KEY, TEST_KEY, KnockerProcess, base_config, free_port
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -104,6 +104,55 @@ def test_app_serves_the_page_only_when_enabled(tmp_path: Path) -> None:
                 assert manifest.json["name"] == "Knocker"
         finally:
             app.close()
+
+
+def test_page_is_given_the_servers_max_ttl(tmp_path: Path) -> None:
+    """The page's TTL limit is config.MAX_TTL, filled in by the server: app.js holds no
+    copy of the number."""
+    table = webpage.routes(make_config(tmp_path, web=True))
+    assert f'<html lang="en" data-max-ttl="{MAX_TTL}">'.encode() in table["/"][1]
+    assert str(MAX_TTL).encode() not in table["/app.js"][1]
+    assert b"dataset.maxTtl" in table["/app.js"][1]
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),
+        ("", False),
+        ('"abc"', True),
+        ('W/"abc"', True),  # weak comparison (RFC 9110 8.8.3.2)
+        ('"x", "abc"', True),
+        ('"x","y"', False),
+        ('"abcd"', False),
+        ("*", True),
+    ],
+)
+def test_not_modified_compares_if_none_match_weakly(header: str | None, expected: bool) -> None:
+    """If-None-Match matches when any listed tag names the ETag (W/ ignored) or is "*"."""
+    assert webpage.not_modified(header, '"abc"') is expected
+
+
+def test_revalidation_with_the_current_etag_gets_304_without_a_body(tmp_path: Path) -> None:
+    """A browser revalidating with the page's ETag gets 304 (ETag and Cache-Control, no
+    body, no Content-Length); a stale ETag gets the file again."""
+    app = build_app(make_config(tmp_path, web=True))
+    try:
+        web = webtest.TestApp(app)
+        for path in ("/", "/app.js", "/icon-192.png"):
+            first = web.get(path)
+            etag = first.headers["ETag"]
+            for method in (web.get, web.head):
+                again = method(path, headers={"If-None-Match": etag}, status=304)
+                assert again.body == b""
+                assert again.headers["ETag"] == etag
+                assert again.headers["Cache-Control"] == "no-cache"
+                assert "Content-Length" not in again.headers
+                assert "Content-Type" not in again.headers
+            stale = web.get(path, headers={"If-None-Match": '"stale"'}, status=200)
+            assert stale.body == first.body
+    finally:
+        app.close()
 
 
 # ---------------------------------------------------------------------------------------
