@@ -51,7 +51,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "options": {"summary": "CORS preflight",
                             "responses": {"204": {"description": "CORS headers"}}},
             },
-            "/verify": {"get": verify, "head": verify},
+            # Any method: Traefik's forwardAuth, for one, keeps the original request's.
+            "/verify": {method: verify for method in (
+                "get", "head", "post", "put", "delete", "patch", "options")},
             "/health": {"get": {"summary": "Liveness", "responses": {"200": {
                 "description": "Serving", "content": {"application/json": {"schema": status}}}}}},
             "/ready": {"get": {"summary": "Readiness", "responses": {
