@@ -13,6 +13,11 @@ from typing import Union
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
+# The widest network one knock may grant, per IP version: an IPv4 /16 (65536 addresses) or
+# one IPv6 subnet (/64). policy.py refuses wider knocks; whitelist.py's index is built
+# around these prefixes (docs/whitelist.md#widths).
+WIDEST_PREFIX = {4: 16, 6: 64}
+
 # RFC 4291 2.5.5.2: ::ffff:0:0/96 holds IPv4 addresses seen through an IPv6 socket.
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 

@@ -1,8 +1,12 @@
-"""Edge: the WSGI callable. The only module that reads environ, wsgi.input and the clock.
+"""Edge: the WSGI callable. The only module that reads environ and wsgi.input.
 
-Owns: routing, reading the knock body within its bounds, mapping KnockerError to HTTP
-responses (in one place: `_error`), the knock log line, and the lifecycle of the store
-and the firewall. Handlers return Response values; `App.__call__` alone speaks WSGI.
+Owns: routing (docs/api.md), reading the knock body within its bounds, turning every
+KnockerError a request meets into its HTTP response (in one place: `_error`), the knock
+log line, finding and reading knocker.yaml (docs/configuration.md#finding-the-file), and
+the lifecycle of the store and the firewall. A request's time comes from here: the
+injected `clock` is read once per knock or /verify and handed down as `now` to the pure
+core. (The store and the firewalld driver also keep time for their own background work.)
+Handlers return Response values; `App.__call__` alone speaks WSGI.
 `gunicorn 'knocker.app:create_app()'` serves it as is.
 """
 
@@ -34,7 +38,8 @@ Response = tuple[HTTPStatus, Headers, bytes]
 StartResponse = Callable[..., Any]
 
 _JSON = ("Content-Type", "application/json")
-# Failed knocks that count against the failure budget (SPEC 5.4); 429 itself does not.
+# Failed knocks that count against the failure budget (docs/api.md#rate-limiting); 429
+# itself does not.
 _COUNTED_FAILURES = frozenset({HTTPStatus.BAD_REQUEST, HTTPStatus.UNAUTHORIZED,
                                HTTPStatus.FORBIDDEN, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                HTTPStatus.UNSUPPORTED_MEDIA_TYPE})
@@ -89,7 +94,8 @@ class App:
             start_response(status_line, headers)
             return ()
         status, headers, body = self._route(path, environ)
-        if status is not HTTPStatus.NO_CONTENT:  # RFC 9110 8.6: never on a 204
+        # RFC 9110 8.6: no Content-Length on a 204; on a 304 it could only repeat the 200's.
+        if status not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
             headers.append(("Content-Length", str(len(body))))  # HEAD: GET's length
         if environ.get("REQUEST_METHOD") == "HEAD":
             body = b""
@@ -127,6 +133,9 @@ class App:
         page = self._pages.get(path)
         if page is not None:
             content_type, body, extra = page
+            if _not_modified(environ.get("HTTP_IF_NONE_MATCH"), extra):
+                # RFC 9110 15.4.5: the validators and caching headers of the 200, no body.
+                return HTTPStatus.NOT_MODIFIED, [h for h in extra if h[0] in _REVALIDATE], b""
             return HTTPStatus.OK, [("Content-Type", content_type), *extra], body
         return _json(HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
 
@@ -141,7 +150,8 @@ class App:
         now = self._clock()
         peer = environ.get("REMOTE_ADDR", "")
         client = self._resolver.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
-        # Unresolved clients are counted under the peer that sent them (SPEC 5.4).
+        # Unresolved clients are counted under the peer that sent them
+        # (docs/api.md#rate-limiting).
         counted: IPAddress | None = client or parse_ip(peer)
         budget_key = client_key(counted) if counted is not None else bytes(16)
         who = str(client) if client is not None else f"unresolved via {peer or '?'}"
@@ -162,7 +172,7 @@ class App:
                 self.store.rate_record(budget_key, False, now)
             log.info("knock key=%s client=%s entry=- ttl=- result=%d %s", key_name, who,
                      error.status.value, error.message)
-            return _json(error.status, {"error": error.message})
+            return _error(error)
         try:
             result = self.store.knock(grant.key, grant.ttl, now)
         except (StorageError, FirewallError) as error:
@@ -178,7 +188,10 @@ class App:
 
 
 def _error(error: KnockerError) -> Response:
-    """The one place a server-side failure becomes a response (no internals leak)."""
+    """The one place a KnockerError becomes a response. A client's mistake (4xx) is
+    explained in its own words; a server-side failure (5xx) never leaks internals."""
+    if error.status < 500:
+        return _json(error.status, {"error": error.message})
     message = {HTTPStatus.SERVICE_UNAVAILABLE: "Firewall unavailable; nothing was granted"}.get(
         error.status, "Knock could not be completed; nothing was granted")
     return _json(error.status, {"error": message})
@@ -205,6 +218,17 @@ def _read_body(environ: dict[str, Any]) -> bytes:
             return data
         data += chunk
     raise RequestError("Body too large", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+
+_REVALIDATE = frozenset({"ETag", "Cache-Control"})
+
+
+def _not_modified(if_none_match: str | None, headers: Headers) -> bool:
+    if not if_none_match:
+        return False
+    from .webpage import not_modified  # only pages carry an ETag
+
+    return not_modified(if_none_match, dict(headers)["ETag"])
 
 
 def _web_routes(config: Config) -> dict[str, tuple[str, bytes, Headers]]:
@@ -259,7 +283,8 @@ def load_config_file(path: str) -> Config:
 
 
 def config_path(explicit: str | None = None) -> str:
-    """--config, else $KNOCKER_CONFIG_PATH, else ./knocker.yaml (SPEC 4)."""
+    """--config, else $KNOCKER_CONFIG_PATH, else ./knocker.yaml
+    (docs/configuration.md#finding-the-file)."""
     return explicit or os.environ.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_NAME
 
 

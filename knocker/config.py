@@ -1,8 +1,10 @@
 """knocker.yaml text -> one validated, immutable Config; the only module that knows the layout.
 
-Owns: every rule of SPEC sections 4 and 6 about what the file may say, and the YAML quirks
-we refuse. Pure core: no file I/O, no clock, no environment (the CLI finds and reads the
-file; checks that need the filesystem, like the whitelist directory, happen at startup).
+Owns: every rule about what the file may say (docs/configuration.md, the firewalld keys
+in docs/firewalld.md#configuration), the defaults, and the YAML quirks we refuse. Pure
+core: no file I/O, no clock, no environment. app.py finds and reads the file (config_path,
+load_config_file) for both `knocker serve`/`check-config` and gunicorn's create_app();
+checks that need the filesystem, like the whitelist directory, happen when the store opens.
 Imports only stdlib, yaml and the pure knocker.errors/addresses/proxies.
 Nothing under api_keys is ever echoed in a message: any of it could be a secret.
 """
@@ -33,7 +35,7 @@ from knocker.proxies import normalize_host_key, normalize_prefix
 DEFAULT_CONFIG_NAME = "knocker.yaml"
 ENV_CONFIG_PATH = "KNOCKER_CONFIG_PATH"
 
-MAX_TTL = 315_360_000  # ten years, the upstream ceiling
+MAX_TTL = 315_360_000  # seconds, ten years, the upstream ceiling: the one definition
 # The shared rate limiter keeps one timestamp per counted request, so these bound its memory.
 MAX_RATE_LIMIT_REQUESTS = 100_000
 ZONE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,17}")  # firewalld refuses longer zone names
@@ -120,8 +122,8 @@ class MonitoredPort:
 
 @dataclass(frozen=True)
 class FirewalldConfig:
-    # While enabled is false the values are only type-checked (SPEC 4), so they may be
-    # outside the ranges below; nothing reads them then.
+    # While enabled is false the values are only type-checked, so they may be outside the
+    # ranges below; nothing reads them then (docs/configuration.md#firewalld).
     enabled: bool = False
     zone_name: str = "knocker"
     zone_priority: int | None = -100  # None only when the file says `zone_priority: null`
@@ -692,8 +694,8 @@ _FIREWALLD_FIELDS = (
 
 
 def _firewalld(raw: object) -> FirewalldConfig:
-    """Types are always checked; values only when enabled (SPEC 4), so an upstream file with a
-    disabled, half-filled firewalld section keeps loading."""
+    """Types are always checked; values only when enabled, so an upstream file with a
+    disabled, half-filled firewalld section keeps loading (docs/configuration.md#firewalld)."""
     path = "firewalld"
     settings = _section(raw, path, _FIREWALLD_FIELDS)
     enabled = _bool(settings.get("enabled", False), f"{path}.enabled")

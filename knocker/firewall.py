@@ -1,8 +1,11 @@
 """The firewall seam: what the knock path asks of a firewall, and the null backend.
 
-Owns: the Firewall protocol and the registry of backends. A new backend is one module
-plus one line in BACKENDS. The store calls grant() before the whitelist changes and
-revoke() when entries leave it; neither is ever called on the /verify path.
+Owns: the Firewall protocol, NullFirewall, and `create_firewall`, the one place that picks
+a backend from the config (today: firewalld when `firewalld.enabled`, else none). A new
+backend is one module implementing Firewall, its config section in config.py, and one
+branch in create_firewall. app.py calls prepare() once per service start; the store
+calls grant() before the whitelist changes and revoke() when entries leave it; none of
+them is ever called on the /verify path (docs/whitelist.md, docs/firewalld.md).
 """
 
 from __future__ import annotations

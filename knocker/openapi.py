@@ -1,11 +1,15 @@
 """The OpenAPI 3 description of Knocker's HTTP API (served when documentation.enabled).
 
-Owns: the machine-readable form of SPEC section 1; a test checks it against the routes.
+Owns: the machine-readable form of docs/api.md; tests/test_openapi.py asks the app for
+every documented path and method, and checks that every route the app serves is here.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .config import MAX_TTL
+from .policy import MAX_BODY
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -37,7 +41,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "400": _error("Invalid body, address or TTL, or unknown client"),
                         "401": _error("Missing or unknown API key"),
                         "403": _error("Key may not whitelist other addresses"),
-                        "413": _error("Body larger than 4096 bytes"),
+                        "413": _error(f"Body larger than {MAX_BODY} bytes"),
                         "415": _error("Body is not application/json"),
                         "429": _error("Too many knocks from this client"),
                         "500": _error("Nothing was granted"),
@@ -47,7 +51,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "options": {"summary": "CORS preflight",
                             "responses": {"204": {"description": "CORS headers"}}},
             },
-            "/verify": {"get": verify, "head": verify},
+            # Any method: Traefik's forwardAuth, for one, keeps the original request's.
+            "/verify": {method: verify for method in (
+                "get", "head", "post", "put", "delete", "patch", "options")},
             "/health": {"get": {"summary": "Liveness", "responses": {"200": {
                 "description": "Serving", "content": {"application/json": {"schema": status}}}}}},
             "/ready": {"get": {"summary": "Readiness", "responses": {
@@ -59,7 +65,7 @@ def openapi_document(version: str) -> dict[str, Any]:
         "components": {"schemas": {
             "KnockRequest": {"type": "object", "additionalProperties": False, "properties": {
                 "ip_address": {"type": "string", "maxLength": 100, "nullable": True},
-                "ttl": {"type": "integer", "minimum": 1, "maximum": 315360000,
+                "ttl": {"type": "integer", "minimum": 1, "maximum": MAX_TTL,
                         "nullable": True}}},
             "KnockResponse": {"type": "object", "required": [
                 "whitelisted_entry", "expires_at", "expires_in_seconds"], "properties": {

@@ -1,8 +1,9 @@
 """Pure decisions: may this request pass /verify, and what does this knock grant?
 
-Owns: the order of the checks in SPEC 1.1 steps 2-7 and 1.2, the API-key comparison,
-and the knock body's grammar. Inputs are plain values (headers as strings, the body as
-bytes, `now` as a float); nothing here reads the environment, the clock or a socket.
+Owns: the order of the checks of a knock (docs/api.md#order-of-checks, steps 2-7) and of
+/verify (docs/api.md#verify), the API-key comparison, and the knock body's grammar.
+Inputs are plain values (headers as strings, the body as bytes, `now` as a float);
+nothing here reads the environment, the clock or a socket.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from .addresses import IPAddress, IPNetwork, canonical, parse_network
-from .config import ApiKey, Config
+from .addresses import WIDEST_PREFIX, IPAddress, IPNetwork, canonical, parse_network
+from .config import MAX_TTL, ApiKey, Config
 from .errors import RequestError
 from .proxies import Exclusions, ProxyResolver
 from .whitelist import Key, Whitelist, key_of
 
-MAX_BODY = 4096
-MAX_TTL = 315_360_000
+MAX_BODY = 4096  # bytes of a knock body (docs/api.md#request-body)
 _MEMBERS = frozenset({"ip_address", "ttl"})
 _NEVER = 1 << 62  # expiry of always-allowed networks
 
@@ -84,7 +84,7 @@ def parse_body(body: bytes, content_type: str | None) -> KnockBody:
 
 
 def authorize(key: ApiKey, client: IPAddress | None, body: KnockBody) -> Grant:
-    """What a knock with a valid key grants (SPEC 1.1 steps 4-7)."""
+    """What a knock with a valid key grants (docs/api.md#order-of-checks, steps 4-7)."""
     network: IPNetwork | None
     if body.ip_address is not None:
         network = parse_network(body.ip_address)
@@ -93,9 +93,9 @@ def authorize(key: ApiKey, client: IPAddress | None, body: KnockBody) -> Grant:
         if not key.allow_remote_whitelist:
             raise RequestError("This key may not whitelist other addresses",
                                HTTPStatus.FORBIDDEN)
-        too_wide = network.prefixlen < (16 if network.version == 4 else 64)
-        if too_wide:
-            raise RequestError("Network too wide: at most 65536 IPv4 addresses or an IPv6 /64")
+        if network.prefixlen < WIDEST_PREFIX[network.version]:
+            raise RequestError(f"Network too wide: at most an IPv4 /{WIDEST_PREFIX[4]} or an "
+                               f"IPv6 /{WIDEST_PREFIX[6]}")
     elif client is None:
         raise RequestError("Could not determine the client address")
     else:
@@ -116,7 +116,7 @@ def _refuse_constant(name: str) -> object:
 
 
 class Verifier:
-    """The /verify decision (SPEC 1.2). Built once; `decide` is the hot path."""
+    """The /verify decision (docs/api.md#verify). Built once; `decide` is the hot path."""
 
     def __init__(self, config: Config, resolver: ProxyResolver) -> None:
         security = config.security

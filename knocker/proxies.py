@@ -1,4 +1,4 @@
-"""Who the client is, and which host and path it asked for (SPEC 2 and 3).
+"""Who the client is, and which host and path it asked for (docs/identity.md).
 
 Owns: trusting X-Forwarded-For/-Host/-Uri only from configured peers, reading the
 client from the right, the fail-closed path normalization and the exclusion prefixes.
@@ -10,7 +10,7 @@ What arrives from gunicorn 27 (read in gunicorn/http/message.py and http/wsgi.py
 - Repeated header lines are joined into ONE environ value with "," and no space
   (wsgi.create collects repeats, then `",".join(values)`); each value was already
   stripped of spaces and tabs, and control characters other than TAB were refused.
-  So two X-Forwarded-For lines arrive as "a,b", which SPEC 2 wants as one list anyway,
+  So two X-Forwarded-For lines arrive as "a,b", one list as docs/identity.md wants anyway,
   two X-Forwarded-Host lines as "a.example,b.example", which we refuse as ambiguous,
   and two X-Forwarded-Uri lines as "/public/?,/admin" (see _path_from_uri).
   wsgiref joins the same way; under WebTest a test passes the joined string itself.
@@ -36,7 +36,8 @@ from knocker.addresses import IPAddress, IPNetwork, parse_ip
 
 _V = TypeVar("_V")
 
-# SPEC 2: a longer X-Forwarded-For chain is unresolved rather than walked.
+# A longer X-Forwarded-For chain is unresolved rather than walked
+# (docs/identity.md#the-client-address).
 MAX_FORWARDED_FOR = 20
 
 # Caches are keyed by header text an attacker may vary, so both their entry count and
@@ -51,15 +52,16 @@ _OWS = " \t"
 _VISIBLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))
 _HEX = frozenset("0123456789abcdefABCDEF")
 # Escapes kept encoded by normalization: %2F and %5C because decoding them would
-# create path separators the proxy did not see (SPEC 3), %25 so that a literal "%" in
-# the result cannot be confused with one of the other two.
+# create path separators the proxy did not see (docs/exclusions.md#path-normalisation),
+# %25 so that a literal "%" in the result cannot be confused with one of the other two.
 _KEPT_ESCAPES = {"2F": b"%2F", "5C": b"%5C", "25": b"%25"}
-# Deliberately narrower than RFC 3986 reg-name: anything else is "ambiguous" (SPEC 3).
+# Deliberately narrower than RFC 3986 reg-name: anything else is "ambiguous"
+# (docs/identity.md#original-host).
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
 
 
 class Origin(NamedTuple):
-    """What one request resolved to; None fields are unresolved (SPEC 2 and 3)."""
+    """What one request resolved to; None fields are unresolved (docs/identity.md)."""
 
     peer_trusted: bool
     client: IPAddress | None
@@ -131,7 +133,7 @@ class ProxyResolver:
         forwarded_host: str | None,
         forwarded_uri: str | None,
     ) -> Origin:
-        """Client, original host and path of one request (SPEC 2 and 3)."""
+        """Client, original host and path of one request (docs/identity.md)."""
         origin = self._peer(peer)
         if not origin.peer_trusted:
             return origin
@@ -149,7 +151,7 @@ class ProxyResolver:
         return self._peer(peer).peer_trusted
 
     def client_ip(self, peer: str, forwarded_for: str | None) -> IPAddress | None:
-        """The client per SPEC 2, or None when unresolved."""
+        """The client (docs/identity.md#the-client-address), or None when unresolved."""
         origin = self._peer(peer)
         if not origin.peer_trusted:
             return origin.client
@@ -165,7 +167,8 @@ class ProxyResolver:
             return _remember(self._hosts, forwarded_host, normalize_host(forwarded_host))
 
     def original_path(self, peer_trusted: bool, forwarded_uri: str | None) -> str | None:
-        """X-Forwarded-Uri's path, normalized (SPEC 3); None if untrusted, absent or unsure."""
+        """X-Forwarded-Uri's path, normalized (docs/identity.md#original-path); None if
+        untrusted, absent or unsure."""
         if not peer_trusted or forwarded_uri is None:
             return None
         try:
@@ -296,7 +299,8 @@ def _path_from_uri(uri: str) -> str | None:
 
 
 def normalize_path(path: str) -> str | None:
-    """A request path normalized per SPEC 3, or None when it must never be excluded.
+    """A request path normalized, or None when it must never be excluded
+    (docs/exclusions.md#path-normalisation).
 
     Percent-decodes once, keeping %2F, %5C and %25 encoded (upper-case); refuses invalid
     escapes, invalid UTF-8, NUL and other control characters, backslash and ";"; drops
@@ -473,7 +477,7 @@ class Exclusions:
         self.active = bool(global_paths or star or any(host_paths.values()))
 
     def matches(self, host: str | None, path: str | None) -> bool:
-        """True when the resolved path is excluded for the resolved host (SPEC 1.2 step 1)."""
+        """True when the resolved path is excluded for the resolved host (docs/exclusions.md)."""
         if not self.active or path is None:
             return False
         if host is None:

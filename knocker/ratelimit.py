@@ -1,12 +1,13 @@
 """Sliding-window knock budgets per client, in a fixed-size table.
 
-Owns: the counting rules of SPEC 5.4. The table lives in a caller-supplied buffer (a
-bytearray in tests, a shared mmap across gunicorn workers in production), so memory is
-bounded by construction: a full table forgets the stalest client of the bucket a new
-client hashes to. Each client keeps the timestamps of its last N successes and last M
-failures in two rings; it is over a budget when the oldest of those N (or M) is still
-inside the window — an exact sliding window, not an approximation. The caller serialises
-access (a lock) and passes `now`; no I/O, no clock here.
+Owns: the counting rules of docs/api.md#rate-limiting. The table lives in a
+caller-supplied buffer (a bytearray in tests, a shared mmap across gunicorn workers in
+production), so memory is bounded by construction: a full table forgets the stalest
+client of the bucket a new client hashes to. Each client keeps the timestamps of its
+last N successes and last M failures in two rings; it is over a budget when the oldest
+of those N (or M) is still inside the window — an exact sliding window, not an
+approximation. The caller serialises access (a lock) and passes `now`; no I/O, no clock
+here.
 """
 
 from __future__ import annotations

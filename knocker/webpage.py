@@ -1,7 +1,10 @@
 """The knock page: static files from knocker/web/, served by app.py when web.enabled.
 
-Owns: which paths the page uses, their media types and the security headers that go with
-them. Files are read once (app start) from package data; nothing here touches a request.
+Owns: which paths the page uses, their media types, the security and caching headers that
+go with them, and the If-None-Match comparison that lets app.py answer 304 Not Modified
+(docs/api.md#the-knock-page). Files are read once (app start) from package data, and the
+page gets the server's MAX_TTL filled in; app.py reads the request and calls
+`not_modified`.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 
-from .config import Config
+from .config import MAX_TTL, Config
 
 # path -> (file under knocker/web/, media type)
 _FILES: dict[str, tuple[str, str]] = {
@@ -42,6 +45,10 @@ CONTENT_SECURITY_POLICY = "; ".join(
 
 Route = tuple[str, bytes, list[tuple[str, str]]]
 
+# index.html carries this empty attribute; the page reads the filled-in value, so the
+# longest TTL it offers is the server's own MAX_TTL, written down once (config.py).
+_MAX_TTL_SLOT = b'data-max-ttl=""'
+
 
 def _headers(body: bytes) -> list[tuple[str, str]]:
     return [
@@ -52,10 +59,21 @@ def _headers(body: bytes) -> list[tuple[str, str]]:
         ("Cross-Origin-Opener-Policy", "same-origin"),
         ("Cross-Origin-Resource-Policy", "same-origin"),
         # The file names carry no version, so an upgrade must not be hidden behind a stale
-        # cache: revalidate every time (the ETag lets a server answer 304).
+        # cache: revalidate every time; a matching If-None-Match gets 304 (not_modified).
         ("Cache-Control", "no-cache"),
         ("ETag", '"' + hashlib.sha256(body).hexdigest()[:32] + '"'),
     ]
+
+
+def not_modified(if_none_match: str | None, etag: str) -> bool:
+    """True when an If-None-Match header value names `etag` (or is "*"): the client's copy
+    is current. RFC 9110 13.1.2: a list of entity tags, compared weakly (W/ ignored)."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    wanted = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == wanted for tag in if_none_match.split(","))
 
 
 def routes(config: Config) -> dict[str, Route]:
@@ -66,5 +84,8 @@ def routes(config: Config) -> dict[str, Route]:
     table: dict[str, Route] = {}
     for path, (name, content_type) in _FILES.items():
         body = web.joinpath(name).read_bytes()
+        if name == "index.html":
+            assert _MAX_TTL_SLOT in body, "index.html lost its data-max-ttl attribute"
+            body = body.replace(_MAX_TTL_SLOT, b'data-max-ttl="%d"' % MAX_TTL)
         table[path] = (content_type, body, _headers(body))
     return table

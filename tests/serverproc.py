@@ -12,39 +12,21 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.support.config import ADMIN_KEY, TEST_KEY, base_config
+from tests.support.net import free_port
+from tests.support.polling import wait_until
+
 KNOCKER = str(Path(sys.executable).with_name("knocker"))
-TEST_KEY = "test-key-0123456789abcdefghijklmnopqrstuvwxyz"
-ADMIN_KEY = "admin-key-0123456789abcdefghijklmnopqrstuvwxyz"
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def base_config(directory: Path, **overrides: Any) -> dict[str, Any]:
-    """A valid config with a normal and an admin key, storage inside `directory`."""
-    config: dict[str, Any] = {
-        "api_keys": [
-            {"name": "phone", "key": TEST_KEY, "max_ttl": 3600},
-            {"name": "admin", "key": ADMIN_KEY, "max_ttl": 86400,
-             "allow_remote_whitelist": True},
-        ],
-        "whitelist": {"storage_path": str(directory / "whitelist.json")},
-    }
-    config.update(overrides)
-    return config
+# Re-exported: other harnesses and tests import these from here.
+__all__ = ["ADMIN_KEY", "KNOCKER", "TEST_KEY", "KnockerProcess", "base_config", "free_port"]
 
 
 class KnockerProcess:
@@ -104,19 +86,20 @@ class KnockerProcess:
         return self
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"knocker exited with {self.process.returncode}:\n"
                                    + self.log())
             try:
-                if self.request("GET", "/health")[0] == 200:
-                    return
+                return self.request("GET", "/health")[0] == 200
             except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("knocker did not become healthy:\n" + self.log())
+                return False
+
+        try:
+            wait_until(healthy, timeout, interval=0.05, what="/health")
+        except AssertionError:
+            raise RuntimeError("knocker did not become healthy:\n" + self.log()) from None
 
     def wait_exit(self, timeout: float = 20.0) -> int:
         assert self.process is not None

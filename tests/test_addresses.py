@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import pytest
 
 from knocker.addresses import canonical, parse_ip, parse_network, unmap
+from tests.support.net import ip
 
 
 @pytest.mark.parametrize(
@@ -26,7 +25,7 @@ def test_bare_addresses_parse(text: str, expected: str) -> None:
 def test_ipv4_mapped_ipv6_address_is_its_ipv4_address() -> None:
     """::ffff:a.b.c.d is the IPv4 address it maps, not an IPv6 address."""
     address = parse_ip("::ffff:203.0.113.7")
-    assert address == ipaddress.IPv4Address("203.0.113.7")
+    assert address == ip("203.0.113.7")
 
 
 @pytest.mark.parametrize(
@@ -52,11 +51,11 @@ def test_anything_but_a_bare_address_is_refused(text: str) -> None:
 
 def test_unmap_leaves_other_addresses_alone() -> None:
     """unmap changes only IPv4-mapped addresses."""
-    v6 = ipaddress.IPv6Address("2001:db8::1")
-    v4 = ipaddress.IPv4Address("192.0.2.1")
+    v6 = ip("2001:db8::1")
+    v4 = ip("192.0.2.1")
     assert unmap(v6) is v6
     assert unmap(v4) is v4
-    assert unmap(ipaddress.IPv6Address("::ffff:192.0.2.1")) == v4
+    assert unmap(ip("::ffff:192.0.2.1")) == v4
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,16 +18,8 @@ SECRET = "cli-test-secret-4c8e1a9f7b3d"
 URL_SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{43,}")
 
 
-@pytest.fixture(autouse=True)
-def keep_logging() -> Iterator[None]:
-    """serve configures logging; give the next test the logging it had."""
-    logger = logging.getLogger("knocker")
-    level, root_handlers = logger.level, list(logging.getLogger().handlers)
-    yield
-    logger.setLevel(level)
-    for handler in logging.getLogger().handlers:
-        if handler not in root_handlers:
-            logging.getLogger().removeHandler(handler)
+# serve configures logging: give the next test the logging it had (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("keep_logging")
 
 
 @pytest.fixture

@@ -1,10 +1,9 @@
-"""knocker.config: knocker.yaml text -> validated frozen Config (SPEC sections 4 and 6)."""
+"""knocker.config: knocker.yaml text -> validated frozen Config (docs/configuration.md)."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import ipaddress
 import secrets
 import typing
 from pathlib import Path
@@ -22,6 +21,7 @@ from knocker.config import (
     parse_config,
 )
 from knocker.errors import ConfigError
+from tests.support.net import net
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "knocker.yaml.example"
@@ -60,7 +60,7 @@ ENABLED_FIREWALLD: dict[str, Any] = {
 
 
 def test_minimal_config_gets_every_documented_default() -> None:
-    """A file with only api_keys gets the SPEC defaults for every other setting."""
+    """A file with only api_keys gets the documented defaults for every other setting."""
     config = load_config_text(MINIMAL)
     assert config.api_keys == (ApiKey("key-1", KEY, 3600, False),)
     assert config.server.trusted_proxies == ()
@@ -117,12 +117,12 @@ def test_every_setting_is_read_into_the_tree() -> None:
         }
     )
     assert config.server.trusted_proxies == (
-        ipaddress.ip_network("127.0.0.1/32"),
-        ipaddress.ip_network("10.0.0.0/8"),
-        ipaddress.ip_network("::1/128"),
+        net("127.0.0.1/32"),
+        net("10.0.0.0/8"),
+        net("::1/128"),
     )
     assert config.api_keys == (ApiKey("admin", KEY, 600, True),)
-    assert config.security.always_allowed_ips == (ipaddress.ip_network("192.168.1.0/24"),)
+    assert config.security.always_allowed_ips == (net("192.168.1.0/24"),)
     assert config.security.excluded_paths == ("/health",)
     assert dict(config.security.excluded_paths_by_host) == {"files.example.com": ("/share/",)}
     assert config.security.max_whitelist_entries == 5
@@ -581,7 +581,7 @@ def test_upstream_legacy_keys_are_accepted() -> None:
         + "logging:\n  level: warning\n  format: '%(message)s'\n  handlers: {console: {}}\n"
     )
     assert config.logging.level == "WARNING"
-    assert config.server.trusted_proxies == (ipaddress.ip_network("172.29.238.0/24"),)
+    assert config.server.trusted_proxies == (net("172.29.238.0/24"),)
 
 
 def test_legacy_allowance_does_not_extend_to_other_server_keys() -> None:
@@ -777,8 +777,8 @@ def test_monitored_ips_need_an_explicit_mask_when_enabled() -> None:
         firewalld(**{**ENABLED_FIREWALLD, "monitored_ips": ["203.0.113.7/32", "2001:db8::1/128"]})
     )
     assert config.firewalld.monitored_ips == (
-        ipaddress.ip_network("203.0.113.7/32"),
-        ipaddress.ip_network("2001:db8::1/128"),
+        net("203.0.113.7/32"),
+        net("2001:db8::1/128"),
     )
 
 
@@ -792,7 +792,7 @@ def test_repeated_monitored_ports_and_networks_are_listed_once() -> None:
         )
     )
     assert config.firewalld.monitored_ports == (MonitoredPort(22, "tcp"),)
-    assert config.firewalld.monitored_ips == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert config.firewalld.monitored_ips == (net("10.0.0.0/8"),)
 
 
 # --- immutability and secrecy ---------------------------------------------------------------

@@ -35,6 +35,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.polling import wait_until
+from tests.support.resources import require
+
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 CONTAINERFILE = REPO / "Containerfile"
@@ -43,7 +46,6 @@ CONTAINER_CONFIG = DEPLOY / "knocker.container.yaml"
 CADDYFILE = DEPLOY / "caddy" / "Caddyfile"
 UNIT = DEPLOY / "systemd" / "knocker.service"
 DROP_IN = DEPLOY / "systemd" / "knocker-firewalld.conf"
-IN_CI = os.environ.get("CI") == "true"
 # The console script of the environment running the tests (the repo's venv in `make test`).
 REPO_KNOCKER = Path(sys.executable).with_name("knocker")
 
@@ -52,15 +54,6 @@ SECOND_KEY = "deploy-second-key-0123456789abcdefghijklmnopqrstuvwxyz"
 COPY_IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache",
     ".mypy_cache", ".ruff_cache", "test-artifacts", "bench-results", "node_modules")
-
-
-def require(available: object, what: str) -> None:
-    """Skip without `what` locally; in CI a missing prerequisite is a failure."""
-    if available:
-        return
-    if IN_CI:
-        pytest.fail(f"{what} is missing: `make test-deps` must provide it in CI")
-    pytest.skip(f"{what} is not available here")
 
 
 def require_netns() -> None:
@@ -390,14 +383,15 @@ class Netns:
         return status, body
 
     def wait_until(self, probe: Any, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def alive_and_done() -> bool:
             assert self.process.poll() is None, f"exited {self.process.returncode}\n" \
                 + self.output()
-            if probe():
-                return
-            time.sleep(0.2)
-        pytest.fail(f"timed out waiting for {what}\n{self.output()}")
+            return bool(probe())
+
+        try:
+            wait_until(alive_and_done, timeout, interval=0.2, what=what)
+        except AssertionError as error:
+            pytest.fail(f"{error}\n{self.output()}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

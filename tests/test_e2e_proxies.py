@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import secrets
 import time
 import uuid
@@ -22,7 +21,10 @@ import pytest
 from tests.proxies import configs, process
 from tests.proxies.client import Client, Response
 from tests.proxies.upstream import MARKER, Upstream
-from tests.serverproc import KnockerProcess, free_port
+from tests.serverproc import KnockerProcess
+from tests.support.config import base_config
+from tests.support.net import free_port
+from tests.support.resources import require
 
 pytestmark = pytest.mark.proxy
 
@@ -47,14 +49,15 @@ def new_client_address() -> str:
 
 
 def knocker_config(directory: Path) -> dict[str, object]:
-    return {
+    return base_config(
+        directory,
         # Only the address the proxies connect from; ::1 clients stay untrusted.
-        "server": {"trusted_proxies": ["127.0.0.1/32"]},
-        "api_keys": [
+        server={"trusted_proxies": ["127.0.0.1/32"]},
+        api_keys=[
             {"name": "e2e", "key": KEY, "max_ttl": 3600},
             {"name": "e2e-short", "key": SHORT_KEY, "max_ttl": SHORT_TTL},
         ],
-        "security": {
+        security={
             "excluded_paths": ["/excluded"],
             "excluded_paths_by_host": {
                 APP: ["/hostpublic"],
@@ -67,18 +70,12 @@ def knocker_config(directory: Path) -> dict[str, object]:
                 "failed_requests": 0,
             },
         },
-        "whitelist": {"storage_path": str(directory / "whitelist.json")},
-    }
+    )
 
 
 def require_binary(proxy: str) -> None:
     """Skip when the proxy is not installed locally; under CI it must be there."""
-    if process.binary(proxy) is not None:
-        return
-    message = f"{proxy} is not installed (make test-deps installs caddy, nginx, haproxy)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    require(process.binary(proxy), f"{proxy} (make test-deps installs caddy, nginx, haproxy)")
 
 
 @dataclasses.dataclass

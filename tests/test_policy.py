@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Callable
 from http import HTTPStatus
@@ -10,10 +9,9 @@ from http import HTTPStatus
 import pytest
 
 from knocker.addresses import IPAddress
-from knocker.config import ApiKey, Config, load_config_text
+from knocker.config import MAX_TTL, ApiKey, Config, load_config_text
 from knocker.errors import RequestError
 from knocker.policy import (
-    MAX_TTL,
     Grant,
     KnockBody,
     Verifier,
@@ -23,11 +21,12 @@ from knocker.policy import (
 )
 from knocker.proxies import ProxyResolver
 from knocker.whitelist import entry_text
+from tests.support.net import ip
 
 USER = ApiKey("phone", "user-key-5b8f0c2e9d1a7f3b6c4e", 3600, False)
 ADMIN = ApiKey("admin", "admin-key-e1d2c3b4a5f6e7d8c9b0", 86400, True)
 KEYS = (USER, ADMIN)
-CLIENT = ipaddress.ip_address("203.0.113.7")
+CLIENT = ip("203.0.113.7")
 NOW = 1_700_000_000.0
 
 
@@ -208,7 +207,7 @@ def test_knock_without_ip_address_whitelists_the_client() -> None:
 
 def test_ipv6_client_is_whitelisted_canonically() -> None:
     """An IPv6 client's entry is its canonical spelling."""
-    result = grant(USER, client=ipaddress.ip_address("2001:DB8:0::7"))
+    result = grant(USER, client=ip("2001:DB8:0::7"))
     assert result.entry == "2001:db8::7"
 
 
@@ -313,7 +312,7 @@ class Allows:
     """A whitelist stand-in that records what it was asked."""
 
     def __init__(self, *allowed: str) -> None:
-        self.allowed = {ipaddress.ip_address(a) for a in allowed}
+        self.allowed = {ip(a) for a in allowed}
         self.asked: list[tuple[IPAddress, float]] = []
 
     def __call__(self, address: IPAddress, now: float) -> bool:

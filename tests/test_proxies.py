@@ -18,6 +18,7 @@ from knocker.proxies import (
     normalize_path,
     normalize_prefix,
 )
+from tests.support.net import ip, nets
 
 PROXY = "127.0.0.1"
 PROXY6 = "::1"
@@ -25,12 +26,8 @@ CLIENT = "203.0.113.7"
 OTHER = "198.51.100.9"
 
 
-def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return ipaddress.ip_address(text)
-
-
 def resolver(*networks: str) -> ProxyResolver:
-    return ProxyResolver(tuple(ipaddress.ip_network(n) for n in networks))
+    return ProxyResolver(nets(*networks))
 
 
 @pytest.fixture
@@ -44,7 +41,7 @@ def path_of(uri: str) -> str | None:
     return resolver(PROXY).original_path(True, uri)
 
 
-# -- SPEC 2: the client ------------------------------------------------------------------
+# -- docs/identity.md#the-client-address -------------------------------------------------
 
 
 def test_untrusted_peer_is_the_client(behind_proxy: ProxyResolver) -> None:
@@ -210,7 +207,7 @@ def test_caches_stay_bounded_and_correct(behind_proxy: ProxyResolver) -> None:
     assert long_chain not in behind_proxy._chains  # long keys are never cached
 
 
-# -- SPEC 3: the original host ----------------------------------------------------------
+# -- docs/identity.md#original-host ------------------------------------------------------
 
 
 def test_forwarded_host_from_untrusted_peer_is_ignored(behind_proxy: ProxyResolver) -> None:
@@ -272,7 +269,7 @@ def test_host_keys_and_forwarded_hosts_share_one_form() -> None:
     assert normalize_host_key("a b") is None
 
 
-# -- SPEC 3: the original path ----------------------------------------------------------
+# -- docs/identity.md#original-path ------------------------------------------------------
 
 
 def test_forwarded_uri_from_untrusted_peer_is_ignored(behind_proxy: ProxyResolver) -> None:

@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.serverproc import ADMIN_KEY, KNOCKER, TEST_KEY, KnockerProcess, base_config
+from tests.serverproc import KNOCKER, KnockerProcess
+from tests.support.config import ADMIN_KEY, TEST_KEY, base_config
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.server
 
@@ -40,6 +42,18 @@ def test_knock_is_honoured_by_every_worker_on_the_next_request(tmp_path: Path,
         # Fresh connections are spread over the workers by the kernel.
         assert [server.verify(source="127.0.0.31") for _ in range(40)] == [200] * 40
         assert server.verify(source="127.0.0.32") == 401
+
+
+def test_api_key_header_name_is_case_insensitive_on_the_wire(tmp_path: Path) -> None:
+    """X-Api-Key sent as x-api-key or X-API-KEY (the bytes on the wire) is still the key:
+    WebTest hands the app an environ that is already folded, so only a real server shows it."""
+    with _server(tmp_path, 1) as server:
+        for n, name in enumerate(("x-api-key", "X-API-KEY", "X-Api-Key")):
+            status, _, body = server.request("POST", "/knock", {name: TEST_KEY},
+                                             source=f"127.0.0.5{n}")
+            assert status == 200, (name, body)
+        assert server.request("POST", "/knock", {"x-api-key": "wrong"},
+                              source="127.0.0.59")[0] == 401
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -151,9 +165,8 @@ def test_expired_entries_are_purged_from_memory_and_file(tmp_path: Path) -> None
         assert server.knock(TEST_KEY, {"ttl": 1}, source="127.0.0.71")[0] == 200
         assert server.knock(TEST_KEY, {"ttl": 3600}, source="127.0.0.72")[0] == 200
         assert "127.0.0.71" in server.whitelist_file()
-        deadline = time.monotonic() + 6
-        while "127.0.0.71" in server.whitelist_file() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: "127.0.0.71" not in server.whitelist_file(), 6, interval=0.2,
+                   what="the purge of the expired entry")
         assert set(server.whitelist_file()) == {"127.0.0.72"}
         assert [server.verify(source="127.0.0.71") for _ in range(10)] == [401] * 10
 

@@ -24,8 +24,12 @@ import webtest
 
 from knocker import webpage
 from knocker.app import build_app
-from knocker.config import parse_config
-from tests.serverproc import ADMIN_KEY, TEST_KEY, KnockerProcess, base_config, free_port
+from knocker.config import MAX_TTL, Config
+from tests.serverproc import KnockerProcess
+from tests.support.config import ADMIN_KEY, TEST_KEY, base_config, make_config
+from tests.support.net import free_port
+from tests.support.polling import wait_until
+from tests.support.resources import require
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 EXPECTED_CSP = (
@@ -35,9 +39,8 @@ EXPECTED_CSP = (
 )
 
 
-def make_config(directory: Path, web: bool) -> Any:
-    raw = base_config(directory, web={"enabled": web})
-    return parse_config(raw)
+def page_config(directory: Path, web: bool) -> Config:
+    return make_config(directory, web={"enabled": web})
 
 
 # ---------------------------------------------------------------------------------------
@@ -46,12 +49,12 @@ def make_config(directory: Path, web: bool) -> Any:
 
 def test_routes_are_empty_when_the_page_is_disabled(tmp_path: Path) -> None:
     """web.enabled false (the default): no page paths at all."""
-    assert webpage.routes(make_config(tmp_path, web=False)) == {}
+    assert webpage.routes(page_config(tmp_path, web=False)) == {}
 
 
 def test_routes_serve_page_manifest_and_icons_with_strict_headers(tmp_path: Path) -> None:
     """Every page path has a media type, a body and the security headers."""
-    table = webpage.routes(make_config(tmp_path, web=True))
+    table = webpage.routes(page_config(tmp_path, web=True))
     assert {"/", "/app.js", "/app.css", "/manifest.webmanifest", "/icon.svg"} <= set(table)
     assert table["/"][0] == "text/html; charset=utf-8"
     assert table["/manifest.webmanifest"][0] == "application/manifest+json"
@@ -70,7 +73,7 @@ def test_routes_serve_page_manifest_and_icons_with_strict_headers(tmp_path: Path
 def test_page_references_only_its_own_served_files(tmp_path: Path) -> None:
     """The HTML and manifest point only at served same-origin paths; no inline script or
     style, so the strict CSP needs no exceptions."""
-    table = webpage.routes(make_config(tmp_path, web=True))
+    table = webpage.routes(page_config(tmp_path, web=True))
     html = table["/"][1].decode()
     refs = re.findall(r'(?:src|href)="([^"]+)"', html)
     assert refs, html
@@ -93,7 +96,7 @@ def test_app_serves_the_page_only_when_enabled(tmp_path: Path) -> None:
     for web, expected in ((True, 200), (False, 404)):
         directory = tmp_path / str(web)
         directory.mkdir()
-        app = build_app(make_config(directory, web))
+        app = build_app(page_config(directory, web))
         try:
             response = webtest.TestApp(app).get("/", status=expected)
             if web:
@@ -104,6 +107,55 @@ def test_app_serves_the_page_only_when_enabled(tmp_path: Path) -> None:
                 assert manifest.json["name"] == "Knocker"
         finally:
             app.close()
+
+
+def test_page_is_given_the_servers_max_ttl(tmp_path: Path) -> None:
+    """The page's TTL limit is config.MAX_TTL, filled in by the server: app.js holds no
+    copy of the number."""
+    table = webpage.routes(page_config(tmp_path, web=True))
+    assert f'<html lang="en" data-max-ttl="{MAX_TTL}">'.encode() in table["/"][1]
+    assert str(MAX_TTL).encode() not in table["/app.js"][1]
+    assert b"dataset.maxTtl" in table["/app.js"][1]
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),
+        ("", False),
+        ('"abc"', True),
+        ('W/"abc"', True),  # weak comparison (RFC 9110 8.8.3.2)
+        ('"x", "abc"', True),
+        ('"x","y"', False),
+        ('"abcd"', False),
+        ("*", True),
+    ],
+)
+def test_not_modified_compares_if_none_match_weakly(header: str | None, expected: bool) -> None:
+    """If-None-Match matches when any listed tag names the ETag (W/ ignored) or is "*"."""
+    assert webpage.not_modified(header, '"abc"') is expected
+
+
+def test_revalidation_with_the_current_etag_gets_304_without_a_body(tmp_path: Path) -> None:
+    """A browser revalidating with the page's ETag gets 304 (ETag and Cache-Control, no
+    body, no Content-Length); a stale ETag gets the file again."""
+    app = build_app(page_config(tmp_path, web=True))
+    try:
+        web = webtest.TestApp(app)
+        for path in ("/", "/app.js", "/icon-192.png"):
+            first = web.get(path)
+            etag = first.headers["ETag"]
+            for method in (web.get, web.head):
+                again = method(path, headers={"If-None-Match": etag}, status=304)
+                assert again.body == b""
+                assert again.headers["ETag"] == etag
+                assert again.headers["Cache-Control"] == "no-cache"
+                assert "Content-Length" not in again.headers
+                assert "Content-Type" not in again.headers
+            stale = web.get(path, headers={"If-None-Match": '"stale"'}, status=200)
+            assert stale.body == first.body
+    finally:
+        app.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,17 +245,14 @@ class Browser:
         return entries
 
     def wait_until(self, condition: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
+        """wait_until, a WebDriver error (element not there yet) counting as "not yet"."""
+        def attempt() -> Any:
             try:
-                result = condition()
+                return condition()
             except WebDriverError:
-                result = None
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what or condition}")
-            time.sleep(0.1)
+                return None
+
+        return wait_until(attempt, timeout, what=what or str(condition))
 
     def quit(self) -> None:
         try:
@@ -218,11 +267,8 @@ def chromedriver() -> Iterator[str]:
     driver = shutil.which("chromedriver") or (
         "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None
     )
-    if chromium is None or driver is None:
-        message = "Debian's chromium and chromium-driver are needed (apt-get install them)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require(chromium and driver, "Debian's chromium and chromium-driver")
+    assert driver is not None
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="chromedriver-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
@@ -233,17 +279,19 @@ def chromedriver() -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError("chromedriver exited: " + Path(log.name).read_text())
             try:
                 with urllib.request.urlopen(url + "/status", timeout=2) as response:
-                    if json.loads(response.read())["value"]["ready"]:
-                        break
+                    return bool(json.loads(response.read())["value"]["ready"])
             except (OSError, ValueError):
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("chromedriver did not start: " + Path(log.name).read_text())
-            time.sleep(0.1)
+                return False
+
+        try:
+            wait_until(ready, 20, what="chromedriver")
+        except AssertionError as error:
+            raise RuntimeError(f"{error}: {Path(log.name).read_text()}") from None
         yield url
     finally:
         process.terminate()

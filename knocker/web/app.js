@@ -8,7 +8,8 @@
   const STORE_TTL = "knocker.ttl";
   const STORE_IP = "knocker.ip";
   const REFRESH_FRACTION = 0.9; // re-knock when 90 % of the granted time has passed
-  const MAX_TTL = 315360000;
+  // The server fills in its own limit (knocker/webpage.py): one definition, in config.py.
+  const MAX_TTL = Number(document.documentElement.dataset.maxTtl);
   const MAX_TIMER_MS = 2147483647; // setTimeout cannot wait longer (about 24.8 days)
   const RETRY_MIN_MS = 5000;
   const RETRY_MAX_MS = 300000;
