@@ -14,6 +14,8 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -27,7 +29,7 @@ from knocker.client.events import Event, JournalWriter, LineWriter
 from knocker.client.journal_format import encode_entry, parse_journal_stream
 from knocker.client.journald import JournalSocket, journal_attached
 from tests.clientsupport import JSON_HEADERS, Responder, Stub, grant_body, stubs
-from tests.serverproc import TEST_KEY
+from tests.serverproc import KNOCKER, TEST_KEY
 from tests.test_architecture import problems_in
 
 __all__ = ["stubs"]  # fixture
@@ -304,3 +306,120 @@ def test_watch_without_journal_stream_prints_lines(
     code, out, err = watch_in_thread(stub, {}, no_journal, False, lambda: len(stub.requests) >= 1)
     assert code == 0
     assert "Whitelisted 127.0.0.1 for 600s" in out
+
+
+# ---------------------------------------------------------------------------------------
+# the real systemd-journald
+
+
+JOURNALD = "/lib/systemd/systemd-journald"
+
+# Runs inside a private mount namespace (unshare --mount): a tmpfs over /run and the
+# journal directories, so this journald and its sockets are seen by nothing else. Like
+# systemd for a unit, it connects the child's stdout/stderr to journald's stream socket
+# and sets JOURNAL_STREAM; `knocker watch` must then send native entries by itself.
+INSIDE = r"""
+import json, os, signal, socket, subprocess, sys, time
+url, key_file, knocker = sys.argv[1:4]
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run"], check=True)
+if os.path.isdir("/var/log/journal"):
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/var/log/journal"], check=True)
+os.makedirs("/run/systemd/journal"); os.makedirs("/run/log/journal")
+journald = subprocess.Popen([sys.argv[4]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def until(predicate, what, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out waiting for " + what)
+        time.sleep(0.1)
+
+def entries():
+    out = subprocess.run(["journalctl", "-D", "/run/log/journal", "-o", "json", "--no-pager",
+                          "SYSLOG_IDENTIFIER=knocker"], capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+watch = None
+try:
+    until(lambda: os.path.exists("/run/systemd/journal/stdout"), "journald")
+    stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream.connect("/run/systemd/journal/stdout")
+    # identifier, unit, priority, level prefix, forward to syslog, kmsg, console
+    stream.sendall(b"knocker-stderr\n\n6\n0\n0\n0\n0\n")
+    stream.shutdown(socket.SHUT_RD)
+    info = os.fstat(stream.fileno())
+    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent",
+           "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+    watch = subprocess.Popen([knocker, "watch", "--url", url, "--key-file", key_file], env=env,
+                             stdin=subprocess.DEVNULL, stdout=stream.fileno(),
+                             stderr=stream.fileno())
+    until(lambda: any(e.get("KNOCKER_EVENT") == "StatusSnapshot"
+                      and "KNOCKER_WHITELIST_IP" in e for e in entries()), "a snapshot")
+    watch.send_signal(signal.SIGTERM)
+    watch.wait(20)
+    until(lambda: any(e.get("KNOCKER_SERVICE_STATE") == "stopped" for e in entries()), "stop")
+    print(json.dumps({"code": watch.returncode, "entries": entries()}))
+finally:
+    if watch is not None and watch.poll() is None:
+        watch.kill()
+        watch.wait(10)
+    journald.terminate()
+    journald.wait(10)
+"""
+
+
+def test_watch_entries_reach_a_real_journald(
+    stubs: Callable[[Responder], Stub], tmp_path: Path
+) -> None:
+    """`knocker watch` with its stderr on journald's stream (as under systemd) writes native
+    entries that the real systemd-journald stores with every field the GNOME extension reads
+    (journalctl -o json shows them as strings, transport "journal", not the stderr stream)."""
+    missing = [
+        what
+        for what, ok in [
+            ("root", os.geteuid() == 0),
+            ("unshare", shutil.which("unshare") is not None),
+            ("journalctl", shutil.which("journalctl") is not None),
+            (JOURNALD, os.path.exists(JOURNALD)),
+        ]
+        if not ok
+    ]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"needed for the real journald test: {missing} (Debian package systemd)")
+        pytest.skip(f"missing {missing}")
+    stub = stubs(lambda method, p, headers, body: (200, JSON_HEADERS, grant_body(ttl=600)))
+    script = tmp_path / "inside.py"
+    script.write_text(INSIDE)
+    key_file = tmp_path / "key"  # not --key: journald records each process's command line
+    key_file.write_text(TEST_KEY)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, str(script),
+         stub.url, str(key_file), KNOCKER, JOURNALD],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["code"] == 0
+    entries = [e for e in report["entries"] if "KNOCKER_EVENT" in e]
+    assert {e["_TRANSPORT"] for e in entries} == {"journal"}
+    names = [e["KNOCKER_EVENT"] for e in entries]
+    assert names[0] == "ServiceState" and entries[0]["KNOCKER_SERVICE_STATE"] == "started"
+    assert {"WhitelistApplied", "StatusSnapshot", "NextKnockUpdated", "KnockTriggered"} <= set(
+        names
+    )
+    for entry in entries:
+        assert entry["SYSLOG_IDENTIFIER"] == "knocker"
+        assert entry["KNOCKER_SCHEMA_VERSION"] == "1"
+        assert all(isinstance(v, str) for k, v in entry.items() if k.startswith("KNOCKER_"))
+    applied = next(e for e in entries if e["KNOCKER_EVENT"] == "WhitelistApplied")
+    assert applied["PRIORITY"] == "6" and applied["KNOCKER_WHITELIST_IP"] == "127.0.0.1"
+    assert applied["KNOCKER_TTL_SEC"] == "600" and applied["KNOCKER_EXPIRES_UNIX"].isdigit()
+    snapshot = next(e for e in entries if e["KNOCKER_EVENT"] == "StatusSnapshot"
+                    and "KNOCKER_WHITELIST_IP" in e)  # fmt: skip
+    assert snapshot["KNOCKER_NEXT_AT_UNIX"].isdigit()
+    assert snapshot["KNOCKER_CADENCE_SOURCE"] == "ttl_response"
+    states = [(e["KNOCKER_SERVICE_STATE"], e["PRIORITY"]) for e in entries
+              if e["KNOCKER_EVENT"] == "ServiceState"]  # fmt: skip
+    assert states == [("started", "6"), ("stopping", "5"), ("stopped", "6")]
+    assert TEST_KEY not in result.stdout
