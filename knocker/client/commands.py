@@ -21,6 +21,7 @@ from types import FrameType
 from typing import TextIO, TypeVar
 
 from ..config import MAX_TTL
+from . import service
 from .events import EventLog, JournalWriter, LineWriter, Writer
 from .journald import JournalSocket, journal_attached
 from .knock import (
@@ -104,7 +105,7 @@ settings (flags win over environment, environment over the file):
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the `knock` and `watch` subcommands to knocker's command line."""
+    """Add `knock`, `watch` and `service` to knocker's command line."""
     knock_parser = subparsers.add_parser(
         "knock",
         help="knock once: whitelist this machine's address",
@@ -161,6 +162,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "stdout or stderr to the journal)",
     )
     watch_parser.set_defaults(func=run_watch)
+    service.register(subparsers)
 
 
 def _settings_or_exit(
