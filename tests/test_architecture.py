@@ -32,10 +32,13 @@ FIREWALLD_CORE = frozenset({"firewalld.rules", "firewalld.messages", "firewalld.
                             "firewalld.schedule"})
 FIREWALLD_EDGE = frozenset({"firewalld", "firewalld.backend", "firewalld.bus", "firewalld.calls",
                             "firewalld.coordination", "firewalld.docker", "firewalld.watcher"})
+CLIENT_CORE = frozenset({"client.journal_format"})
+CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.journald",
+                         "client.knock", "client.loop", "client.service", "client.settings"})
 CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses",
-                  "errors"}) | FIREWALLD_CORE
+                  "errors"}) | FIREWALLD_CORE | CLIENT_CORE
 EDGE = frozenset({"store", "app", "cli", "firewall", "client", "webpage",
-                  "openapi"}) | FIREWALLD_EDGE
+                  "openapi"}) | FIREWALLD_EDGE | CLIENT_EDGE
 FORBIDDEN_MODULES = frozenset({
     "os", "sys", "time", "datetime", "io", "pathlib", "shutil", "tempfile", "glob", "mmap",
     "fcntl", "select", "selectors", "signal", "subprocess", "threading", "multiprocessing",
