@@ -50,11 +50,7 @@ def stage(name: str, started: float) -> None:
 
 
 def require() -> None:
-    missing = [
-        tool
-        for tool in ("systemd-nspawn", "nsenter", "debootstrap", "tar")
-        if shutil.which(tool) is None
-    ]
+    missing = [tool for tool in ("systemd-nspawn", "nsenter", "tar") if shutil.which(tool) is None]
     if os.geteuid() != 0:
         missing.append("root")
     if not missing:
@@ -90,6 +86,13 @@ FIREWALLD = {
 }
 
 
+def scope_options() -> list[str]:
+    """Under a booted systemd (sd_booted(3): /run/systemd/system exists) nspawn asks it for
+    a scope of its own with a delegated cgroup; elsewhere (a container running the tests,
+    no host systemd to ask) it stays in the cgroup it was started in."""
+    return [] if Path("/run/systemd/system").is_dir() else ["--keep-unit"]
+
+
 class Machine:
     """One booted systemd-nspawn container and the commands run inside it."""
 
@@ -109,7 +112,7 @@ class Machine:
                     str(self.root),
                     "--private-network",
                     "--register=no",
-                    "--keep-unit",
+                    *scope_options(),
                     "--console=read-only",
                 ],
                 stdin=subprocess.DEVNULL,
@@ -529,3 +532,168 @@ def test_firewalld_with_the_polkit_rule_the_knocker_user_manages_its_zone(machin
     rules = machine.run("firewall-cmd", f"--zone={ZONE}", "--list-rich-rules").stdout
     assert REMOTE in rules, rules
     assert "2222" in rules, rules
+
+
+# --- the desktop session: the client's user unit, as the GNOME extension drives it ----
+
+GO_CLIENT_FIELDS = {
+    "ServiceState": ("KNOCKER_SERVICE_STATE", "KNOCKER_VERSION"),
+    "WhitelistApplied": ("KNOCKER_WHITELIST_IP", "KNOCKER_TTL_SEC", "KNOCKER_EXPIRES_UNIX"),
+    "StatusSnapshot": (
+        "KNOCKER_WHITELIST_IP",
+        "KNOCKER_EXPIRES_UNIX",
+        "KNOCKER_TTL_SEC",
+        "KNOCKER_NEXT_AT_UNIX",
+        "KNOCKER_CADENCE_SOURCE",
+    ),
+    "NextKnockUpdated": ("KNOCKER_NEXT_AT_UNIX", "KNOCKER_CADENCE_SOURCE"),
+    "Error": ("KNOCKER_ERROR_CODE", "KNOCKER_ERROR_MSG", "KNOCKER_CONTEXT"),
+}
+WATCH_TTL = 10  # from ~/.config/knocker/env: watch knocks again after 9 s
+
+
+def user_journal(machine: Machine) -> list[dict[str, Any]]:
+    """What the extension reads at start: the last 100 entries, newest first, as JSON."""
+    out = machine.run(
+        "journalctl",
+        "--user",
+        "-u",
+        "knocker.service",
+        "-o",
+        "json",
+        "-n",
+        "100",
+        "--reverse",
+        "--no-pager",
+        user=USER,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def events(entries: list[dict[str, Any]], name: str, **fields: str) -> list[dict[str, Any]]:
+    return [
+        entry
+        for entry in entries
+        if entry.get("KNOCKER_EVENT") == name
+        and all(entry.get(key) == value for key, value in fields.items())
+    ]
+
+
+def assert_extension_can_read(entry: dict[str, Any], priority: str) -> None:
+    """One native entry with the Go client's common and per-event fields, all strings."""
+    name = entry["KNOCKER_EVENT"]
+    assert entry["_TRANSPORT"] == "journal", entry  # native protocol, not a stdout line
+    assert entry["_SYSTEMD_USER_UNIT"] == "knocker.service", entry
+    assert entry["SYSLOG_IDENTIFIER"] == "knocker", entry
+    assert entry["KNOCKER_SCHEMA_VERSION"] == "1", entry
+    assert entry["PRIORITY"] == priority, entry
+    assert isinstance(entry["MESSAGE"], str) and entry["MESSAGE"], entry
+    for field in GO_CLIENT_FIELDS[name]:
+        assert isinstance(entry.get(field), str), (field, entry)
+    assert KEY not in json.dumps(entry)
+
+
+def test_desktop_user_unit_writes_the_journal_entries_the_extension_reads(
+    machine: Machine,
+) -> None:
+    """A lingering user installs the client (a venv linked into ~/.local/bin, as pipx
+    does), `knocker service install` writes knocker.service, `systemctl --user start`
+    runs it, and journalctl --user -o json shows the extension's events and fields."""
+    assert active(machine) == "active"  # the system unit: the server the client knocks
+    machine.run("useradd", "--create-home", USER)
+    machine.run("loginctl", "enable-linger", USER)
+    uid = machine.run("id", "-u", USER).stdout.strip()
+    machine.wait_for(
+        f"user@{uid}.service", lambda: active(machine, f"user@{uid}.service") == "active"
+    )
+    machine.run("cp", "-r", "/root/install", f"/home/{USER}/install")
+    machine.run("chown", "-R", f"{USER}:{USER}", f"/home/{USER}/install")
+    machine.sh(
+        f"""
+        cd ~/install
+        python3 -m venv ~/.local/share/knocker/venv
+        ~/.local/share/knocker/venv/bin/pip install -q --no-index --find-links wheels \\
+            knocker-*.whl
+        mkdir -p ~/.local/bin ~/.config/knocker
+        ln -s ~/.local/share/knocker/venv/bin/knocker ~/.local/bin/knocker
+        printf 'api_url: {URL}\\napi_key: "{KEY}"\\n' >~/.knocker.yaml
+        chmod 600 ~/.knocker.yaml
+        install -m 600 /dev/null ~/.config/knocker/env
+        printf 'KNOCKER_TTL={WATCH_TTL}\\n' >>~/.config/knocker/env
+        """,
+        user=USER,
+        env=["PIP_DISABLE_PIP_VERSION_CHECK=1"],
+    )
+    knocker = f"/home/{USER}/.local/bin/knocker"
+    machine.run(knocker, "service", "install", user=USER)
+    unit = machine.run("systemctl", "--user", "cat", "knocker.service", user=USER).stdout
+    assert f"ExecStart={knocker} watch" in unit, unit
+
+    machine.run("systemctl", "--user", "start", "knocker.service", user=USER)
+    is_active = machine.run(
+        "systemctl", "--user", "is-active", "knocker.service", user=USER, check=False
+    )
+    assert is_active.stdout == "active\n"
+
+    wanted = ("ServiceState", "WhitelistApplied", "StatusSnapshot", "NextKnockUpdated")
+    entries = machine.wait_for(
+        "the first knock's entries",
+        lambda: all(events(e := user_journal(machine), name) for name in wanted) and e,
+    )
+    version = machine.run(
+        f"/home/{USER}/.local/share/knocker/venv/bin/python",
+        "-c",
+        "import knocker; print(knocker.__version__)",
+        user=USER,
+    ).stdout.strip()
+    started = events(entries, "ServiceState", KNOCKER_SERVICE_STATE="started")
+    assert started, entries
+    assert_extension_can_read(started[0], "6")
+    assert started[0]["KNOCKER_VERSION"] == version
+    for name in wanted[1:]:
+        assert_extension_can_read(events(entries, name)[0], "6")
+    applied = events(entries, "WhitelistApplied")[0]
+    assert applied["KNOCKER_WHITELIST_IP"] == "127.0.0.1"
+    assert applied["KNOCKER_TTL_SEC"] == str(WATCH_TTL)  # the env file reached the unit
+    assert int(applied["KNOCKER_EXPIRES_UNIX"]) > time.time()
+    snapshot = events(entries, "StatusSnapshot")[0]
+    assert int(snapshot["KNOCKER_NEXT_AT_UNIX"]) <= int(snapshot["KNOCKER_EXPIRES_UNIX"])
+    assert curl(machine, "GET", "/verify")[0] == 200
+
+    # The extension's "Knock now": only the exit status matters.
+    assert machine.run(knocker, "knock", user=USER, check=False).returncode == 0
+    status = machine.run(knocker, "service", "status", user=USER, check=False)
+    assert status.stdout.strip() == "1"
+
+
+def test_desktop_user_unit_reports_a_failed_knock_as_an_error_entry(machine: Machine) -> None:
+    """With the server stopped, watch's next knock fails: an Error entry with PRIORITY 3;
+    the unit stays active and recovers once the server is back."""
+    machine.run("systemctl", "stop", "knocker")
+    try:
+        entries = machine.wait_for(
+            "an Error entry",
+            lambda: events(e := user_journal(machine), "Error") and e,
+            seconds=WATCH_TTL * 3,
+        )
+        error = events(entries, "Error")[0]
+        assert_extension_can_read(error, "3")
+        assert error["KNOCKER_ERROR_CODE"] == "knock_failed"
+        is_active = machine.run(
+            "systemctl", "--user", "is-active", "knocker.service", user=USER, check=False
+        )
+        assert is_active.stdout == "active\n"
+        knock = machine.run(f"/home/{USER}/.local/bin/knocker", "knock", user=USER, check=False)
+        assert knock.returncode != 0
+    finally:
+        machine.run("systemctl", "start", "knocker")
+    knock = machine.run(f"/home/{USER}/.local/bin/knocker", "knock", user=USER, check=False)
+    assert knock.returncode == 0, knock.stderr
+    machine.run("systemctl", "--user", "stop", "knocker.service", user=USER)
+    stopping = events(user_journal(machine), "ServiceState", KNOCKER_SERVICE_STATE="stopping")
+    assert stopping, "no ServiceState stopping entry"
+    assert_extension_can_read(stopping[0], "5")
+    is_active = machine.run(
+        "systemctl", "--user", "is-active", "knocker.service", user=USER, check=False
+    )
+    assert is_active.stdout == "inactive\n"
