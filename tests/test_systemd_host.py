@@ -534,6 +534,21 @@ def test_firewalld_with_the_polkit_rule_the_knocker_user_manages_its_zone(machin
     assert "2222" in rules, rules
 
 
+def test_firewalld_rules_are_timed_by_firewalld(machine: Machine) -> None:
+    """The rich rules carry the grant's TTL as firewalld's own timeout: they vanish from
+    firewalld when the grant ends, long before Knocker's next cleanup (60 s)."""
+    short = "203.0.113.10"
+    status, body = curl(machine, "POST", "/knock", key=KEY, body={"ip_address": short, "ttl": 2})
+    assert status == 200, body
+
+    def rules() -> str:
+        return machine.run("firewall-cmd", f"--zone={ZONE}", "--list-rich-rules").stdout
+
+    assert short in rules()
+    machine.wait_for("firewalld to drop the 2 s rules", lambda: short not in rules(), seconds=20)
+    assert REMOTE in rules()  # the 600 s grant is still there
+
+
 # --- the desktop session: the client's user unit, as the GNOME extension drives it ----
 
 GO_CLIENT_FIELDS = {
