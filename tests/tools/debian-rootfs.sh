@@ -11,7 +11,9 @@
 #   python   minbase + python3, python3-venv, python3-pip, ca-certificates: the stand-in
 #            for the official python:3.11-slim image (CI only; users pull the real one)
 #   systemd  python + systemd, systemd-sysv, dbus, polkitd, firewalld, iproute2, procps,
-#            curl, sudo: a Debian host to boot with `systemd-nspawn --boot`
+#            curl, sudo, netbase (/etc/protocols: firewalld's stock services name `esp`),
+#            ...: a Debian host to boot with `systemd-nspawn --boot`; its tarball's name
+#            carries a digest of the package list, so changing the list rebuilds it
 # ARCH is a Debian architecture (amd64, arm64, armhf); default: the host's. A foreign
 # architecture needs qemu-user-static with binfmt_misc registered (debootstrap --foreign
 # is not used: qemu-user-static's F flag lets the chroot run the second stage directly).
@@ -23,9 +25,11 @@ cache=${KNOCKER_ROOTFS_CACHE:-/var/cache/knocker-ci}
 mirror=${KNOCKER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 python_packages=python3,python3-venv,python3-pip,ca-certificates
 systemd_packages=(systemd systemd-sysv dbus polkitd firewalld iproute2 procps curl sudo
-                  libpam-systemd python3-dbus)
+                  libpam-systemd python3-dbus netbase)
 
-out="$cache/bookworm-$flavour-$arch.tar"
+tag=
+[ "$flavour" = systemd ] && tag=-$(printf '%s\n' "${systemd_packages[@]}" | sha256sum | cut -c1-8)
+out="$cache/bookworm-$flavour$tag-$arch.tar"
 [ -s "$out" ] && { echo "$out"; exit 0; }
 mkdir -p "$cache"
 command -v debootstrap >/dev/null || {

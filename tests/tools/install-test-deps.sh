@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives for real: the reverse proxies,
-# firewalld and what it runs on, a headless browser, systemd-analyze. Only what is
+# firewalld and what it runs on, a headless browser, systemd-analyze, systemd-nspawn. Only what is
 # missing is installed, with one apt-get run. Services are never started by the install
 # (policy-rc.d answers 101, "action forbidden"): the tests start what they need on
 # loopback or inside their own network namespaces.
@@ -19,6 +19,8 @@ declare -A wanted=(
     [chromium]=chromium
     [chromedriver]=chromium-driver
     [systemd-analyze]=systemd
+    [systemd-nspawn]=systemd-container
+    [nsenter]=util-linux
     [kill]=procps
 )
 missing=()
@@ -47,5 +49,5 @@ fi
 trap '[ -n "$created_policy" ] && rm -f /usr/sbin/policy-rc.d' EXIT
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q >/dev/null
-apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+apt-get install -y -q -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}" >/dev/null
 echo "test dependencies installed"
