@@ -43,7 +43,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
 Route = tuple[str, bytes, list[tuple[str, str]]]
 
 
-def _headers(body: bytes) -> list[tuple[str, str]]:
+def security_headers(body: bytes) -> list[tuple[str, str]]:
     return [
         ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
         ("X-Content-Type-Options", "nosniff"),
@@ -66,5 +66,5 @@ def routes(config: Config) -> dict[str, Route]:
     table: dict[str, Route] = {}
     for path, (name, content_type) in _FILES.items():
         body = web.joinpath(name).read_bytes()
-        table[path] = (content_type, body, _headers(body))
+        table[path] = (content_type, body, security_headers(body))
     return table

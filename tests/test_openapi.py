@@ -32,6 +32,9 @@ whitelist:
 documentation:
   enabled: true
   openapi_output_path: {tmp_path / "openapi.json"}
+metrics:
+  enabled: true
+  allow: ["{CLIENT}"]
 """)
     built = build_app(config, clock=lambda: 1_700_000_000.0)
     yield built
