@@ -212,8 +212,13 @@ class App:
             self.observer.knock(Record(Event.KNOCK_FAILED, who, key_name, peer=via,
                                        result=error.status.value, reason=error.message), now)
             return _json(error.status, {"error": error.message})
-        # Live before this knock: the knock extends it (the replica is at most one
-        # maintenance tick behind other workers' knocks; the store re-reads under its lock).
+        # Live before this knock: the knock extends it. allows() first brings this
+        # worker's replica up to date with other workers' knocks (one shared-memory
+        # compare when nothing changed). A knock racing in from another worker between
+        # here and the store's lock can still make an extension read as a grant; the
+        # store knows for sure and should say so in KnockResult.
+        if counted is not None:
+            self.store.allows(counted, now)
         previous = self.store.replica.expiry(grant.key)
         extends = previous is not None and previous > now
         try:
