@@ -54,6 +54,7 @@ EXPIRY_AHEAD = 30 * 86400
 TARGETS = {
     "verify_vs_floor": 0.85, "verify_vs_small": 0.95, "caddy_vs_floor": 0.8,
     "knocks_per_s": 1000.0, "knocks_vs_small": 0.5, "startup_s": 1.0, "rss_mb": 60.0,
+    "metrics_on_vs_off": 0.97,  # issue 15: counting costs /verify at most 3 %
 }
 
 
@@ -242,8 +243,8 @@ def check_verify(port: int, pool: list[str], via: str) -> None:
 
 
 # ---------------------------------------------------------------------- servers
-def knocker_config(directory: Path, size: int) -> dict[str, Any]:
-    return {
+def knocker_config(directory: Path, size: int, metrics: bool = False) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "server": {"trusted_proxies": ["127.0.0.1"]},
         "api_keys": [{"name": "bench", "key": KEY, "max_ttl": 3600}],
         "security": {
@@ -254,14 +255,18 @@ def knocker_config(directory: Path, size: int) -> dict[str, Any]:
         },
         "whitelist": {"storage_path": str(directory / "whitelist.json")},
     }
+    if metrics:
+        config["metrics"] = {"enabled": True, "allow": ["127.0.0.1"]}
+    return config
 
 
-def new_knocker(root: Path, name: str, size: int, whitelist: Path) -> KnockerProcess:
+def new_knocker(root: Path, name: str, size: int, whitelist: Path,
+                metrics: bool = False) -> KnockerProcess:
     directory = root / name
     directory.mkdir(parents=True)
     shutil.copyfile(whitelist, directory / "whitelist.json")
-    return KnockerProcess(directory, knocker_config(directory, size), workers=WORKERS,
-                          threads=THREADS)
+    return KnockerProcess(directory, knocker_config(directory, size, metrics),
+                          workers=WORKERS, threads=THREADS)
 
 
 def master_pid(server: KnockerProcess) -> int:
@@ -371,23 +376,28 @@ class Bench:
         floor = procs.floor_server(self.workdir / "floor", floor_port, WORKERS, THREADS)
         knockers = {size: new_knocker(self.workdir, f"knocker-{size}", size, whitelists[size])
                     for size in self.sizes}
+        # The same 100k Knocker with metrics.enabled: /verify's counting cost (issue 15).
+        metered = new_knocker(self.workdir, "knocker-metrics", big, whitelists[big],
+                              metrics=True)
         self.log(f"starting the floor and {len(knockers)} Knocker servers "
                  f"({WORKERS} workers x {THREADS} threads, gthread)")
         floor.start()
         self.stack.callback(floor.stop)
-        for server in knockers.values():
+        for server in [*knockers.values(), metered]:
             server.start(wait=False)
             self.stack.callback(server.stop)
-        for server in knockers.values():
+        for server in [*knockers.values(), metered]:
             wait_health(server)
         for size, server in knockers.items():
             check_verify(server.port, pools[size], f"knocker with {size:,} entries")
+        check_verify(metered.port, pools[big], "knocker with metrics on")
 
         # ---- /verify: floor and every size, interleaved rounds
         self.log(f"/verify: {CONNECTIONS} connections, {self.duration:g} s x {self.repeat}")
         self.warm(floor_port, "GET", "/verify", pool_files[big])
         for size, server in knockers.items():
             self.warm(server.port, "GET", "/verify", pool_files[size])
+        self.warm(metered.port, "GET", "/verify", pool_files[big])
         floor_point = self.point("floor", f"bare WSGI floor ({WORKERS}x{THREADS} gthread)",
                                  "floor")
         for _ in range(self.repeat):
@@ -399,7 +409,12 @@ class Bench:
                                    size=size)
                 self.measure(point, server.port, "GET", "/verify", pool_files[size],
                              master=master_pid(server))
+            point = self.point("verify-100000-metrics", "/verify, 100,000, metrics on",
+                               "verify", size=big)
+            self.measure(point, metered.port, "GET", "/verify", pool_files[big],
+                         master=master_pid(metered))
         record_memory(floor_point, floor.pid)
+        metered.stop()
         if not self.quick:
             point = self.point("verify-wide", f"/verify, 100,000, {WIDE_POOL:,} clients",
                                "verify", size=big)
@@ -543,6 +558,10 @@ def _verdicts(points: dict[str, Point]) -> list[dict[str, Any] | None]:
               TARGETS["verify_vs_small"]),
         cpu_ratio("   (info) CPU/req: floor / /verify@100k", "verify-100000", "floor"),
         cpu_ratio("   (info) CPU/req: /verify@10 / /verify@100k", "verify-100000", "verify-10"),
+        ratio("15 /verify@100k metrics on >= 0.97 x metrics off", "verify-100000-metrics",
+              "verify-100000", TARGETS["metrics_on_vs_off"]),
+        cpu_ratio("   (info) CPU/req: metrics off / metrics on", "verify-100000-metrics",
+                  "verify-100000"),
         ratio("2  Caddy+Knocker >= 0.8 x Caddy+nginx floor", "caddy-knocker", "caddy-floor",
               TARGETS["caddy_vs_floor"]),
     ]
