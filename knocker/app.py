@@ -15,7 +15,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import __version__
 from .addresses import IPAddress, parse_ip
@@ -29,9 +29,6 @@ from .policy import MAX_BODY, Verifier, authenticate, authorize, parse_body
 from .proxies import ProxyResolver
 from .ratelimit import client_key
 from .store import Store
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
 
 log = logging.getLogger("knocker")
 
@@ -61,8 +58,7 @@ class App:
         self.store = store
         self.firewall = firewall
         self._clock = clock
-        self.observer = observer or Observer(AuditLog(config.audit.path),
-                                             _metrics(config, store))
+        self.observer = observer or create_observer(config, lambda: len(store.entries()))
         metrics = self.observer.metrics
         # /verify counts with one bound call (an mmap write, ~1 us): nothing when off.
         self._verify_counts = ({True: metrics.verify_allowed, False: metrics.verify_denied}
@@ -268,14 +264,16 @@ def _read_body(environ: dict[str, Any]) -> bytes:
     raise RequestError("Body too large", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
 
-def _metrics(config: Config, store: Store) -> Metrics | None:
-    if not config.metrics.enabled:
-        return None
-    # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR at import.
-    from .metrics import Metrics
+def create_observer(config: Config, active_grants: Callable[[], int]) -> Observer:
+    """The audit trail, plus metrics when metrics.enabled (`active_grants` is read at
+    scrape time)."""
+    metrics = None
+    if config.metrics.enabled:
+        # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR at import.
+        from .metrics import Metrics
 
-    return Metrics(tuple(key.name for key in config.api_keys),
-                   lambda: len(store.entries()))
+        metrics = Metrics(tuple(key.name for key in config.api_keys), active_grants)
+    return Observer(AuditLog(config.audit.path), metrics)
 
 
 def _web_routes(config: Config) -> dict[str, tuple[str, bytes, Headers]]:
@@ -297,6 +295,9 @@ def configure_logging(level: str) -> None:
 def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
     """Open the storage and prepare the firewall for `config`; nothing started yet.
     Raises KnockerError when the service cannot run (it must not start half-working)."""
+    # The hook for what the store and the firewall see (evictions, expiries, re-applies,
+    # D-Bus and sync latency): knocker.events.Events, to be passed to them as it is wired.
+    observer = create_observer(config, lambda: len(store.entries()))
     store_dir = os.path.dirname(os.path.abspath(config.whitelist.storage_path))
     firewall = create_firewall(config.firewalld, store_dir)
     store = Store(config, firewall, clock)
@@ -308,7 +309,7 @@ def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
         _write_openapi(config.documentation.openapi_output_path)
     else:
         remove_stale_openapi(config.documentation.openapi_output_path)
-    return App(config, store, firewall, clock)
+    return App(config, store, firewall, clock, observer)
 
 
 def _write_openapi(path: str) -> None:

@@ -120,11 +120,16 @@ def _serve(args: argparse.Namespace, run: Callable[[Any], None] | None = None) -
     # counted again); set before anything imports prometheus_client, which reads it once.
     # Always set, so a SIGHUP that turns metrics on finds it.
     metrics_dir = tempfile.mkdtemp(prefix="knocker-metrics-")
+    previous = os.environ.get(_METRICS_DIR_ENV)
     os.environ[_METRICS_DIR_ENV] = metrics_dir
     try:
         return _serve_with(args, config, path, run)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if previous is None:
+            del os.environ[_METRICS_DIR_ENV]
+        else:
+            os.environ[_METRICS_DIR_ENV] = previous
 
 
 def _serve_with(args: argparse.Namespace, config: Config, path: str,

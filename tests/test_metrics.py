@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,3 +202,34 @@ def test_three_workers_sum_exactly_across_a_killed_and_restarted_worker(
         assert second[verifies("allow")] == 50 and second[verifies("deny")] == 100
         assert second[("knocker_active_grants", ())] == 1
     assert not list(temp.glob("knocker-metrics-*"))  # removed when the service stops
+
+
+def test_serve_gives_the_workers_a_fresh_private_directory_and_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """knocker serve: PROMETHEUS_MULTIPROC_DIR is an empty new directory while gunicorn
+    runs, child_exit is hooked, and afterwards the directory and the variable are gone."""
+    import argparse
+
+    from knocker import cli
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # $TMPDIR, read once
+    config = tmp_path / "knocker.yaml"
+    config.write_text(f"api_keys: [{{key: {KEY}, max_ttl: 60}}]\n"
+                      f"whitelist: {{storage_path: {tmp_path / 'whitelist.json'}}}\n")
+    seen: dict[str, object] = {}
+
+    def fake_run(server: object) -> None:
+        directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        seen["dir"] = directory
+        seen["empty"] = os.listdir(directory) == []
+        seen["hook"] = server._options["child_exit"]  # type: ignore[attr-defined]
+        server._app.close()  # type: ignore[attr-defined]
+
+    args = argparse.Namespace(config=str(config), bind=["127.0.0.1:0"], workers=1,
+                              threads=1, out=None, err=None)
+    assert cli._serve(args, run=fake_run) == 0
+    assert str(seen["dir"]).startswith(str(tmp_path / "knocker-metrics-"))
+    assert seen["empty"] is True and seen["hook"] is cli._child_exit
+    assert not os.path.exists(str(seen["dir"]))
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
