@@ -48,8 +48,7 @@ def swagger_ui_static() -> str | None:
 # url("...") with CSS escapes inside, or a bare url(data:...)
 _DATA_URL = re.compile(r'url\((?:"((?:[^"\\]|\\.)*)"|(data:[^)"\']*))\)')
 _CSS_ESCAPE = re.compile(r"\\(.)")
-_EXTENSIONS = {"image/svg+xml": "svg", "image/png": "png", "image/jpeg": "jpg",
-               "image/gif": "gif"}
+_EXTENSIONS = {"image/svg+xml": "svg", "image/png": "png", "image/jpeg": "jpg", "image/gif": "gif"}
 
 
 def inline_images_to_files(css: bytes) -> tuple[bytes, dict[str, tuple[str, bytes]]]:
@@ -63,7 +62,7 @@ def inline_images_to_files(css: bytes) -> tuple[bytes, dict[str, tuple[str, byte
         header, comma, payload = url.partition(",")
         if not url.startswith("data:") or not comma:
             return match.group(0)
-        params = header[len("data:"):].split(";")
+        params = header[len("data:") :].split(";")
         media_type = params[0]
         if media_type not in _EXTENSIONS:
             return match.group(0)
@@ -84,8 +83,10 @@ def routes() -> dict[str, Route]:
     """path -> (content type, body, headers) for /docs; {} (logged) without swagger-ui-py."""
     static = swagger_ui_static()
     if static is None:
-        log.warning("documentation enabled but /docs is off: swagger-ui-py is not "
-                    "installed (pip install 'knocker[docs]'); /openapi.json is served")
+        log.warning(
+            "documentation enabled but /docs is off: swagger-ui-py is not "
+            "installed (pip install 'knocker[docs]'); /openapi.json is served"
+        )
         return {}
     ours = resources.files("knocker").joinpath("web").joinpath("docs")
     table: dict[str, Route] = {}

@@ -47,10 +47,19 @@ class Record:
 
     def fields(self) -> dict[str, object]:
         """The record as ordered fields, unset optional ones left out."""
-        out: dict[str, object] = {"event": self.event.value, "client": self.client,
-                                  "key": self.key, "entry": self.entry}
-        optional = {"ttl": self.ttl, "result": self.result, "expires_at": self.expires_at,
-                    "peer": self.peer, "reason": self.reason}
+        out: dict[str, object] = {
+            "event": self.event.value,
+            "client": self.client,
+            "key": self.key,
+            "entry": self.entry,
+        }
+        optional = {
+            "ttl": self.ttl,
+            "result": self.result,
+            "expires_at": self.expires_at,
+            "peer": self.peer,
+            "reason": self.reason,
+        }
         out.update((name, value) for name, value in optional.items() if value is not None)
         return out
 
@@ -97,8 +106,7 @@ class AuditFile:
         if self._fd >= 0 and identity == self._identity:
             return
         self.close_file()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o640)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         opened = os.fstat(self._fd)
         self._identity = (opened.st_dev, opened.st_ino)
 

@@ -50,9 +50,13 @@ class NoEvents:
 NO_EVENTS: Events = NoEvents()
 
 # Knock audit event -> the `result` label of knocker_knocks_total
-_KNOCK_RESULT = {Event.GRANT: "granted", Event.EXTEND: "extended",
-                 Event.KNOCK_FAILED: "refused", Event.KNOCK_RATE_LIMITED: "rate_limited",
-                 Event.KNOCK_ERROR: "error"}
+_KNOCK_RESULT = {
+    Event.GRANT: "granted",
+    Event.EXTEND: "extended",
+    Event.KNOCK_FAILED: "refused",
+    Event.KNOCK_RATE_LIMITED: "rate_limited",
+    Event.KNOCK_ERROR: "error",
+}
 
 
 class Observer:

@@ -33,8 +33,9 @@ class _ActiveGrants(Collector):
         self._count = count
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily("knocker_active_grants", "Live whitelist entries",
-                                value=self._count())
+        yield GaugeMetricFamily(
+            "knocker_active_grants", "Live whitelist entries", value=self._count()
+        )
 
 
 class Metrics:
@@ -42,18 +43,27 @@ class Metrics:
         # A private registry: SIGHUP builds a second Metrics in the same process.
         self._registry = CollectorRegistry(auto_describe=True)
         self._active = _ActiveGrants(active_grants)
-        self._knocks = Counter("knocker_knocks", "Knocks answered, by result and key name",
-                               ("result", "key"), registry=self._registry)
+        self._knocks = Counter(
+            "knocker_knocks",
+            "Knocks answered, by result and key name",
+            ("result", "key"),
+            registry=self._registry,
+        )
         for name in (*key_names, "-"):  # every series exists from the start, at 0
             for result in KNOCK_RESULTS:
                 self._knocks.labels(result, name)
-        verify = Counter("knocker_verify", "/verify answers, allow (200) or deny (401)",
-                         ("decision",), registry=self._registry)
+        verify = Counter(
+            "knocker_verify",
+            "/verify answers, allow (200) or deny (401)",
+            ("decision",),
+            registry=self._registry,
+        )
         # Bound once: the /verify hot path pays one mmap write, no label lookup.
         self.verify_allowed = verify.labels("allow").inc
         self.verify_denied = verify.labels("deny").inc
-        self._evictions = Counter("knocker_evictions", "Entries evicted by a full whitelist",
-                                  registry=self._registry)
+        self._evictions = Counter(
+            "knocker_evictions", "Entries evicted by a full whitelist", registry=self._registry
+        )
         # Created on first use, so a scrape shows only what is really measured.
         self._lazy: dict[str, Counter | Histogram] = {}
         self._lazy_lock = threading.Lock()
@@ -72,18 +82,19 @@ class Metrics:
 
     def dbus_call(self, seconds: float) -> None:
         self._histogram("knocker_dbus_call_seconds", "firewalld D-Bus call latency").observe(
-            seconds)
+            seconds
+        )
 
     def storage_synced(self, seconds: float) -> None:
-        self._histogram("knocker_storage_sync_seconds",
-                        "Whitelist journal fsync latency").observe(seconds)
+        self._histogram("knocker_storage_sync_seconds", "Whitelist journal fsync latency").observe(
+            seconds
+        )
 
     def _counter(self, name: str, documentation: str) -> Counter:
         with self._lazy_lock:
             metric = self._lazy.get(name)
             if metric is None:
-                metric = self._lazy[name] = Counter(name, documentation,
-                                                    registry=self._registry)
+                metric = self._lazy[name] = Counter(name, documentation, registry=self._registry)
         assert isinstance(metric, Counter)
         return metric
 
@@ -91,8 +102,7 @@ class Metrics:
         with self._lazy_lock:
             metric = self._lazy.get(name)
             if metric is None:
-                metric = self._lazy[name] = Histogram(name, documentation,
-                                                      registry=self._registry)
+                metric = self._lazy[name] = Histogram(name, documentation, registry=self._registry)
         assert isinstance(metric, Histogram)
         return metric
 

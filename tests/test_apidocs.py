@@ -57,9 +57,11 @@ def test_docs_pages_carry_the_knock_page_security_headers(tmp_path: Path) -> Non
 def test_data_url_images_become_files_the_css_points_to() -> None:
     """Quoted (CSS-escaped, %-encoded) and base64 data: images move to /docs/img/ files;
     other url()s stay."""
-    css = (b'a{background:url("data:image/svg+xml;charset=utf-8,<svg x=\\"1\\">%23</svg>")}'
-           b"b{background:url(data:image/png;base64,iVBORw0K)}"
-           b'c{background:url("/x.png")}')
+    css = (
+        b'a{background:url("data:image/svg+xml;charset=utf-8,<svg x=\\"1\\">%23</svg>")}'
+        b"b{background:url(data:image/png;base64,iVBORw0K)}"
+        b'c{background:url("/x.png")}'
+    )
     rewritten, files = inline_images_to_files(css)
     assert b"data:" not in rewritten and b'url("/x.png")' in rewritten
     bodies = {media: body for media, body in files.values()}
@@ -79,8 +81,10 @@ def test_docs_are_absent_when_documentation_is_disabled(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnockerProcess]:
     directory = tmp_path_factory.mktemp("docs-server")
-    config = base_config(directory, documentation={
-        "enabled": True, "openapi_output_path": str(directory / "openapi.json")})
+    config = base_config(
+        directory,
+        documentation={"enabled": True, "openapi_output_path": str(directory / "openapi.json")},
+    )
     with KnockerProcess(directory, config) as process:
         yield process
 
@@ -88,10 +92,14 @@ def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnockerPro
 @pytest.fixture
 def browser(chromedriver: str, tmp_path: Path) -> Iterator[Browser]:
     session = Browser(chromedriver, tmp_path / "profile")
-    session.cdp("Page.addScriptToEvaluateOnNewDocument", {
-        "source": "window.__csp = [];"
-        "document.addEventListener('securitypolicyviolation', e =>"
-        " window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"})
+    session.cdp(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": "window.__csp = [];"
+            "document.addEventListener('securitypolicyviolation', e =>"
+            " window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+        },
+    )
     try:
         yield session
     finally:
@@ -101,20 +109,26 @@ def browser(chromedriver: str, tmp_path: Path) -> Iterator[Browser]:
 @pytest.mark.browser
 @pytest.mark.server
 def test_docs_render_every_operation_with_no_console_error_and_no_outside_request(
-        docs_server: KnockerProcess, browser: Browser) -> None:
+    docs_server: KnockerProcess, browser: Browser
+) -> None:
     """Swagger UI lists Knocker's operations; the console holds no error, no CSP violation,
     and every resource the page loaded came from Knocker."""
     browser.get(docs_server.url + "/docs")
-    browser.wait_until(lambda: browser.js(
-        "return document.querySelectorAll('.opblock').length;") >= 5, timeout=30,
-        what="Swagger UI operations")
-    paths = browser.js("return Array.from(document.querySelectorAll("
-                       "'.opblock-summary-path')).map(e => e.textContent);")
+    browser.wait_until(
+        lambda: browser.js("return document.querySelectorAll('.opblock').length;") >= 5,
+        timeout=30,
+        what="Swagger UI operations",
+    )
+    paths = browser.js(
+        "return Array.from(document.querySelectorAll("
+        "'.opblock-summary-path')).map(e => e.textContent);"
+    )
     assert {"/knock", "/verify", "/metrics"} <= {p.replace("\u200b", "") for p in paths}
     assert csp_violations(browser) == []
     errors = [e for e in browser.console() if e.get("level") == "SEVERE"]
     assert errors == []
-    loaded = browser.js("return performance.getEntriesByType('resource')"
-                        ".map(e => e.name).concat([location.href]);")
+    loaded = browser.js(
+        "return performance.getEntriesByType('resource').map(e => e.name).concat([location.href]);"
+    )
     assert any(url.endswith("/openapi.json") for url in loaded)
     assert [url for url in loaded if not url.startswith(docs_server.url + "/")] == []

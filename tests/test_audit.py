@@ -63,8 +63,13 @@ def web(app: App) -> TestApp:
 def knock(web: TestApp, key: str = KEY, ip: str | None = None, peer: str = CLIENT) -> int:
     body = json.dumps({"ip_address": ip}).encode() if ip else b""
     headers = {"X-Api-Key": key, **({"Content-Type": "application/json"} if ip else {})}
-    response = web.post("/knock", params=body, headers=headers,
-                        extra_environ={"REMOTE_ADDR": peer}, expect_errors=True)
+    response = web.post(
+        "/knock",
+        params=body,
+        headers=headers,
+        extra_environ={"REMOTE_ADDR": peer},
+        expect_errors=True,
+    )
     return int(response.status_int)
 
 
@@ -78,8 +83,15 @@ def file_events(path: Path) -> list[dict[str, object]]:
 
 def test_line_starts_with_event_and_client_and_quotes_anything_not_a_token() -> None:
     """event and client lead; a value with spaces, quotes or a line break is JSON-quoted."""
-    line = format_line(Record(Event.KNOCK_FAILED, "192.0.2.1", 'a "b"\nclient=6.6.6.6',
-                              result=401, reason="Invalid or missing API key"))
+    line = format_line(
+        Record(
+            Event.KNOCK_FAILED,
+            "192.0.2.1",
+            'a "b"\nclient=6.6.6.6',
+            result=401,
+            reason="Invalid or missing API key",
+        )
+    )
     assert line.startswith("event=knock_failed client=192.0.2.1 key=")
     assert "\n" not in line
     assert 'key="a \\"b\\"\\nclient=6.6.6.6"' in line
@@ -87,7 +99,8 @@ def test_line_starts_with_event_and_client_and_quotes_anything_not_a_token() -> 
 
 
 def test_grant_then_extend_are_audited_with_key_client_entry_and_ttl(
-        web: TestApp, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    web: TestApp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A first knock is a grant, the next one for the same live entry an extension."""
     with caplog.at_level(logging.INFO, logger="knocker"):
         assert knock(web) == 200
@@ -101,8 +114,7 @@ def test_grant_then_extend_are_audited_with_key_client_entry_and_ttl(
     assert events[1]["key"] == "phone" and events[1]["entry"] == CLIENT
 
 
-def test_a_knock_after_expiry_is_a_grant_again(web: TestApp, clock: Clock,
-                                               tmp_path: Path) -> None:
+def test_a_knock_after_expiry_is_a_grant_again(web: TestApp, clock: Clock, tmp_path: Path) -> None:
     """An entry whose TTL ran out is granted anew, not extended."""
     knock(web)
     clock.now += 3601
@@ -120,7 +132,8 @@ def test_eviction_is_audited_per_entry(web: TestApp, tmp_path: Path) -> None:
 
 
 def test_refused_knock_is_one_line_with_the_client_and_never_the_key(
-        web: TestApp, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    web: TestApp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A wrong key gives one knock_failed line naming the client; no key appears."""
     wrong = "wrong-" + KEY
     with caplog.at_level(logging.DEBUG):
@@ -133,11 +146,16 @@ def test_refused_knock_is_one_line_with_the_client_and_never_the_key(
 
 
 def test_unresolved_client_is_logged_as_dash_with_its_peer(
-        web: TestApp, caplog: pytest.LogCaptureFixture) -> None:
+    web: TestApp, caplog: pytest.LogCaptureFixture
+) -> None:
     """Behind an untrusted proxy chain the client is "-" (fail2ban must not ban the peer)."""
     with caplog.at_level(logging.INFO, logger="knocker"):
-        web.post("/knock", headers={"X-Api-Key": "x"}, expect_errors=True,
-                 extra_environ={"REMOTE_ADDR": "not-an-ip"})
+        web.post(
+            "/knock",
+            headers={"X-Api-Key": "x"},
+            expect_errors=True,
+            extra_environ={"REMOTE_ADDR": "not-an-ip"},
+        )
     assert audit_lines(caplog)[0].startswith("event=knock_failed client=- key=-")
     assert "peer=not-an-ip" in audit_lines(caplog)[0]
 
@@ -157,7 +175,8 @@ def test_audit_file_is_reopened_after_rename(tmp_path: Path) -> None:
 
 
 def test_unwritable_audit_file_is_logged_not_raised(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A missing directory costs a logged error; the event still reaches the log."""
     audit = AuditLog(str(tmp_path / "missing" / "audit.jsonl"))
     with caplog.at_level(logging.INFO, logger="knocker"):
@@ -174,7 +193,9 @@ def test_observer_audits_expired_entries_reported_by_the_store(tmp_path: Path) -
     observer.close()
     events = file_events(tmp_path / "a.jsonl")
     assert [(e["event"], e["entry"]) for e in events] == [
-        ("expire", "192.0.2.1"), ("expire", "10.0.0.0/24")]
+        ("expire", "192.0.2.1"),
+        ("expire", "10.0.0.0/24"),
+    ]
 
 
 @pytest.mark.server

@@ -31,20 +31,31 @@ def fail2ban_regex() -> str:
 
 
 def run_filter(log: Path) -> str:
-    result = subprocess.run([fail2ban_regex(), "--print-all-matched", "--print-all-missed",
-                             str(log), str(FILTER)], capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [fail2ban_regex(), "--print-all-matched", "--print-all-missed", str(log), str(FILTER)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
 @pytest.mark.server
-def test_filter_matches_each_refused_knock_with_its_client_and_nothing_else(
-        tmp_path: Path) -> None:
+def test_filter_matches_each_refused_knock_with_its_client_and_nothing_else(tmp_path: Path) -> None:
     """Each wrong-key knock is one match for its client; grants, rate-limited knocks and
     every other line of the log stay unmatched."""
-    config = base_config(tmp_path, security={"knock_rate_limit": {
-        "window_seconds": 60, "failed_requests": 3, "successful_requests": 0}})
+    config = base_config(
+        tmp_path,
+        security={
+            "knock_rate_limit": {
+                "window_seconds": 60,
+                "failed_requests": 3,
+                "successful_requests": 0,
+            }
+        },
+    )
     refused = {"127.0.0.2": 3, "127.0.0.3": 1}
     with KnockerProcess(tmp_path, config, workers=2) as server:
         for source, count in refused.items():
@@ -63,7 +74,8 @@ def test_filter_matches_each_refused_knock_with_its_client_and_nothing_else(
     matched_section = output.split("|- Matched line(s):", 1)[1].split("`-", 1)[0]
     matched_ips = re.findall(r"client=(\S+)", matched_section)
     assert sorted(matched_ips) == sorted(
-        [ip for ip, count in refused.items() for _ in range(count)] + ["127.0.0.5"])
+        [ip for ip, count in refused.items() for _ in range(count)] + ["127.0.0.5"]
+    )
 
 
 def test_filter_never_matches_an_unresolved_client_or_a_forged_field(tmp_path: Path) -> None:
@@ -74,7 +86,8 @@ def test_filter_never_matches_an_unresolved_client_or_a_forged_field(tmp_path: P
         f"{prefix} event=knock_failed client=- key=- result=401 peer=10.0.0.1 reason=x\n"
         f"{prefix} event=grant client=192.0.2.1 key=phone entry=192.0.2.1 result=200\n"
         f'{prefix} event=knock_failed client=- key="a client=192.0.2.9 " result=401\n'
-        f"{prefix} event=knock_failed client=192.0.2.7 key=- result=401 reason=x\n")
+        f"{prefix} event=knock_failed client=192.0.2.7 key=- result=401 reason=x\n"
+    )
     output = run_filter(log)
     assert re.search(r"^Failregex: 1 total", output, re.M), output
     assert "192.0.2.7" in output.split("|- Matched line(s):", 1)[1]

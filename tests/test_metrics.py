@@ -79,8 +79,9 @@ def test_metrics_endpoint_is_absent_when_disabled(tmp_path: Path) -> None:
     """Off by default: /metrics is an unknown path, even for an allowed address."""
     app = make_app(tmp_path, enabled=False)
     try:
-        response = TestApp(app).get("/metrics", extra_environ={"REMOTE_ADDR": SCRAPER},
-                                    expect_errors=True)
+        response = TestApp(app).get(
+            "/metrics", extra_environ={"REMOTE_ADDR": SCRAPER}, expect_errors=True
+        )
         assert response.status_int == 404
     finally:
         app.close()
@@ -92,8 +93,10 @@ def test_only_allowed_addresses_and_admin_keys_may_scrape(web: TestApp) -> None:
     assert web.get("/metrics", headers={"X-Api-Key": ADMIN}).status_int == 200
     for headers in ({}, {"X-Api-Key": KEY}, {"X-Api-Key": "wrong"}):
         assert web.get("/metrics", headers=headers, expect_errors=True).status_int == 403
-    assert web.post("/metrics", extra_environ={"REMOTE_ADDR": SCRAPER},
-                    expect_errors=True).status_int == 405
+    assert (
+        web.post("/metrics", extra_environ={"REMOTE_ADDR": SCRAPER}, expect_errors=True).status_int
+        == 405
+    )
 
 
 def test_knocks_verifies_and_active_grants_are_counted(web: TestApp) -> None:
@@ -156,15 +159,16 @@ def served_scrape(server: KnockerProcess) -> dict[tuple[str, tuple[tuple[str, st
 
 
 @pytest.mark.server
-def test_three_workers_sum_exactly_across_a_killed_and_restarted_worker(
-        tmp_path: Path) -> None:
+def test_three_workers_sum_exactly_across_a_killed_and_restarted_worker(tmp_path: Path) -> None:
     """Counts of all 3 workers add up to the requests sent, before and after one worker
     is SIGKILLed (gunicorn starts another): nothing lost, nothing counted twice."""
     temp = tmp_path / "tmp"
     temp.mkdir()
-    config = base_config(tmp_path, metrics={"enabled": True},
-                         security={"knock_rate_limit": {"successful_requests": 0,
-                                                        "failed_requests": 0}})
+    config = base_config(
+        tmp_path,
+        metrics={"enabled": True},
+        security={"knock_rate_limit": {"successful_requests": 0, "failed_requests": 0}},
+    )
     # TMPDIR: the private metrics directory `knocker serve` makes lands where we can look.
     server = KnockerProcess(tmp_path, config, workers=3, threads=2, env={"TMPDIR": str(temp)})
     with server:
@@ -189,8 +193,9 @@ def test_three_workers_sum_exactly_across_a_killed_and_restarted_worker(
 
         # The victim is a worker that has counted something (its own counter file).
         metrics_dir = next(temp.glob("knocker-metrics-*"))
-        victim = next(pid for pid in workers_of(master)
-                      if (metrics_dir / f"counter_{pid}.db").exists())
+        victim = next(
+            pid for pid in workers_of(master) if (metrics_dir / f"counter_{pid}.db").exists()
+        )
         os.kill(victim, signal.SIGKILL)
         wait_for_workers(master, 3, excluded=victim)
 
@@ -205,7 +210,8 @@ def test_three_workers_sum_exactly_across_a_killed_and_restarted_worker(
 
 
 def test_serve_gives_the_workers_a_fresh_private_directory_and_removes_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """knocker serve: PROMETHEUS_MULTIPROC_DIR is an empty new directory while gunicorn
     runs, child_exit is hooked, and afterwards the directory and the variable are gone."""
     import argparse
@@ -215,8 +221,10 @@ def test_serve_gives_the_workers_a_fresh_private_directory_and_removes_it(
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # $TMPDIR, read once
     config = tmp_path / "knocker.yaml"
-    config.write_text(f"api_keys: [{{key: {KEY}, max_ttl: 60}}]\n"
-                      f"whitelist: {{storage_path: {tmp_path / 'whitelist.json'}}}\n")
+    config.write_text(
+        f"api_keys: [{{key: {KEY}, max_ttl: 60}}]\n"
+        f"whitelist: {{storage_path: {tmp_path / 'whitelist.json'}}}\n"
+    )
     seen: dict[str, object] = {}
 
     def fake_run(server: object) -> None:
@@ -226,8 +234,9 @@ def test_serve_gives_the_workers_a_fresh_private_directory_and_removes_it(
         seen["hook"] = server._options["child_exit"]  # type: ignore[attr-defined]
         server._app.close()  # type: ignore[attr-defined]
 
-    args = argparse.Namespace(config=str(config), bind=["127.0.0.1:0"], workers=1,
-                              threads=1, out=None, err=None)
+    args = argparse.Namespace(
+        config=str(config), bind=["127.0.0.1:0"], workers=1, threads=1, out=None, err=None
+    )
     assert cli._serve(args, run=fake_run) == 0
     assert str(seen["dir"]).startswith(str(tmp_path / "knocker-metrics-"))
     assert seen["empty"] is True and seen["hook"] is cli._child_exit
