@@ -400,19 +400,27 @@ class Bench:
         self.warm(metered.port, "GET", "/verify", pool_files[big])
         floor_point = self.point("floor", f"bare WSGI floor ({WORKERS}x{THREADS} gthread)",
                                  "floor")
-        for _ in range(self.repeat):
+        def metered_point() -> Point:  # created in round 0, after the other rows
+            return self.point("verify-100000-metrics", "/verify, 100,000, metrics on",
+                              "verify", size=big)
+
+        for index in range(self.repeat):
             # The floor gets the 100k request list: byte for byte what Knocker@100k gets.
             self.measure(floor_point, floor_port, "GET", "/verify", pool_files[big],
                          master=floor.pid)
+            # Metrics on is the first or the last Knocker of a round, alternately, so
+            # it does not always follow the same neighbour.
+            if index % 2:
+                self.measure(metered_point(), metered.port, "GET", "/verify", pool_files[big],
+                             master=master_pid(metered))
             for size, server in knockers.items():
                 point = self.point(f"verify-{size}", f"/verify, {size:,} entries", "verify",
                                    size=size)
                 self.measure(point, server.port, "GET", "/verify", pool_files[size],
                              master=master_pid(server))
-            point = self.point("verify-100000-metrics", "/verify, 100,000, metrics on",
-                               "verify", size=big)
-            self.measure(point, metered.port, "GET", "/verify", pool_files[big],
-                         master=master_pid(metered))
+            if not index % 2:
+                self.measure(metered_point(), metered.port, "GET", "/verify", pool_files[big],
+                             master=master_pid(metered))
         record_memory(floor_point, floor.pid)
         metered.stop()
         if not self.quick:
