@@ -234,6 +234,7 @@ class App:
                                      "expires_at": result.expires_at,
                                      "expires_in_seconds": grant.ttl})
 
+
 def _error(error: KnockerError) -> Response:
     """The one place a server-side failure becomes a response (no internals leak)."""
     message = {HTTPStatus.SERVICE_UNAVAILABLE: "Firewall unavailable; nothing was granted"}.get(
