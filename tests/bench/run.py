@@ -303,6 +303,7 @@ class Bench:
         self.sizes = [10, 100_000] if self.quick else [10, 10_000, 100_000]
         self.points: dict[str, Point] = {}
         self.notes: list[str] = []
+        self.counting: dict[str, float] | None = None  # tests.bench.counting, us/verify
         self.stack = ExitStack()
 
     def log(self, text: str) -> None:
@@ -423,6 +424,9 @@ class Bench:
                              master=master_pid(metered))
         record_memory(floor_point, floor.pid)
         metered.stop()
+        self.counting = counting_cost()
+        self.log(f"  counting, in-process: /verify {self.counting['off_us']:.2f} us with "
+                 f"metrics off, {self.counting['on_us']:.2f} us on")
         if not self.quick:
             point = self.point("verify-wide", f"/verify, 100,000, {WIDE_POOL:,} clients",
                                "verify", size=big)
@@ -525,6 +529,35 @@ class Bench:
 
 
 # ---------------------------------------------------------------------- report
+def counting_cost() -> dict[str, float]:
+    """tests.bench.counting in a process of its own (prometheus_client picks its
+    multiprocess mode at import): µs per in-process /verify, metrics off and on."""
+    result = subprocess.run([sys.executable, "-m", "tests.bench.counting"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, check=False)
+    if result.returncode != 0:
+        raise BenchError(f"tests.bench.counting failed: {result.stderr[-2000:]}")
+    costs: dict[str, float] = json.loads(result.stdout)
+    return costs
+
+
+def counting_verdict(points: dict[str, Point],
+                     counting: dict[str, float] | None) -> dict[str, Any]:
+    """15b: what counting adds to a /verify, as a share of the CPU a served /verify costs
+    (steadier than comparing two servers' throughput on a shared machine)."""
+    name = "15b counting <= 3 % of /verify@100k CPU/req"
+    point = points.get("verify-100000")
+    middle = point.median_round() if point else None
+    if not counting or not middle or "cpu_ms_per_request" not in middle:
+        return {"target": name, "verdict": "SKIP", "detail": "not measured"}
+    added_us = max(0.0, counting["on_us"] - counting["off_us"])
+    share = added_us / (middle["cpu_ms_per_request"] * 1000)
+    limit = 1 - TARGETS["metrics_on_vs_off"]
+    return {"target": name, "verdict": "PASS" if share <= limit else "FAIL",
+            "value": round(share, 4),
+            "detail": f"+{added_us:.2f} us / {middle['cpu_ms_per_request'] * 1000:.0f} us "
+                      f"= {100 * share:.1f} % (<= {100 * limit:.0f} %)"}
+
+
 def verdicts(points: dict[str, Point]) -> list[dict[str, Any]]:
     return [item for item in _verdicts(points) if item is not None]
 
@@ -644,6 +677,9 @@ def table(points: dict[str, Point]) -> str:
 
 def report(bench: Bench, facts: dict[str, Any], elapsed: float) -> dict[str, Any]:
     results = verdicts(bench.points)
+    results.insert(next((i + 1 for i, item in enumerate(results)
+                         if item["target"].startswith("15 ")), len(results)),
+                   counting_verdict(bench.points, bench.counting))
     print()
     print(f"Knocker benchmark ({'QUICK' if bench.quick else 'full'}: {bench.duration:g} s per "
           f"point, median of {bench.repeat}; {CONNECTIONS} connections, {WRK_THREADS} wrk "
