@@ -242,3 +242,36 @@ def test_serve_gives_the_workers_a_fresh_private_directory_and_removes_it(
     assert seen["empty"] is True and seen["hook"] is cli._child_exit
     assert not os.path.exists(str(seen["dir"]))
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+def test_a_forwarded_for_from_an_untrusted_peer_does_not_open_metrics(web: TestApp) -> None:
+    """X-Forwarded-For naming an allowed address counts only from a trusted proxy."""
+    response = web.get("/metrics", headers={"X-Forwarded-For": SCRAPER}, expect_errors=True)
+    assert response.status_int == 403
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("metrics: {enabled: 1}", "metrics.enabled"),
+        ("metrics: {allow: [not-a-network]}", "metrics.allow[0]"),
+        ("metrics: {allow: 10.0.0.0/8}", "metrics.allow"),
+        ("metrics: {alow: []}", "metrics.alow"),
+        ("audit: {path: 3}", "audit.path"),
+        ("audit: {file: x}", "audit.file"),
+    ],
+)
+def test_invalid_metrics_and_audit_settings_name_their_key(text: str, path: str) -> None:
+    """Each new setting is validated, and the error names its key path."""
+    from knocker.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(f"api_keys: [{{key: {KEY}, max_ttl: 60}}]\n{text}\n")
+    assert path in str(caught.value)
+
+
+def test_metrics_and_audit_default_to_off() -> None:
+    """No metrics endpoint, no audit file unless configured."""
+    config = load_config_text(f"api_keys: [{{key: {KEY}, max_ttl: 60}}]\n")
+    assert config.metrics.enabled is False and config.metrics.allow == ()
+    assert config.audit.path is None

@@ -32,14 +32,20 @@ def main() -> int:
 
         def make(name: str, metrics: bool) -> App:
             os.mkdir(os.path.join(directory, name))
-            return build_app(load_config_text(
-                "api_keys: [{key: counting-key-0123456789abcdef, max_ttl: 60}]\n"
-                f"whitelist: {{storage_path: {directory}/{name}/whitelist.json}}\n"
-                f"metrics: {{enabled: {'true' if metrics else 'false'}}}\n"))
+            return build_app(
+                load_config_text(
+                    "api_keys: [{key: counting-key-0123456789abcdef, max_ttl: 60}]\n"
+                    f"whitelist: {{storage_path: {directory}/{name}/whitelist.json}}\n"
+                    f"metrics: {{enabled: {'true' if metrics else 'false'}}}\n"
+                )
+            )
 
         apps = {"off": make("off", False), "on": make("on", True)}
-        environ: dict[str, Any] = {"PATH_INFO": "/verify", "REQUEST_METHOD": "GET",
-                                   "REMOTE_ADDR": "192.0.2.1"}
+        environ: dict[str, Any] = {
+            "PATH_INFO": "/verify",
+            "REQUEST_METHOD": "GET",
+            "REMOTE_ADDR": "192.0.2.1",
+        }
 
         def start_response(status: str, headers: list[tuple[str, str]]) -> None:
             pass
