@@ -122,14 +122,18 @@ def _serve(args: argparse.Namespace, run: Callable[[Any], None] | None = None) -
     metrics_dir = tempfile.mkdtemp(prefix="knocker-metrics-")
     previous = os.environ.get(_METRICS_DIR_ENV)
     os.environ[_METRICS_DIR_ENV] = metrics_dir
+    master = os.getpid()
     try:
         return _serve_with(args, config, path, run)
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        if previous is None:
-            del os.environ[_METRICS_DIR_ENV]
-        else:
-            os.environ[_METRICS_DIR_ENV] = previous
+        # A gunicorn worker leaves through sys.exit(), unwinding this very frame it was
+        # forked in: only the master may remove what the other workers still write to.
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            if previous is None:
+                del os.environ[_METRICS_DIR_ENV]
+            else:
+                os.environ[_METRICS_DIR_ENV] = previous
 
 
 def _serve_with(args: argparse.Namespace, config: Config, path: str,

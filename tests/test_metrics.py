@@ -275,3 +275,23 @@ def test_metrics_and_audit_default_to_off() -> None:
     config = load_config_text(f"api_keys: [{{key: {KEY}, max_ttl: 60}}]\n")
     assert config.metrics.enabled is False and config.metrics.allow == ()
     assert config.audit.path is None
+
+
+@pytest.mark.server
+def test_counts_survive_a_sighup_reload(tmp_path: Path) -> None:
+    """SIGHUP replaces the workers: the old workers' counts stay in the sums."""
+    config = base_config(tmp_path, metrics={"enabled": True})
+    with KnockerProcess(tmp_path, config, workers=2) as server:
+        assert server.process is not None
+        for _ in range(5):
+            assert server.verify() == 401
+        before = workers_of(server.process.pid)
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while set(workers_of(server.process.pid)) & set(before):
+            assert time.monotonic() < deadline, "the workers were not replaced"
+            time.sleep(0.05)
+        server.wait_healthy()
+        for _ in range(3):
+            assert server.verify() == 401
+        assert served_scrape(server)[verifies("deny")] == 8
