@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
@@ -22,10 +23,12 @@ from typing import Any
 
 from . import __version__
 from .addresses import IPAddress, parse_ip
+from .audit import AuditLog, Event, Record
 from .config import DEFAULT_CONFIG_NAME, ENV_CONFIG_PATH, Config, load_config_text
 from .errors import ConfigError, FirewallError, KnockerError, RequestError, StorageError
+from .events import Observer
 from .firewall import Firewall, create_firewall
-from .openapi import openapi_document
+from .openapi import OPENAPI_TITLE, openapi_document
 from .policy import MAX_BODY, Verifier, authenticate, authorize, parse_body
 from .proxies import ProxyResolver
 from .ratelimit import client_key
@@ -43,6 +46,7 @@ _JSON = ("Content-Type", "application/json")
 _COUNTED_FAILURES = frozenset({HTTPStatus.BAD_REQUEST, HTTPStatus.UNAUTHORIZED,
                                HTTPStatus.FORBIDDEN, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                HTTPStatus.UNSUPPORTED_MEDIA_TYPE})
+_MAX_SCHEMA = 1 << 20  # a schema Knocker writes is a few kB
 _STATUS_LINES = {status: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
 
@@ -53,17 +57,27 @@ def _json(status: HTTPStatus, payload: object, headers: Headers | None = None) -
 
 class App:
     def __init__(self, config: Config, store: Store, firewall: Firewall,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 observer: Observer | None = None) -> None:
         self.config = config
         self.store = store
         self.firewall = firewall
         self._clock = clock
+        self.observer = observer or create_observer(config, lambda: len(store.entries()))
+        metrics = self.observer.metrics
+        # /verify counts with one bound call (an mmap write, ~1 us): nothing when off.
+        self._verify_counts = ({True: metrics.verify_allowed, False: metrics.verify_denied}
+                               if metrics is not None else None)
         self._resolver = ProxyResolver(config.server.trusted_proxies)
         self._verifier = Verifier(config, self._resolver)
         self._cors: Headers = [("Access-Control-Allow-Origin", config.cors.allowed_origin)]
         self._openapi = (json.dumps(openapi_document(__version__)).encode()
                          if config.documentation.enabled else None)
         self._pages = _web_routes(config)
+        if self._openapi is not None:
+            from .apidocs import routes as docs_routes  # edge module for /docs
+
+            self._pages.update(docs_routes())
         self._started = False
         # /verify answers are constants: build their status lines and headers once.
         empty: Headers = [("Content-Length", "0")]
@@ -81,6 +95,7 @@ class App:
     def close(self) -> None:
         self.firewall.close()
         self.store.close()
+        self.observer.close()
 
     # ------------------------------------------------------------------ WSGI
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -90,6 +105,8 @@ class App:
                 environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR"),
                 environ.get("HTTP_X_FORWARDED_HOST"), environ.get("HTTP_X_FORWARDED_URI"),
                 self.store.allows, self._clock())
+            if self._verify_counts is not None:
+                self._verify_counts[allowed]()
             status_line, headers = self._verify_answers[allowed]
             start_response(status_line, headers)
             return ()
@@ -119,7 +136,8 @@ class App:
             return status, headers + self._cors, body
         if method not in ("GET", "HEAD"):
             known = path in ("/health", "/ready") or path in self._pages or (
-                path == "/openapi.json" and self._openapi is not None)
+                path == "/openapi.json" and self._openapi is not None) or (
+                path == "/metrics" and self.observer.metrics is not None)
             if known:
                 return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"detail": "Method Not Allowed"},
                              [("Allow", "GET, HEAD")])
@@ -130,6 +148,8 @@ class App:
             return self._ready()
         if path == "/openapi.json" and self._openapi is not None:
             return HTTPStatus.OK, [_JSON], self._openapi
+        if path == "/metrics" and self.observer.metrics is not None:
+            return self._metrics(environ)
         page = self._pages.get(path)
         if page is not None:
             content_type, body, extra = page
@@ -145,6 +165,28 @@ class App:
             return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "not ready", "error": problem})
         return _json(HTTPStatus.OK, {"status": "ready"})
 
+    def _metrics(self, environ: dict[str, Any]) -> Response:
+        """The scrape: only for addresses in metrics.allow or an admin key's holder."""
+        metrics = self.observer.metrics
+        assert metrics is not None
+        client = self._resolver.client_ip(environ.get("REMOTE_ADDR", ""),
+                                          environ.get("HTTP_X_FORWARDED_FOR"))
+        allowed = client is not None and any(
+            client in network for network in self.config.metrics.allow)
+        if not allowed and environ.get("HTTP_X_API_KEY"):
+            try:
+                key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
+            except RequestError:
+                pass
+            else:
+                allowed = key.allow_remote_whitelist  # the admin keys
+        if not allowed:
+            return _json(HTTPStatus.FORBIDDEN, {"detail": "Forbidden"})
+        from .metrics import CONTENT_TYPE
+
+        return HTTPStatus.OK, [("Content-Type", CONTENT_TYPE),
+                               ("Cache-Control", "no-store")], metrics.exposition()
+
     # ------------------------------------------------------------------ /knock
     def _knock(self, environ: dict[str, Any]) -> Response:
         now = self._clock()
@@ -154,9 +196,12 @@ class App:
         # (docs/api.md#rate-limiting).
         counted: IPAddress | None = client or parse_ip(peer)
         budget_key = client_key(counted) if counted is not None else bytes(16)
-        who = str(client) if client is not None else f"unresolved via {peer or '?'}"
+        # An unresolved client is "-" with its peer named: fail2ban must never ban a proxy.
+        who = str(client) if client is not None else "-"
+        via = None if client is not None else (peer or "?")
         if self.store.rate_blocked(budget_key, now):
-            log.info("knock key=- client=%s entry=- ttl=- result=429 rate limited", who)
+            self.observer.knock(Record(Event.KNOCK_RATE_LIMITED, who, peer=via, result=429,
+                                       reason="rate limited"), now)
             window = self.config.security.knock_rate_limit.window_seconds
             return _json(HTTPStatus.TOO_MANY_REQUESTS,
                          {"error": "Too many knocks; try again later"},
@@ -170,18 +215,31 @@ class App:
         except RequestError as error:
             if error.status in _COUNTED_FAILURES:
                 self.store.rate_record(budget_key, False, now)
-            log.info("knock key=%s client=%s entry=- ttl=- result=%d %s", key_name, who,
-                     error.status.value, error.message)
+            self.observer.knock(Record(Event.KNOCK_FAILED, who, key_name, peer=via,
+                                       result=error.status.value, reason=error.message), now)
             return _error(error)
+        # Live before this knock: the knock extends it. allows() first brings this
+        # worker's replica up to date with other workers' knocks (one shared-memory
+        # compare when nothing changed). A knock racing in from another worker between
+        # here and the store's lock can still make an extension read as a grant; the
+        # store knows for sure and should say so in KnockResult.
+        if counted is not None:
+            self.store.allows(counted, now)
+        previous = self.store.replica.expiry(grant.key)
+        extends = previous is not None and previous > now
         try:
             result = self.store.knock(grant.key, grant.ttl, now)
         except (StorageError, FirewallError) as error:
-            log.error("knock key=%s client=%s entry=%s ttl=%d result=%d %s", key_name, who,
-                      grant.entry, grant.ttl, error.status.value, error.message)
+            self.observer.knock(Record(Event.KNOCK_ERROR, who, key_name, grant.entry,
+                                       grant.ttl, error.status.value, error.message,
+                                       peer=via), now)
             return _error(error)
         self.store.rate_record(budget_key, True, now)
-        log.info("knock key=%s client=%s entry=%s ttl=%d result=200 expires_at=%d", key_name,
-                 who, result.entry, grant.ttl, result.expires_at)
+        self.observer.knock(Record(Event.EXTEND if extends else Event.GRANT, who, key_name,
+                                   result.entry, grant.ttl, 200, expires_at=result.expires_at,
+                                   peer=via), now)
+        if result.evicted:
+            self.observer.evicted(result.evicted, now)
         return _json(HTTPStatus.OK, {"whitelisted_entry": result.entry,
                                      "expires_at": result.expires_at,
                                      "expires_in_seconds": grant.ttl})
@@ -229,6 +287,16 @@ def _not_modified(if_none_match: str | None, headers: Headers) -> bool:
     from .webpage import not_modified  # only pages carry an ETag
 
     return not_modified(if_none_match, dict(headers)["ETag"])
+def create_observer(config: Config, active_grants: Callable[[], int]) -> Observer:
+    """The audit trail, plus metrics when metrics.enabled (`active_grants` is read at
+    scrape time)."""
+    metrics = None
+    if config.metrics.enabled:
+        # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR at import.
+        from .metrics import Metrics
+
+        metrics = Metrics(tuple(key.name for key in config.api_keys), active_grants)
+    return Observer(AuditLog(config.audit.path), metrics)
 
 
 def _web_routes(config: Config) -> dict[str, tuple[str, bytes, Headers]]:
@@ -250,6 +318,9 @@ def configure_logging(level: str) -> None:
 def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
     """Open the storage and prepare the firewall for `config`; nothing started yet.
     Raises KnockerError when the service cannot run (it must not start half-working)."""
+    # The hook for what the store and the firewall see (evictions, expiries, re-applies,
+    # D-Bus and sync latency): knocker.events.Events, to be passed to them as it is wired.
+    observer = create_observer(config, lambda: len(store.entries()))
     store_dir = os.path.dirname(os.path.abspath(config.whitelist.storage_path))
     firewall = create_firewall(config.firewalld, store_dir)
     store = Store(config, firewall, clock)
@@ -259,7 +330,9 @@ def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
     firewall.prepare(store.entries() if config.firewalld.enabled else {}, clock())
     if config.documentation.enabled:
         _write_openapi(config.documentation.openapi_output_path)
-    return App(config, store, firewall, clock)
+    else:
+        remove_stale_openapi(config.documentation.openapi_output_path)
+    return App(config, store, firewall, clock, observer)
 
 
 def _write_openapi(path: str) -> None:
@@ -269,6 +342,36 @@ def _write_openapi(path: str) -> None:
         handle.write(data)
     os.replace(temp, path)
     log.info("OpenAPI description written to %s", path)
+
+
+def remove_stale_openapi(path: str) -> bool:
+    """With documentation off, delete the schema file a previous run wrote, so nothing
+    else serves a stale one. Only a regular file (never through a symlink: O_NOFOLLOW)
+    that parses as OpenAPI titled Knocker; anything else is left alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # absent, a symlink (ELOOP), unreadable: not ours to judge
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_size > _MAX_SCHEMA:
+            return False
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            document = json.loads(handle.read())
+        ours = (isinstance(document, dict) and "openapi" in document
+                and isinstance(document.get("info"), dict)
+                and document["info"].get("title") == OPENAPI_TITLE)
+        # The name must still lead to the file read (not swapped meanwhile).
+        current = os.lstat(path)
+        if not ours or (current.st_dev, current.st_ino) != (status.st_dev, status.st_ino):
+            return False
+        os.unlink(path)
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(fd)
+    log.info("documentation disabled: removed the stale OpenAPI file %s", path)
+    return True
 
 
 def load_config_file(path: str) -> Config:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import secrets
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -26,6 +29,7 @@ log = logging.getLogger("knocker")
 DEFAULT_BIND = "0.0.0.0:8000"
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 4
+_METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def gen_key() -> str:
@@ -111,6 +115,29 @@ def _serve(args: argparse.Namespace, run: Callable[[Any], None] | None = None) -
         return 1
     configure_logging(config.logging.level)
     log.info("config %s valid (%d API key(s))", path, len(config.api_keys))
+    # prometheus_client's multiprocess mode: each worker writes its counts to files in
+    # this directory, which a scrape sums. Fresh and private per run (old files would be
+    # counted again); set before anything imports prometheus_client, which reads it once.
+    # Always set, so a SIGHUP that turns metrics on finds it.
+    metrics_dir = tempfile.mkdtemp(prefix="knocker-metrics-")
+    previous = os.environ.get(_METRICS_DIR_ENV)
+    os.environ[_METRICS_DIR_ENV] = metrics_dir
+    master = os.getpid()
+    try:
+        return _serve_with(args, config, path, run)
+    finally:
+        # A gunicorn worker leaves through sys.exit(), unwinding this very frame it was
+        # forked in: only the master may remove what the other workers still write to.
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            if previous is None:
+                del os.environ[_METRICS_DIR_ENV]
+            else:
+                os.environ[_METRICS_DIR_ENV] = previous
+
+
+def _serve_with(args: argparse.Namespace, config: Config, path: str,
+                run: Callable[[Any], None] | None) -> int:
     try:
         app = build_app(config)
     except KnockerError as error:
@@ -136,6 +163,7 @@ def _serve(args: argparse.Namespace, run: Callable[[Any], None] | None = None) -
         "graceful_timeout": 15,
         "post_fork": _post_fork,
         "worker_exit": _worker_exit,
+        "child_exit": _child_exit,
         # gunicorn >= 25.1 opens a control socket at one per-user path by default, so a
         # second `knocker serve` would take over the first one's; Knocker needs none.
         "control_socket_disable": True,
@@ -151,6 +179,15 @@ def _post_fork(server: Any, worker: Any) -> None:
 
 def _worker_exit(server: Any, worker: Any) -> None:
     server.app.wsgi().close()
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    """In the master, after any worker exit (a SIGKILL too): its live gauges go away;
+    its counters stay in their files, so nothing counted is lost."""
+    if os.environ.get(_METRICS_DIR_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def _gunicorn_base() -> type:

@@ -139,6 +139,17 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    path: str | None = None  # None: audit lines go to the log only
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = False
+    allow: tuple[IPNetwork, ...] = ()  # clients (after trusted proxies) that may scrape
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     api_keys: tuple[ApiKey, ...] = ()
@@ -149,6 +160,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     firewalld: FirewalldConfig = field(default_factory=FirewalldConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,6 +453,8 @@ _TOP = (
     "logging",
     "firewalld",
     "web",
+    "audit",
+    "metrics",
 )
 
 
@@ -462,6 +477,8 @@ def parse_config(mapping: object) -> Config:
         logging=_logging(top.get("logging")),
         firewalld=_firewalld(top.get("firewalld")),
         web=_web(top.get("web")),
+        audit=_audit(top.get("audit")),
+        metrics=_metrics(top.get("metrics")),
     )
 
 
@@ -767,3 +784,20 @@ def _web(raw: object) -> WebConfig:
     if "enabled" not in settings:
         return WebConfig()
     return WebConfig(_bool(settings["enabled"], "web.enabled"))
+
+
+def _audit(raw: object) -> AuditConfig:
+    settings = _section(raw, "audit", ("path",))
+    if settings.get("path") is None:
+        return AuditConfig()
+    return AuditConfig(_file_path(settings["path"], "audit.path"))
+
+
+def _metrics(raw: object) -> MetricsConfig:
+    settings = _section(raw, "metrics", ("enabled", "allow"))
+    values: dict[str, Any] = {}
+    if "enabled" in settings:
+        values["enabled"] = _bool(settings["enabled"], "metrics.enabled")
+    if settings.get("allow") is not None:
+        values["allow"] = _networks(settings["allow"], "metrics.allow")
+    return MetricsConfig(**values)

@@ -11,6 +11,8 @@ from typing import Any
 from .config import MAX_TTL
 from .policy import MAX_BODY
 
+OPENAPI_TITLE = "Knocker"  # also how a stale schema file is recognised as ours
+
 
 def _error(description: str) -> dict[str, Any]:
     return {"description": description,
@@ -25,7 +27,7 @@ def openapi_document(version: str) -> dict[str, Any]:
     verify = {"summary": "Auth subrequest for reverse proxies", "responses": verify_responses}
     return {
         "openapi": "3.0.3",
-        "info": {"title": "Knocker", "version": version,
+        "info": {"title": OPENAPI_TITLE, "version": version,
                  "description": "Knock-knock gateway: whitelist an IP after an API-key knock."},
         "paths": {
             "/knock": {
@@ -61,6 +63,19 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "content": {"application/json": {"schema": status}}},
                 "503": {"description": "Not ready",
                         "content": {"application/json": {"schema": status}}}}}},
+            "/openapi.json": {"get": {"summary": "This document (documentation.enabled)",
+                                      "responses": {"200": {"description": "OpenAPI 3"}}}},
+            "/docs": {"get": {"summary": "Swagger UI for this document (documentation.enabled)",
+                              "responses": {"200": {"description": "HTML page", "content": {
+                                  "text/html": {"schema": {"type": "string"}}}}}}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics (metrics.enabled; metrics.allow or an admin key)",
+                "parameters": [{"name": "X-Api-Key", "in": "header", "required": False,
+                                "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "Prometheus text format 0.0.4", "content": {
+                        "text/plain": {"schema": {"type": "string"}}}},
+                    "403": {"description": "Not an allowed address or admin key"}}}},
         },
         "components": {"schemas": {
             "KnockRequest": {"type": "object", "additionalProperties": False, "properties": {

@@ -50,7 +50,7 @@ Route = tuple[str, bytes, list[tuple[str, str]]]
 _MAX_TTL_SLOT = b'data-max-ttl=""'
 
 
-def _headers(body: bytes) -> list[tuple[str, str]]:
+def security_headers(body: bytes) -> list[tuple[str, str]]:
     return [
         ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
         ("X-Content-Type-Options", "nosniff"),
@@ -87,5 +87,5 @@ def routes(config: Config) -> dict[str, Route]:
         if name == "index.html":
             assert _MAX_TTL_SLOT in body, "index.html lost its data-max-ttl attribute"
             body = body.replace(_MAX_TTL_SLOT, b'data-max-ttl="%d"' % MAX_TTL)
-        table[path] = (content_type, body, _headers(body))
+        table[path] = (content_type, body, security_headers(body))
     return table

@@ -37,8 +37,8 @@ CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.j
                          "client.knock", "client.loop", "client.service", "client.settings"})
 CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses",
                   "errors"}) | FIREWALLD_CORE | CLIENT_CORE
-EDGE = frozenset({"store", "app", "cli", "firewall", "client", "webpage",
-                  "openapi"}) | FIREWALLD_EDGE | CLIENT_EDGE
+EDGE = frozenset({"store", "app", "cli", "firewall", "client", "webpage", "openapi",
+                  "audit", "events", "metrics", "apidocs"}) | FIREWALLD_EDGE | CLIENT_EDGE
 FORBIDDEN_MODULES = frozenset({
     "os", "sys", "time", "datetime", "io", "pathlib", "shutil", "tempfile", "glob", "mmap",
     "fcntl", "select", "selectors", "signal", "subprocess", "threading", "multiprocessing",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -19,7 +20,7 @@ from webtest import TestApp
 import knocker.app
 from knocker import __version__
 from knocker.app import App, build_app
-from knocker.config import MAX_TTL, Config
+from knocker.config import MAX_TTL, Config, load_config_text
 from knocker.errors import FirewallError, FirewallUnavailable
 from knocker.firewall import NullFirewall
 from knocker.openapi import openapi_document
@@ -39,7 +40,8 @@ def docs_config(directory: Path, **sections: Any) -> Config:
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[App]:
-    built = build_app(docs_config(tmp_path), clock=lambda: 1_700_000_000.0)
+    built = build_app(docs_config(tmp_path, metrics={"enabled": True, "allow": [CLIENT]}),
+                      clock=lambda: 1_700_000_000.0)
     yield built
     built.close()
 
@@ -196,3 +198,63 @@ def test_served_and_written_documents_are_the_document(web: TestApp, tmp_path: P
     """/openapi.json and the file at openapi_output_path hold the same document."""
     assert web.get("/openapi.json").json == document
     assert json.loads((tmp_path / "openapi.json").read_text()) == document
+
+
+# --- a stale schema file, documentation disabled ------------------------------------------
+
+
+def build_without_docs(tmp_path: Path, output: Path) -> None:
+    config = load_config_text(f"""
+api_keys:
+  - key: {KEY}
+    max_ttl: 3600
+whitelist:
+  storage_path: {tmp_path / "whitelist.json"}
+documentation:
+  enabled: false
+  openapi_output_path: {output}
+""")
+    build_app(config).close()
+
+
+def test_schema_file_knocker_wrote_is_removed_when_docs_are_disabled(
+        app: App, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The file a docs-enabled start wrote is deleted by a docs-disabled start, logged."""
+    written = tmp_path / "openapi.json"
+    assert written.is_file()
+    with caplog.at_level(logging.INFO, logger="knocker"):
+        build_without_docs(tmp_path, written)
+    assert not written.exists()
+    assert any("removed" in r.getMessage() and str(written) in r.getMessage()
+               for r in caplog.records)
+
+
+def test_symlink_to_a_knocker_schema_is_not_followed(app: App, tmp_path: Path) -> None:
+    """A symlink at the path is left alone, and so is the schema it points to."""
+    target = tmp_path / "openapi.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    build_without_docs(tmp_path, link)
+    assert link.is_symlink() and target.is_file()
+
+
+@pytest.mark.parametrize("content", [
+    '{"openapi": "3.0.3", "info": {"title": "Someone else", "version": "1"}}',
+    '{"info": {"title": "Knocker"}}',
+    "not json at all",
+    "",
+])
+def test_files_knocker_did_not_write_are_kept(tmp_path: Path, content: str) -> None:
+    """Another API's schema, a non-OpenAPI document, garbage or an empty file: kept."""
+    path = tmp_path / "openapi.json"
+    path.write_text(content)
+    build_without_docs(tmp_path, path)
+    assert path.read_text() == content
+
+
+def test_a_directory_at_the_path_is_kept(tmp_path: Path) -> None:
+    """Only regular files are candidates."""
+    path = tmp_path / "openapi.json"
+    path.mkdir()
+    build_without_docs(tmp_path, path)
+    assert path.is_dir()

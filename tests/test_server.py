@@ -235,10 +235,11 @@ def test_logs_one_line_per_knock_and_never_the_key(tmp_path: Path) -> None:
         for _ in range(5):
             server.verify(source="127.0.0.101")
         server.stop()
-    lines = [line for line in server.log().splitlines() if "knock key=" in line]
+    lines = [line for line in server.log().splitlines() if "knocker.audit: event=" in line]
     assert len(lines) == 2
-    assert "key=phone client=127.0.0.101 entry=127.0.0.101 ttl=3600 result=200" in lines[0]
-    assert "result=401" in lines[1]
+    assert "event=grant client=127.0.0.101 key=phone entry=127.0.0.101 ttl=3600 result=200" \
+        in lines[0]
+    assert "event=knock_failed client=127.0.0.101" in lines[1] and "result=401" in lines[1]
     assert TEST_KEY not in server.log() and "not-a-key" not in server.log()
     assert "verify" not in server.log().lower()
 

@@ -54,6 +54,7 @@ EXPIRY_AHEAD = 30 * 86400
 TARGETS = {
     "verify_vs_floor": 0.85, "verify_vs_small": 0.95, "caddy_vs_floor": 0.8,
     "knocks_per_s": 1000.0, "knocks_vs_small": 0.5, "startup_s": 1.0, "rss_mb": 60.0,
+    "metrics_on_vs_off": 0.97,  # issue 15: counting costs /verify at most 3 %
 }
 
 
@@ -242,8 +243,8 @@ def check_verify(port: int, pool: list[str], via: str) -> None:
 
 
 # ---------------------------------------------------------------------- servers
-def knocker_config(directory: Path, size: int) -> dict[str, Any]:
-    return {
+def knocker_config(directory: Path, size: int, metrics: bool = False) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "server": {"trusted_proxies": ["127.0.0.1"]},
         "api_keys": [{"name": "bench", "key": KEY, "max_ttl": 3600}],
         "security": {
@@ -254,14 +255,18 @@ def knocker_config(directory: Path, size: int) -> dict[str, Any]:
         },
         "whitelist": {"storage_path": str(directory / "whitelist.json")},
     }
+    if metrics:
+        config["metrics"] = {"enabled": True, "allow": ["127.0.0.1"]}
+    return config
 
 
-def new_knocker(root: Path, name: str, size: int, whitelist: Path) -> KnockerProcess:
+def new_knocker(root: Path, name: str, size: int, whitelist: Path,
+                metrics: bool = False) -> KnockerProcess:
     directory = root / name
     directory.mkdir(parents=True)
     shutil.copyfile(whitelist, directory / "whitelist.json")
-    return KnockerProcess(directory, knocker_config(directory, size), workers=WORKERS,
-                          threads=THREADS)
+    return KnockerProcess(directory, knocker_config(directory, size, metrics),
+                          workers=WORKERS, threads=THREADS)
 
 
 def master_pid(server: KnockerProcess) -> int:
@@ -298,6 +303,7 @@ class Bench:
         self.sizes = [10, 100_000] if self.quick else [10, 10_000, 100_000]
         self.points: dict[str, Point] = {}
         self.notes: list[str] = []
+        self.counting: dict[str, float] | None = None  # tests.bench.counting, us/verify
         self.stack = ExitStack()
 
     def log(self, text: str) -> None:
@@ -371,35 +377,56 @@ class Bench:
         floor = procs.floor_server(self.workdir / "floor", floor_port, WORKERS, THREADS)
         knockers = {size: new_knocker(self.workdir, f"knocker-{size}", size, whitelists[size])
                     for size in self.sizes}
+        # The same 100k Knocker with metrics.enabled: /verify's counting cost (issue 15).
+        metered = new_knocker(self.workdir, "knocker-metrics", big, whitelists[big],
+                              metrics=True)
         self.log(f"starting the floor and {len(knockers)} Knocker servers "
                  f"({WORKERS} workers x {THREADS} threads, gthread)")
         floor.start()
         self.stack.callback(floor.stop)
-        for server in knockers.values():
+        for server in [*knockers.values(), metered]:
             server.start(wait=False)
             self.stack.callback(server.stop)
-        for server in knockers.values():
+        for server in [*knockers.values(), metered]:
             wait_health(server)
         for size, server in knockers.items():
             check_verify(server.port, pools[size], f"knocker with {size:,} entries")
+        check_verify(metered.port, pools[big], "knocker with metrics on")
 
         # ---- /verify: floor and every size, interleaved rounds
         self.log(f"/verify: {CONNECTIONS} connections, {self.duration:g} s x {self.repeat}")
         self.warm(floor_port, "GET", "/verify", pool_files[big])
         for size, server in knockers.items():
             self.warm(server.port, "GET", "/verify", pool_files[size])
+        self.warm(metered.port, "GET", "/verify", pool_files[big])
         floor_point = self.point("floor", f"bare WSGI floor ({WORKERS}x{THREADS} gthread)",
                                  "floor")
-        for _ in range(self.repeat):
+        def metered_point() -> Point:  # created in round 0, after the other rows
+            return self.point("verify-100000-metrics", "/verify, 100,000, metrics on",
+                              "verify", size=big)
+
+        for index in range(self.repeat):
             # The floor gets the 100k request list: byte for byte what Knocker@100k gets.
             self.measure(floor_point, floor_port, "GET", "/verify", pool_files[big],
                          master=floor.pid)
+            # Metrics on is the first or the last Knocker of a round, alternately, so
+            # it does not always follow the same neighbour.
+            if index % 2:
+                self.measure(metered_point(), metered.port, "GET", "/verify", pool_files[big],
+                             master=master_pid(metered))
             for size, server in knockers.items():
                 point = self.point(f"verify-{size}", f"/verify, {size:,} entries", "verify",
                                    size=size)
                 self.measure(point, server.port, "GET", "/verify", pool_files[size],
                              master=master_pid(server))
+            if not index % 2:
+                self.measure(metered_point(), metered.port, "GET", "/verify", pool_files[big],
+                             master=master_pid(metered))
         record_memory(floor_point, floor.pid)
+        metered.stop()
+        self.counting = counting_cost()
+        self.log(f"  counting, in-process: /verify {self.counting['off_us']:.2f} us with "
+                 f"metrics off, {self.counting['on_us']:.2f} us on")
         if not self.quick:
             point = self.point("verify-wide", f"/verify, 100,000, {WIDE_POOL:,} clients",
                                "verify", size=big)
@@ -502,6 +529,35 @@ class Bench:
 
 
 # ---------------------------------------------------------------------- report
+def counting_cost() -> dict[str, float]:
+    """tests.bench.counting in a process of its own (prometheus_client picks its
+    multiprocess mode at import): µs per in-process /verify, metrics off and on."""
+    result = subprocess.run([sys.executable, "-m", "tests.bench.counting"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, check=False)
+    if result.returncode != 0:
+        raise BenchError(f"tests.bench.counting failed: {result.stderr[-2000:]}")
+    costs: dict[str, float] = json.loads(result.stdout)
+    return costs
+
+
+def counting_verdict(points: dict[str, Point],
+                     counting: dict[str, float] | None) -> dict[str, Any]:
+    """15b: what counting adds to a /verify, as a share of the CPU a served /verify costs
+    (steadier than comparing two servers' throughput on a shared machine)."""
+    name = "15b counting <= 3 % of /verify@100k CPU/req"
+    point = points.get("verify-100000")
+    middle = point.median_round() if point else None
+    if not counting or not middle or "cpu_ms_per_request" not in middle:
+        return {"target": name, "verdict": "SKIP", "detail": "not measured"}
+    added_us = max(0.0, counting["on_us"] - counting["off_us"])
+    share = added_us / (middle["cpu_ms_per_request"] * 1000)
+    limit = 1 - TARGETS["metrics_on_vs_off"]
+    return {"target": name, "verdict": "PASS" if share <= limit else "FAIL",
+            "value": round(share, 4),
+            "detail": f"+{added_us:.2f} us / {middle['cpu_ms_per_request'] * 1000:.0f} us "
+                      f"= {100 * share:.1f} % (<= {100 * limit:.0f} %)"}
+
+
 def verdicts(points: dict[str, Point]) -> list[dict[str, Any]]:
     return [item for item in _verdicts(points) if item is not None]
 
@@ -543,6 +599,10 @@ def _verdicts(points: dict[str, Point]) -> list[dict[str, Any] | None]:
               TARGETS["verify_vs_small"]),
         cpu_ratio("   (info) CPU/req: floor / /verify@100k", "verify-100000", "floor"),
         cpu_ratio("   (info) CPU/req: /verify@10 / /verify@100k", "verify-100000", "verify-10"),
+        ratio("15 /verify@100k metrics on >= 0.97 x metrics off", "verify-100000-metrics",
+              "verify-100000", TARGETS["metrics_on_vs_off"]),
+        cpu_ratio("   (info) CPU/req: metrics off / metrics on", "verify-100000-metrics",
+                  "verify-100000"),
         ratio("2  Caddy+Knocker >= 0.8 x Caddy+nginx floor", "caddy-knocker", "caddy-floor",
               TARGETS["caddy_vs_floor"]),
     ]
@@ -617,6 +677,9 @@ def table(points: dict[str, Point]) -> str:
 
 def report(bench: Bench, facts: dict[str, Any], elapsed: float) -> dict[str, Any]:
     results = verdicts(bench.points)
+    results.insert(next((i + 1 for i, item in enumerate(results)
+                         if item["target"].startswith("15 ")), len(results)),
+                   counting_verdict(bench.points, bench.counting))
     print()
     print(f"Knocker benchmark ({'QUICK' if bench.quick else 'full'}: {bench.duration:g} s per "
           f"point, median of {bench.repeat}; {CONNECTIONS} connections, {WRK_THREADS} wrk "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives for real: the reverse proxies,
-# firewalld and what it runs on, a headless browser, systemd-analyze, systemd-nspawn. Only what is
+# firewalld and what it runs on, a headless browser, systemd-analyze, systemd-nspawn,
+# fail2ban-regex. Only what is
 # missing is installed, with one apt-get run. Services are never started by the install
 # (policy-rc.d answers 101, "action forbidden"): the tests start what they need on
 # loopback or inside their own network namespaces.
@@ -22,6 +23,7 @@ declare -A wanted=(
     [systemd-nspawn]=systemd-container
     [nsenter]=util-linux
     [kill]=procps
+    [fail2ban-regex]=fail2ban
 )
 missing=()
 for command in "${!wanted[@]}"; do
