@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from knocker.store.formats import decode_journal
+from knocker.whitelist import entry_text
+
 KNOCKER = str(Path(sys.executable).with_name("knocker"))
 TEST_KEY = "test-key-0123456789abcdefghijklmnopqrstuvwxyz"
 ADMIN_KEY = "admin-key-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -77,7 +80,16 @@ class KnockerProcess:
         return Path(self.config["whitelist"]["storage_path"])
 
     def whitelist_file(self) -> dict[str, int]:
+        """The whitelist as a restart would load it: whitelist.json, which follows the
+        journal about a second behind, with the journal's records applied on top."""
         data: dict[str, int] = json.loads(self.storage_path.read_text())
+        journal = Path(f"{self.storage_path}.journal")
+        if journal.exists():
+            for key, expiry in decode_journal(journal.read_bytes()).records:
+                if expiry < 0:
+                    data.pop(entry_text(key), None)
+                else:
+                    data[entry_text(key)] = max(expiry, data.get(entry_text(key), 0))
         return data
 
     @property

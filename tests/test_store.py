@@ -23,6 +23,7 @@ from knocker.config import Config, load_config_text
 from knocker.errors import FirewallError, FirewallUnavailable, StorageError
 from knocker.firewall import NullFirewall
 from knocker.store import FileStore
+from knocker.store.filestore import SNAPSHOT_DELAY
 from knocker.whitelist import Key, parse_entry
 from tests.support.clock import NOW, FakeClock
 
@@ -105,7 +106,18 @@ class Opener:
         self.opened.append(store)
         return store
 
-    def file(self, path: Path | None = None) -> dict[str, int]:
+    def settle(self) -> None:
+        """What the maintenance threads do within a second: every open store ticks one
+        snapshot delay later (whitelist.json follows the journal that far behind)."""
+        self.clock.advance(SNAPSHOT_DELAY)
+        for store in self.opened:
+            if store.ready() != "whitelist storage is closed":
+                store.tick(self.clock.now)
+
+    def file(self, path: Path | None = None, settle: bool = True) -> dict[str, int]:
+        """whitelist.json as a reader finds it once the snapshot has caught up."""
+        if settle and path is None:
+            self.settle()
         data = json.loads((path or self.path).read_text(encoding="utf-8"))
         assert isinstance(data, dict)
         assert all(isinstance(k, str) and type(v) is int for k, v in data.items())
@@ -155,11 +167,13 @@ def test_open_creates_a_missing_storage_directory(opener: Opener) -> None:
     assert len(store.replica) == 0
 
 
-def test_knock_is_in_whitelist_json_before_it_returns(opener: Opener) -> None:
-    """A knock on a small whitelist has rewritten whitelist.json when knock() returns."""
+def test_knock_is_durable_when_it_returns_at_any_size(opener: Opener) -> None:
+    """A knock, on a whitelist of one entry as on a big one, is in the fsynced journal
+    when knock() returns: a crash right after it keeps it."""
     store = opener()
     result = store.knock(key("203.0.113.7"), 60, NOW)
-    assert opener.file() == {"203.0.113.7": int(NOW) + 60}
+    assert b"203.0.113.7" in opener.journal.read_bytes()
+    assert opener(opener.crash_copy()).entries() == {"203.0.113.7": int(NOW) + 60}
     assert result.entry == "203.0.113.7"
     assert result.expires_at == int(NOW) + 60
     assert result.evicted == ()
@@ -181,15 +195,21 @@ def test_knock_is_allowed_immediately(opener: Opener) -> None:
     assert not store.allows(ip("10.1.3.1"), NOW)
 
 
-def test_large_whitelist_knock_is_journaled_before_it_returns(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above INLINE_SNAPSHOT_MAX a knock is appended to the journal before it returns."""
-    opener.tuning["inline_snapshot_max"] = 2
+def test_whitelist_json_follows_the_journal_within_the_snapshot_delay(
+        opener: Opener) -> None:
+    """whitelist.json is rewritten in the background once the journal has held changes
+    for SNAPSHOT_DELAY, not on the knock's path; the snapshot empties the journal."""
     store = opener()
     for n in range(1, 4):
         store.knock(key(f"198.51.100.{n}"), 60, NOW)
-    assert "198.51.100.3" not in opener.file()
-    assert b"198.51.100.3" in opener.journal.read_bytes()
+    assert not opener.path.exists()
+    opener.clock.now = NOW + SNAPSHOT_DELAY / 2
+    store.tick(opener.clock.now)
+    assert not opener.path.exists()
+    opener.clock.now = NOW + SNAPSHOT_DELAY
+    store.tick(opener.clock.now)
+    assert opener.file(settle=False) == {f"198.51.100.{n}": int(NOW) + 60 for n in (1, 2, 3)}
+    assert opener.journal.read_bytes() == b""
 
 
 def test_reopen_restores_every_entry(opener: Opener) -> None:
@@ -205,7 +225,6 @@ def test_reopen_restores_every_entry(opener: Opener) -> None:
 def test_crash_after_journaled_knocks_loses_nothing(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a crash, replaying the journal over whitelist.json restores every knock."""
-    opener.tuning["inline_snapshot_max"] = 2
     store = opener()
     expected = {}
     for n in range(1, 6):
@@ -222,7 +241,6 @@ def test_crash_after_journaled_knocks_loses_nothing(
 def test_reopen_folds_the_journal_into_whitelist_json(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """A restart that replayed a journal leaves one complete whitelist.json behind."""
-    opener.tuning["inline_snapshot_max"] = 1
     store = opener()
     store.knock(key("198.51.100.1"), 60, NOW)
     store.knock(key("198.51.100.2"), 60, NOW)
@@ -349,13 +367,14 @@ def test_tick_purges_expired_entries_from_memory_and_file_on_schedule(opener: Op
     store = opener(cleanup=60)
     store.knock(key("198.51.100.1"), 10, NOW)
     store.knock(key("198.51.100.2"), 1000, NOW)
+    assert set(opener.file()) == {"198.51.100.1", "198.51.100.2"}
     opener.clock.now = NOW + 30
     store.tick(NOW + 30)  # expired, but the interval has not passed
-    assert "198.51.100.1" in opener.file()
+    assert "198.51.100.1" in opener.file(settle=False)
     assert not store.allows(ip("198.51.100.1"), NOW + 30)
     opener.clock.now = NOW + 61
     store.tick(NOW + 61)
-    assert opener.file() == {"198.51.100.2": int(NOW) + 1000}
+    assert opener.file(settle=False) == {"198.51.100.2": int(NOW) + 1000}
     assert len(store.replica) == 1
 
 
@@ -372,7 +391,6 @@ def test_tick_purges_entries_that_expire_after_loading(opener: Opener) -> None:
 def test_purge_of_journaled_entries_reaches_the_file(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the journal path too, expired entries are gone from whitelist.json after a purge."""
-    opener.tuning["inline_snapshot_max"] = 1
     store = opener(cleanup=60)
     store.knock(key("198.51.100.1"), 10, NOW)
     store.knock(key("198.51.100.2"), 1000, NOW)
@@ -482,12 +500,12 @@ def test_firewall_failure_grants_nothing(opener: Opener, error: FirewallError) -
 
 def test_persistence_failure_revokes_a_new_firewall_grant(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If whitelist.json cannot be made durable, the new grant is revoked from the firewall,
+    """If the journal cannot be made durable, the new grant is revoked from the firewall,
     StorageError is raised and the entry is nowhere."""
     store = opener()
     store.knock(key("198.51.100.1"), 60, NOW)
     with monkeypatch.context() as patch:
-        patch.setattr(os, "fsync", failing())
+        patch.setattr(os, "fdatasync", failing())
         with pytest.raises(StorageError):
             store.knock(key("203.0.113.7"), 60, NOW)
     assert opener.firewall.calls[-2:] == [("grant", "203.0.113.7", 60),
@@ -504,7 +522,7 @@ def test_persistence_failure_restores_an_extended_grant(
     store = opener()
     store.knock(key("203.0.113.7"), 100, NOW)
     with monkeypatch.context() as patch:
-        patch.setattr(os, "fsync", failing())
+        patch.setattr(os, "fdatasync", failing())
         with pytest.raises(StorageError):
             store.knock(key("203.0.113.7"), 1000, NOW + 10)
     assert opener.firewall.calls[-2:] == [("grant", "203.0.113.7", 1000),
@@ -517,7 +535,6 @@ def test_journal_sync_failure_leaves_nothing_on_disk(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """A journaled knock whose fdatasync fails is revoked and is not granted after a
     restart either: the journal must not keep it."""
-    opener.tuning["inline_snapshot_max"] = 1
     store = opener()
     store.knock(key("198.51.100.1"), 60, NOW)
     with monkeypatch.context() as patch:
@@ -530,10 +547,10 @@ def test_journal_sync_failure_leaves_nothing_on_disk(
     assert restarted.entries() == {"198.51.100.1": int(NOW) + 60}
 
 
-def test_directory_sync_failure_leaves_nothing_on_disk(
+def test_snapshot_whose_rename_is_not_durable_keeps_the_journal(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A knock whose rename cannot be made durable (directory fsync fails) is reported as
-    failed; then whitelist.json must not hold it either, or a restart would grant it."""
+    """A snapshot whose rename cannot be made durable (directory fsync fails) fails
+    without emptying the journal: a crash then still restores every knock."""
     store = opener()
     store.knock(key("198.51.100.1"), 60, NOW)
     real_fsync = os.fsync
@@ -545,10 +562,11 @@ def test_directory_sync_failure_leaves_nothing_on_disk(
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", fsync)
-        with pytest.raises(StorageError):
-            store.knock(key("203.0.113.7"), 60, NOW)
-    assert not store.allows(ip("203.0.113.7"), NOW)
-    assert "203.0.113.7" not in opener.file()
+        opener.clock.now = NOW + SNAPSHOT_DELAY
+        with pytest.raises(OSError):
+            store.tick(opener.clock.now)
+    assert b"198.51.100.1" in opener.journal.read_bytes()
+    assert opener(opener.crash_copy()).entries() == {"198.51.100.1": int(NOW) + 60}
 
 
 def test_store_recovers_after_a_persistence_failure(
@@ -556,7 +574,7 @@ def test_store_recovers_after_a_persistence_failure(
     """Once the disk works again, the next knock succeeds and the file is valid."""
     store = opener()
     with monkeypatch.context() as patch:
-        patch.setattr(os, "fsync", failing(errno.ENOSPC))
+        patch.setattr(os, "fdatasync", failing(errno.ENOSPC))
         with pytest.raises(StorageError):
             store.knock(key("203.0.113.7"), 60, NOW)
     store.knock(key("203.0.113.7"), 60, NOW)
@@ -621,18 +639,20 @@ def test_rate_limits_are_shared_between_workers(opener: Opener) -> None:
     assert not second.rate_blocked(client, NOW + 61)
 
 
-@pytest.mark.parametrize("inline_max", [10_000, 1], ids=["snapshot", "journal"])
+@pytest.mark.parametrize("snapshotted", [True, False], ids=["snapshot", "journal"])
 def test_lagging_worker_reloads_from_disk_after_a_ring_overrun(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        inline_max: int) -> None:
-    """A process that fell more than a ring behind rebuilds its replica from disk and
-    answers correctly."""
+        opener: Opener, caplog: pytest.LogCaptureFixture, snapshotted: bool) -> None:
+    """A process that fell more than a ring behind rebuilds its replica from disk (the
+    snapshot, or the journal it has not yet been folded into) and answers correctly."""
     opener.tuning["ring_capacity"] = 4
-    opener.tuning["inline_snapshot_max"] = inline_max
     first, second = opener(capacity=5), opener(capacity=5)
     second.knock(key("192.0.2.1"), 5000, NOW)
     for n in range(1, 11):  # 10 grants and 5 evictions: far more than 4 ring records
         first.knock(key(f"198.51.100.{n}"), 100 + n, NOW)
+    if snapshotted:
+        opener.clock.now = NOW + SNAPSHOT_DELAY
+        first.tick(opener.clock.now)
+        assert opener.journal.read_bytes() == b""
     with caplog.at_level(logging.WARNING, logger="knocker"):
         answers = {n: second.allows(ip(f"198.51.100.{n}"), NOW) for n in range(1, 11)}
     assert answers == {n: n > 6 for n in range(1, 11)}
@@ -686,7 +706,6 @@ def test_a_worker_that_waited_for_the_lock_does_not_snapshot_again(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two workers decide a snapshot is due; the first writes it, a knock lands, and the
     second, once it holds the lock, finds the new journal too young to snapshot."""
-    opener.tuning["inline_snapshot_max"] = 2
     first, second = opener(), opener()
     for n in range(1, 5):
         first.knock(key(f"198.51.100.{n}"), 600, NOW)
@@ -703,4 +722,4 @@ def test_a_worker_that_waited_for_the_lock_does_not_snapshot_again(
     assert second._snapshot_now(purge=False) is False
     assert len(writes) == 1
     assert opener.journal.stat().st_size > 0
-    assert set(opener.file()) == {f"198.51.100.{n}" for n in range(1, 5)}
+    assert set(opener.file(settle=False)) == {f"198.51.100.{n}" for n in range(1, 5)}
