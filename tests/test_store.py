@@ -788,3 +788,29 @@ def test_sighup_reloads_leak_no_maps_and_no_file_descriptors(tmp_path: Path) -> 
             last = reload()
         assert last == first
         assert server.verify(source="127.0.0.81") == 200
+
+
+def test_maintenance_thread_runs_on_the_injected_clock_and_sleep(opener: Opener) -> None:
+    """start()'s thread sleeps through the injected sleep and reads the injected clock:
+    with fake time, the snapshot one delay after a knock appears without real waiting."""
+    clock = opener.clock
+
+    def sleep(seconds: float) -> None:  # 8 fake ticks (2 s), then idle without advancing
+        if len(clock.sleeps) < 8:
+            clock.sleep(seconds)
+        else:
+            time.sleep(0.005)
+
+    store = FileStore(store_config(opener.directory), opener.firewall, clock=clock,
+                      monotonic=clock.monotonic, sleep=sleep, tick=0.25)
+    opener.opened.append(store)
+    store.knock(key("198.51.100.1"), 600, NOW)
+    store.start()
+    for _ in range(500):  # bounded: 5 s of real time at most
+        if opener.path.exists():
+            break
+        time.sleep(0.01)
+    store.close()
+    assert opener.file(settle=False) == {"198.51.100.1": int(NOW) + 600}
+    assert clock.sleeps == [0.25] * 8
+    assert clock.now == NOW + 2
