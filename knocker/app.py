@@ -31,8 +31,8 @@ from .firewall import Firewall, create_firewall
 from .openapi import OPENAPI_TITLE, openapi_document
 from .policy import MAX_BODY, Verifier, authenticate, authorize, parse_body
 from .proxies import ProxyResolver
-from .ratelimit import client_key
-from .store import Store
+from .ratelimit import Outcome, client_key
+from .store import WhitelistBackend, atomic_write, open_backend
 
 log = logging.getLogger("knocker")
 
@@ -56,7 +56,7 @@ def _json(status: HTTPStatus, payload: object, headers: Headers | None = None) -
 
 
 class App:
-    def __init__(self, config: Config, store: Store, firewall: Firewall,
+    def __init__(self, config: Config, store: WhitelistBackend, firewall: Firewall,
                  clock: Callable[[], float] = time.time,
                  observer: Observer | None = None) -> None:
         self.config = config
@@ -160,7 +160,7 @@ class App:
         return _json(HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
 
     def _ready(self) -> Response:
-        problem = self.store.writable_problem() or self.firewall.problem()
+        problem = self.store.ready() or self.firewall.problem()
         if problem:
             return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "not ready", "error": problem})
         return _json(HTTPStatus.OK, {"status": "ready"})
@@ -199,13 +199,24 @@ class App:
         # An unresolved client is "-" with its peer named: fail2ban must never ban a proxy.
         who = str(client) if client is not None else "-"
         via = None if client is not None else (peer or "?")
-        if self.store.rate_blocked(budget_key, now):
+        # Check and hold this knock's place in the budgets in one step, so concurrent
+        # knocks of one client can never get past a budget together.
+        if not self.store.rate_reserve(budget_key, now):
             self.observer.knock(Record(Event.KNOCK_RATE_LIMITED, who, peer=via, result=429,
                                        reason="rate limited"), now)
             window = self.config.security.knock_rate_limit.window_seconds
             return _json(HTTPStatus.TOO_MANY_REQUESTS,
                          {"error": "Too many knocks; try again later"},
                          [("Retry-After", str(window))])
+        outcome = Outcome.UNCOUNTED
+        try:
+            response, outcome = self._reserved_knock(environ, client, who, via, now)
+        finally:
+            self.store.rate_settle(budget_key, outcome, now)
+        return response
+
+    def _reserved_knock(self, environ: dict[str, Any], client: IPAddress | None, who: str,
+                        via: str | None, now: float) -> tuple[Response, Outcome]:
         key_name = "-"
         try:
             key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
@@ -213,36 +224,25 @@ class App:
             body = parse_body(_read_body(environ), environ.get("CONTENT_TYPE"))
             grant = authorize(key, client, body)
         except RequestError as error:
-            if error.status in _COUNTED_FAILURES:
-                self.store.rate_record(budget_key, False, now)
             self.observer.knock(Record(Event.KNOCK_FAILED, who, key_name, peer=via,
                                        result=error.status.value, reason=error.message), now)
-            return _error(error)
-        # Live before this knock: the knock extends it. allows() first brings this
-        # worker's replica up to date with other workers' knocks (one shared-memory
-        # compare when nothing changed). A knock racing in from another worker between
-        # here and the store's lock can still make an extension read as a grant; the
-        # store knows for sure and should say so in KnockResult.
-        if counted is not None:
-            self.store.allows(counted, now)
-        previous = self.store.replica.expiry(grant.key)
-        extends = previous is not None and previous > now
+            counted = Outcome.FAILURE if error.status in _COUNTED_FAILURES else Outcome.UNCOUNTED
+            return _error(error), counted
         try:
             result = self.store.knock(grant.key, grant.ttl, now)
         except (StorageError, FirewallError) as error:
             self.observer.knock(Record(Event.KNOCK_ERROR, who, key_name, grant.entry,
                                        grant.ttl, error.status.value, error.message,
                                        peer=via), now)
-            return _error(error)
-        self.store.rate_record(budget_key, True, now)
-        self.observer.knock(Record(Event.EXTEND if extends else Event.GRANT, who, key_name,
-                                   result.entry, grant.ttl, 200, expires_at=result.expires_at,
-                                   peer=via), now)
+            return _error(error), Outcome.UNCOUNTED
+        self.observer.knock(Record(Event.EXTEND if result.extended else Event.GRANT, who,
+                                   key_name, result.entry, grant.ttl, 200,
+                                   expires_at=result.expires_at, peer=via), now)
         if result.evicted:
             self.observer.evicted(result.evicted, now)
         return _json(HTTPStatus.OK, {"whitelisted_entry": result.entry,
                                      "expires_at": result.expires_at,
-                                     "expires_in_seconds": grant.ttl})
+                                     "expires_in_seconds": grant.ttl}), Outcome.SUCCESS
 
 
 def _error(error: KnockerError) -> Response:
@@ -323,24 +323,25 @@ def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
     observer = create_observer(config, lambda: len(store.entries()))
     store_dir = os.path.dirname(os.path.abspath(config.whitelist.storage_path))
     firewall = create_firewall(config.firewalld, store_dir)
-    store = Store(config, firewall, clock)
-    store.open()
-    log.info("whitelist %s loaded: %d entries", store.path, len(store.replica))
-    # Restoring grants needs the entries as text: only worth building for a real firewall.
-    firewall.prepare(store.entries() if config.firewalld.enabled else {}, clock())
-    if config.documentation.enabled:
-        _write_openapi(config.documentation.openapi_output_path)
-    else:
-        remove_stale_openapi(config.documentation.openapi_output_path)
+    store = open_backend(config, firewall, clock)
+    log.info("whitelist %s loaded: %d entries", store.location, len(store))
+    try:
+        # Restoring grants needs the entries as text: only worth building for a real
+        # firewall.
+        firewall.prepare(store.entries() if config.firewalld.enabled else {}, clock())
+        if config.documentation.enabled:
+            _write_openapi(config.documentation.openapi_output_path)
+        else:
+            remove_stale_openapi(config.documentation.openapi_output_path)
+    except BaseException:
+        store.close()  # a failed (re)load must not leave the files and the map open
+        raise
     return App(config, store, firewall, clock, observer)
 
 
 def _write_openapi(path: str) -> None:
     data = json.dumps(openapi_document(__version__), indent=2).encode()
-    temp = f"{path}.tmp"
-    with open(temp, "wb") as handle:
-        handle.write(data)
-    os.replace(temp, path)
+    atomic_write(path, [data], mode=0o644)  # readable by whoever serves the docs
     log.info("OpenAPI description written to %s", path)
 
 

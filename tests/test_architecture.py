@@ -35,10 +35,13 @@ FIREWALLD_EDGE = frozenset({"firewalld", "firewalld.backend", "firewalld.bus", "
 CLIENT_CORE = frozenset({"client.journal_format"})
 CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.journald",
                          "client.knock", "client.loop", "client.service", "client.settings"})
+STORE_CORE = frozenset({"store.formats", "store.backend"})
+STORE_EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "store.snapshot",
+                        "store.filestore"})
 CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses",
-                  "errors"}) | FIREWALLD_CORE | CLIENT_CORE
-EDGE = frozenset({"store", "app", "cli", "firewall", "client", "webpage", "openapi",
-                  "audit", "events", "metrics", "apidocs"}) | FIREWALLD_EDGE | CLIENT_EDGE
+                  "errors"}) | FIREWALLD_CORE | CLIENT_CORE | STORE_CORE
+EDGE = frozenset({"app", "cli", "firewall", "client", "webpage", "openapi", "audit", "events",
+                  "metrics", "apidocs"}) | FIREWALLD_EDGE | CLIENT_EDGE | STORE_EDGE
 FORBIDDEN_MODULES = frozenset({
     "os", "sys", "time", "datetime", "io", "pathlib", "shutil", "tempfile", "glob", "mmap",
     "fcntl", "select", "selectors", "signal", "subprocess", "threading", "multiprocessing",
@@ -204,6 +207,10 @@ def test_rule_checker_resolves_relative_imports_inside_a_subpackage() -> None:
     assert problems_in("from .bus import BusConnection", "sample", package)
     assert problems_in("from ..app import create_app", "sample", package)
     assert problems_in("from . import backend", "sample", package)
+    store = "knocker.store"
+    assert problems_in("from .files import atomic_write", "sample", store)
+    assert problems_in("from .backend import KnockResult\nfrom ..whitelist import Key",
+                       "sample", store) == []
 
 
 def test_pure_firewalld_modules_may_build_messages_with_jeepney() -> None:

@@ -8,15 +8,13 @@ import json
 import pytest
 
 from knocker.addresses import parse_network
+from knocker.store.formats import NotCanonical, canonical_pairs, json_pieces, load_entries
 from knocker.whitelist import (
     Key,
-    NotCanonical,
     Whitelist,
-    canonical_pairs,
     entry_text,
     granted_expiry,
     key_of,
-    load_entries,
     parse_entry,
 )
 
@@ -380,11 +378,24 @@ def test_json_pieces_are_exactly_the_snapshot_json(per_piece: int) -> None:
                     "2001:db8::1": 1_800_000_002, "::102:304": 1_800_000_005,
                     "2001:db8::/64": 1_800_000_004, "192.0.2.9": int(NOW) - 1})
     soonest = [0.0]
-    text = b"".join(table.json_pieces(NOW, soonest, per_piece))
+    text = b"".join(json_pieces(table, NOW, soonest, per_piece))
     expected = json.dumps(table.as_dict(NOW), separators=(", ", ": ")).encode()
     assert text == expected
     assert json.loads(text)["::102:304"] == 1_800_000_005
     assert "192.0.2.9" not in json.loads(text)
     assert soonest == [1_800_000_001]
     empty = [0.0]
-    assert b"".join(Whitelist().json_pieces(NOW, empty)) == b"{}"
+    assert b"".join(json_pieces(Whitelist(), NOW, empty)) == b"{}"
+
+
+def test_load_entries_skips_non_finite_and_out_of_range_expiries_one_by_one() -> None:
+    """NaN, infinities and expiries past MAX_EXPIRY are complaints about their entry only;
+    the other entries load."""
+    table = Whitelist()
+    data = {"1.2.3.4": float("nan"), "1.2.3.5": float("inf"), "1.2.3.6": float("-inf"),
+            "1.2.3.7": 2**63, "1.2.3.8": 1e300, "5.6.7.8": 1_700_000_100}
+    seen, problems = load_entries(data.items(), NOW, table)
+    assert seen == 6
+    assert table.as_dict() == {"5.6.7.8": 1_700_000_100}
+    assert len(problems) == 5
+    assert all(p.startswith("'1.2.3.") for p in problems)
