@@ -184,10 +184,12 @@ def _worker_exit(server: Any, worker: Any) -> None:
 def _child_exit(server: Any, worker: Any) -> None:
     """In the master, after any worker exit (a SIGKILL too): its live gauges go away;
     its counters stay in their files, so nothing counted is lost."""
-    if os.environ.get(_METRICS_DIR_ENV):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+    # Only a master that built a metered app (metrics on now, or before a reload) has
+    # loaded prometheus_client; one that never counted must not load it here: each
+    # reload would otherwise leave workers forked from a bigger master.
+    multiprocess = sys.modules.get("prometheus_client.multiprocess")
+    if multiprocess is not None and os.environ.get(_METRICS_DIR_ENV):
+        multiprocess.mark_process_dead(worker.pid)
 
 
 def _gunicorn_base() -> type:
