@@ -409,14 +409,17 @@ def compose_files(
     loopback_port: int,
 ) -> Path:
     """deploy/compose.yaml, knocker.container.yaml and caddy/Caddyfile as a user would
-    have them next to each other, with only what CI must differ in swapped: the images
-    (prebuilt), the published ports, test keys, plain-HTTP sites, and a protected app."""
+    have them next to each other, with only what CI must differ in swapped: image names,
+    the build context as an absolute path, the published ports, test keys, plain-HTTP
+    sites, and a protected app."""
     compose = yaml.safe_load((podman.REPO / "deploy" / "compose.yaml").read_text())
     services = compose["services"]
     assert services["knocker"]["image"] == "localhost/knocker:latest"
     assert services["caddy"]["image"] == "caddy:2"
+    assert services["knocker"]["build"]["context"] == ".."
+    # compose builds the image itself, from this checkout, under a name of the test's own
+    services["knocker"]["build"]["context"] = str(podman.REPO)
     services["knocker"]["image"] = knocker_image
-    del services["knocker"]["build"]  # built above from the same Containerfile
     services["caddy"]["image"] = caddy_image
     assert "80:80" in services["caddy"]["ports"]
     services["caddy"]["ports"] = [f"{NS_HOST}:{port}:80", f"127.0.0.1:{loopback_port}:80"]
@@ -529,11 +532,25 @@ def compose_stack(
         caddy = build_caddy_image(resources, BASES["linux/amd64"], directory / "caddy-image")
     project = f"knockertest{uuid.uuid4().hex[:8]}"
     stack = ComposeStack(project, client_namespace, free_port(), free_port())
+    knocker_image = f"localhost/knocker-test-compose:{uuid.uuid4().hex[:12]}"
     path = compose_files(
-        directory, image, caddy, BASES["linux/amd64"], stack.port, stack.loopback_port
+        directory, knocker_image, caddy, BASES["linux/amd64"], stack.port, stack.loopback_port
     )
     env = compose_env(directory)
-    base = [compose_bin, "--project-name", project, "--file", str(path)]
+    # The same build settings as Resources.build (stand-in base, CA bundle for pip in
+    # the RUN steps only, HEALTHCHECK kept, no intermediate images).
+    build_args = (
+        "--pull=never --layers=false --format=docker --volume=/etc/ssl/certs:/etc/ssl/certs:ro"
+    )
+    base = [
+        compose_bin,
+        "--project-name",
+        project,
+        "--file",
+        str(path),
+        "--podman-build-args",
+        build_args,
+    ]
     resources.networks.append(f"{project}_knocker_net")
     resources.volumes.extend(
         f"{project}_{v}" for v in ("knocker_data", "caddy_data", "caddy_config")
@@ -541,7 +558,7 @@ def compose_stack(
     try:
         with stage(DURATIONS, "compose up"):
             up = subprocess.Popen(
-                [*base, "up", "--detach"],
+                [*base, "up", "--detach", "--build"],
                 env=env,
                 cwd=directory,
                 stdout=subprocess.PIPE,
@@ -557,6 +574,11 @@ def compose_stack(
             if up.poll() is None:
                 up.kill()
             output = up.communicate(timeout=30)[0]
+            built = podman.run(
+                "image", "inspect", "--format", "{{.Id}}", knocker_image, check=False
+            )
+            if built.returncode == 0:
+                resources.images.append(built.stdout.strip())
             assert up.returncode == 0, output[-4000:]
             # Caddy is up once the knock site answers through it.
             deadline = time.monotonic() + 60
