@@ -31,6 +31,7 @@ import yaml
 from tests import podman
 from tests.podman import Resources, exec_, stage
 from tests.proxies import configs
+from tests.proxies.process import free_port
 
 pytestmark = pytest.mark.container
 
@@ -90,17 +91,11 @@ def knock(port: int) -> tuple[int, dict[str, object]]:
     return status, json.loads(body)
 
 
-def free_port() -> int:
-    from tests.proxies.process import free_port as free
-
-    return free()
-
-
-def knocker_yaml(directory: Path, **sections: object) -> Path:
+def knocker_yaml(directory: Path) -> Path:
+    """A minimal knocker.yaml for the image on its own (no proxy in front)."""
     config = {
         "api_keys": [{"name": "ctr", "key": KEY, "max_ttl": 3600}],
         "whitelist": {"storage_path": "/data/whitelist.json"},
-        **sections,
     }
     path = directory / "knocker.yaml"
     path.write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
