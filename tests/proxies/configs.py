@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 
@@ -137,4 +139,44 @@ def haproxy(endpoints: Endpoints, workdir: Path) -> Path:
     return path
 
 
-GENERATORS = {"caddy": caddy, "nginx": nginx, "haproxy": haproxy}
+def traefik(endpoints: Endpoints, workdir: Path) -> Path:
+    """Write a runnable static traefik.yml plus dynamic/knocker.yml from deploy/traefik/."""
+    source = DEPLOY / "traefik" / "dynamic" / "knocker.yml"
+    text = source.read_text(encoding="utf-8")
+    for old, new in (
+        (KNOCKER_PLACEHOLDER, endpoints.knocker),
+        (UPSTREAM_PLACEHOLDER, endpoints.upstream),
+        # Plain HTTP on the test port: a router with `tls` only matches TLS requests.
+        ("      tls: {}\n", ""),
+        ('entryPoints: ["websecure"]', 'entryPoints: ["websecure", "websecure6"]'),
+    ):
+        text = substitute(text, old, new, source=source)
+    dynamic = workdir / "dynamic"
+    dynamic.mkdir(exist_ok=True)
+    (dynamic / "knocker.yml").write_text(text, encoding="utf-8")
+
+    static_source = DEPLOY / "traefik" / "traefik.yml"
+    static = yaml.safe_load(static_source.read_text(encoding="utf-8"))
+    websecure = static["entryPoints"]["websecure"]
+    if websecure.get("address") != ":443" or "forwardedHeaders" in websecure:
+        raise PlaceholderMissing(f"{static_source}: websecure is no longer a plain :443")
+    if static["providers"]["file"].get("directory") != "/etc/traefik/dynamic":
+        raise PlaceholderMissing(f"{static_source}: file provider directory moved")
+    # One entry point per loopback family (Traefik binds one address per entry point);
+    # a short grace period so SIGTERM ends the test proxy at once.
+    lifecycle = {"lifeCycle": {"graceTimeOut": "0s", "requestAcceptGraceTimeout": "0s"}}
+    static["entryPoints"] = {
+        "websecure": {"address": f"127.0.0.1:{endpoints.port}", "transport": lifecycle},
+        "websecure6": {"address": f"[::1]:{endpoints.port}", "transport": lifecycle},
+    }
+    static["providers"]["file"]["directory"] = str(dynamic)
+    static["providers"]["file"]["watch"] = False
+    # No network: no update check, no usage report (the shipped file leaves these to users).
+    static["global"] = {"checkNewVersion": False, "sendAnonymousUsage": False}
+    static["log"] = {"level": "INFO"}
+    path = workdir / "traefik.yml"
+    path.write_text(yaml.safe_dump(static), encoding="utf-8")
+    return path
+
+
+GENERATORS = {"caddy": caddy, "nginx": nginx, "haproxy": haproxy, "traefik": traefik}

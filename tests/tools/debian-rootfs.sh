@@ -35,6 +35,23 @@ mkdir -p "$cache"
 command -v debootstrap >/dev/null || {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null; }
 
+# A foreign architecture runs through qemu-user-static. binfmt_misc is not mounted on
+# every machine; Debian's /usr/lib/binfmt.d/qemu-*.conf lines carry the F (fix binary)
+# flag, so once registered the interpreter also works inside chroots and containers.
+if [ "$arch" != "$(dpkg --print-architecture)" ]; then
+    case "$arch" in
+        arm64) qemu=aarch64 ;;
+        armhf|armel) qemu=arm ;;
+        *) qemu=$arch ;;
+    esac
+    [ -e /usr/lib/binfmt.d/qemu-$qemu.conf ] || {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user-static >/dev/null; }
+    [ -e /proc/sys/fs/binfmt_misc/register ] \
+        || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    [ -e "/proc/sys/fs/binfmt_misc/qemu-$qemu" ] \
+        || cat "/usr/lib/binfmt.d/qemu-$qemu.conf" >/proc/sys/fs/binfmt_misc/register
+fi
+
 # A lock: two tests of one run may ask for the same tarball at once.
 exec 9>"$out.lock"
 flock 9

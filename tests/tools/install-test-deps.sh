@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives for real: the reverse proxies,
 # firewalld and what it runs on, a headless browser, systemd-analyze, systemd-nspawn,
-# fail2ban-regex. Only what is
+# fail2ban-regex, Podman (rootful, runc, netavark) with qemu-user-static for the
+# container image tests. Only what is
 # missing is installed, with one apt-get run. Services are never started by the install
 # (policy-rc.d answers 101, "action forbidden"): the tests start what they need on
 # loopback or inside their own network namespaces.
@@ -24,6 +25,13 @@ declare -A wanted=(
     [nsenter]=util-linux
     [kill]=procps
     [fail2ban-regex]=fail2ban
+    [podman]=podman
+    [buildah]=buildah
+    [runc]=runc
+    [debootstrap]=debootstrap
+    [qemu-aarch64-static]=qemu-user-static
+    [iptables]=iptables
+    [curl]=curl
 )
 missing=()
 for command in "${!wanted[@]}"; do
@@ -34,6 +42,11 @@ done
 # firewalld's own Python modules come from Debian (it runs on /usr/bin/python3)
 if ! /usr/bin/python3 -c 'import firewall, dbus, gi, nftables' >/dev/null 2>&1; then
     missing+=(firewalld python3-dbus python3-gi python3-nftables)
+fi
+# Podman's network stack lives outside PATH: netavark (needs iptables) and aardvark-dns
+# (service names such as knocker:8000 on a compose network).
+if ! [ -x /usr/lib/podman/netavark ] || ! [ -x /usr/lib/podman/aardvark-dns ]; then
+    missing+=(netavark aardvark-dns)
 fi
 [ ${#missing[@]} -eq 0 ] && { echo "test dependencies: all present"; exit 0; }
 
