@@ -11,19 +11,20 @@ disk (whitelist.json, the journal) lives in knocker.store.formats.
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 from collections import Counter
 from collections.abc import Iterator
 
-from .addresses import IPAddress, IPNetwork, parse_network
+from .addresses import WIDEST_PREFIX, IPAddress, IPNetwork, parse_network
 
 # (IP version, prefix length, network address as int)
 Key = tuple[int, int, int]
 
 _BITS = {4: 32, 6: 128}
-# Knocks grant at most an IPv4 /16 or an IPv6 /64 (SPEC 1.1 step 5), so nearly every entry
-# sits under one of these prefixes of the address.
-_GUARD = {4: 16, 6: 64}
+# Knocks grant at most an IPv4 /16 or an IPv6 /64 (docs/whitelist.md#widths), so nearly
+# every entry sits under one of these prefixes of the address.
+_GUARD = WIDEST_PREFIX
 _GUARD_SHIFT = {version: _BITS[version] - _GUARD[version] for version in _BITS}
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 
@@ -252,5 +253,5 @@ class Whitelist:
 def granted_expiry(current: int | None, now: float, ttl: int) -> int:
     """Expiry after a knock for `ttl` seconds: whole seconds rounded up (never cut a grant
     short), and never earlier than the entry's current expiry."""
-    expiry = -int(-(now + ttl) // 1)
+    expiry = math.ceil(now + ttl)
     return expiry if current is None or current < expiry else current

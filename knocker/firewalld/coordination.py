@@ -13,6 +13,8 @@ import os
 import time
 from collections.abc import Callable
 
+from ..store.files import atomic_write
+
 STATUS_STALE = 15.0  # a status older than this means nobody is watching firewalld
 
 # Knocker's names inside the state directory (next to whitelist.json).
@@ -75,19 +77,11 @@ class FileLock:
         self._fd = -1
 
 
-def replace_file(path: str, text: str) -> None:
-    """Replace `path` with `text` atomically: readers see the old file or the new one,
-    never half of one (rename(2) is atomic). No fsync: the watcher rewrites the status
-    anyway. (The one place to swap for the store's shared atomic-write helper.)"""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_status(path: str, ok: bool, reason: str) -> None:
     """Replace the shared status: in place or not, why not, and who says so."""
-    replace_file(path, json.dumps({"ok": ok, "reason": reason, "pid": os.getpid()}))
+    # atomic: readers see the old status or the new one, never half of one
+    status = json.dumps({"ok": ok, "reason": reason, "pid": os.getpid()})
+    atomic_write(path, [status.encode()], mode=0o644)
 
 
 def read_status(path: str, now: float, stale_after: float = STATUS_STALE) -> str | None:

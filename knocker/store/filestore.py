@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import os
 import threading
 import time
@@ -215,7 +216,7 @@ class FileStore:
             live = current if current is not None and current > now else None
             expiry = granted_expiry(live, now, ttl)
             victims = self.replica.victims(key, self._capacity, now)
-            remaining = max(1, -int((now - expiry) // 1))  # whole seconds, rounded up
+            remaining = max(1, math.ceil(expiry - now))  # whole seconds, rounded up
             self._firewall.grant(entry, remaining)  # raises: nothing was changed
             changes = [(victim, REMOVED) for victim in victims] + [(key, expiry)]
             try:
