@@ -15,9 +15,9 @@ from knocker.app import build_app
 from knocker.config import load_config_text
 from knocker.webpage import CONTENT_SECURITY_POLICY
 from tests.serverproc import KnockerProcess, base_config
-from tests.test_webpage import Browser, chromedriver, csp_violations
+from tests.test_webpage import Browser, browser, chromedriver, csp_violations
 
-__all__ = ["chromedriver"]  # the module-scoped fixture, shared with test_webpage
+__all__ = ["browser", "chromedriver"]  # the fixtures, shared with test_webpage
 
 
 def docs_app(tmp_path: Path, enabled: bool) -> webtest.TestApp:
@@ -87,23 +87,6 @@ def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnockerPro
     )
     with KnockerProcess(directory, config) as process:
         yield process
-
-
-@pytest.fixture
-def browser(chromedriver: str, tmp_path: Path) -> Iterator[Browser]:
-    session = Browser(chromedriver, tmp_path / "profile")
-    session.cdp(
-        "Page.addScriptToEvaluateOnNewDocument",
-        {
-            "source": "window.__csp = [];"
-            "document.addEventListener('securitypolicyviolation', e =>"
-            " window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
-        },
-    )
-    try:
-        yield session
-    finally:
-        session.quit()
 
 
 @pytest.mark.browser
