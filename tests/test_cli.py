@@ -39,6 +39,8 @@ def no_gunicorn(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("gunicorn was started")
 
     monkeypatch.setattr(knocker.cli, "_Gunicorn", refuse)
+    # and keep gevent's monkey-patching out of the test process
+    monkeypatch.setattr(knocker.cli, "_patch_for_gevent", lambda: None)
 
 
 def run(*argv: str) -> tuple[int, str, str]:
