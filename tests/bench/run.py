@@ -37,13 +37,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bench import data, procs
+from tests.bench import data, hostile, procs
 from tests.serverproc import KnockerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 LUA = Path(__file__).with_name("load.lua")
 KEY = "bench-key-0123456789abcdefghijklmnopqrstuvwxyz0123"
-WORKERS, THREADS = 2, 4  # `knocker serve` defaults (knocker/cli.py)
+WORKERS, THREADS = 2, 4  # `knocker serve` defaults (knocker/cli.py); THREADS for gthread
+MODEL = "gevent"  # `knocker serve`'s default worker model; gthread is measured beside it
 CONNECTIONS, WRK_THREADS = 64, 2
 KNOCK_CONNECTIONS = (8, 64)
 VERIFY_POOL = 2000  # distinct clients per /verify point: half hits, half misses
@@ -54,6 +55,7 @@ EXPIRY_AHEAD = 30 * 86400
 TARGETS = {
     "verify_vs_floor": 0.85, "verify_vs_small": 0.95, "caddy_vs_floor": 0.8,
     "knocks_per_s": 1000.0, "knocks_vs_small": 0.5, "startup_s": 1.0, "rss_mb": 60.0,
+    "verify_vs_model_floor": 0.9, "hostile_p99_ms": 100.0,
 }
 
 
@@ -256,12 +258,13 @@ def knocker_config(directory: Path, size: int) -> dict[str, Any]:
     }
 
 
-def new_knocker(root: Path, name: str, size: int, whitelist: Path) -> KnockerProcess:
+def new_knocker(root: Path, name: str, size: int, whitelist: Path,
+                model: str = MODEL) -> KnockerProcess:
     directory = root / name
     directory.mkdir(parents=True)
     shutil.copyfile(whitelist, directory / "whitelist.json")
     return KnockerProcess(directory, knocker_config(directory, size), workers=WORKERS,
-                          threads=THREADS)
+                          threads=THREADS, extra_args=["--worker-class", model])
 
 
 def master_pid(server: KnockerProcess) -> int:
@@ -297,6 +300,7 @@ class Bench:
         self.repeat: int = args.repeat or (1 if self.quick else 3)
         self.sizes = [10, 100_000] if self.quick else [10, 10_000, 100_000]
         self.points: dict[str, Point] = {}
+        self.hostile: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.stack = ExitStack()
 
@@ -366,40 +370,73 @@ class Bench:
                                 data.verify_pool(entries_100k, WIDE_POOL, seed=5))
         knock_file = data.write_lines(files / "knock.txt", data.knock_pool(KNOCK_POOL))
 
-        # ---- servers: the floor and one Knocker per size, started together
-        floor_port = procs.free_port()
-        floor = procs.floor_server(self.workdir / "floor", floor_port, WORKERS, THREADS)
+        # ---- servers: a floor per worker model and one Knocker per size (plus one at
+        # 100k under gthread, the former default), started together
+        floor_port, thread_floor_port = procs.free_port(), procs.free_port()
+        floor = procs.floor_server(self.workdir / "floor", floor_port, WORKERS, THREADS,
+                                   MODEL)
+        thread_floor = procs.floor_server(self.workdir / "floor-gthread", thread_floor_port,
+                                          WORKERS, THREADS, "gthread")
         knockers = {size: new_knocker(self.workdir, f"knocker-{size}", size, whitelists[size])
                     for size in self.sizes}
-        self.log(f"starting the floor and {len(knockers)} Knocker servers "
-                 f"({WORKERS} workers x {THREADS} threads, gthread)")
-        floor.start()
-        self.stack.callback(floor.stop)
-        for server in knockers.values():
+        threaded = new_knocker(self.workdir, "knocker-gthread", big, whitelists[big], "gthread")
+        self.log(f"starting two floors and {len(knockers) + 1} Knocker servers "
+                 f"({WORKERS} workers, {MODEL}; and x {THREADS} threads gthread)")
+        for proc in (floor, thread_floor):
+            proc.start()
+            self.stack.callback(proc.stop)
+        for server in (*knockers.values(), threaded):
             server.start(wait=False)
             self.stack.callback(server.stop)
-        for server in knockers.values():
+        for server in (*knockers.values(), threaded):
             wait_health(server)
         for size, server in knockers.items():
             check_verify(server.port, pools[size], f"knocker with {size:,} entries")
+        check_verify(threaded.port, pools[big], "knocker (gthread) with 100,000 entries")
 
         # ---- /verify: floor and every size, interleaved rounds
         self.log(f"/verify: {CONNECTIONS} connections, {self.duration:g} s x {self.repeat}")
-        self.warm(floor_port, "GET", "/verify", pool_files[big])
+        for port in (floor_port, thread_floor_port, threaded.port):
+            self.warm(port, "GET", "/verify", pool_files[big])
         for size, server in knockers.items():
             self.warm(server.port, "GET", "/verify", pool_files[size])
-        floor_point = self.point("floor", f"bare WSGI floor ({WORKERS}x{THREADS} gthread)",
-                                 "floor")
+        floor_point = self.point("floor", f"bare WSGI floor ({WORKERS} {MODEL})", "floor")
+        thread_floor_point = self.point("floor-gthread",
+                                        f"bare WSGI floor ({WORKERS}x{THREADS} gthread)",
+                                        "floor")
         for _ in range(self.repeat):
-            # The floor gets the 100k request list: byte for byte what Knocker@100k gets.
+            # The floors get the 100k request list: byte for byte what Knocker@100k gets.
             self.measure(floor_point, floor_port, "GET", "/verify", pool_files[big],
                          master=floor.pid)
+            self.measure(thread_floor_point, thread_floor_port, "GET", "/verify",
+                         pool_files[big], master=thread_floor.pid)
             for size, server in knockers.items():
                 point = self.point(f"verify-{size}", f"/verify, {size:,} entries", "verify",
                                    size=size)
                 self.measure(point, server.port, "GET", "/verify", pool_files[size],
                              master=master_pid(server))
+            point = self.point("verify-100000-gthread", "/verify, 100,000, gthread", "verify",
+                               size=big)
+            self.measure(point, threaded.port, "GET", "/verify", pool_files[big],
+                         master=master_pid(threaded))
         record_memory(floor_point, floor.pid)
+        record_memory(thread_floor_point, thread_floor.pid)
+        thread_floor.stop()
+        threaded.stop()
+
+        # ---- hostile clients against Knocker@100k, a well-behaved client probing
+        self.log(f"hostile clients: {hostile.COUNT} connections from {hostile.SOURCES} "
+                 f"addresses, {self.duration:g} s x {self.repeat}")
+        for _ in range(self.repeat):
+            result = hostile.hostile_round(knockers[big].port, KEY, self.duration)
+            self.hostile.append(result)
+            self.log(f"  hostile: {result['probes']} probes, {result['failures']} failed, "
+                     f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms (knock "
+                     f"{result['knock_p99_ms']}, verify {result['verify_p99_ms']}), max "
+                     f"{result['max_ms']} ms; {result['hostile_open_at_start']} open, "
+                     f"{result['hostile_reopened']} reopened")
+        record_memory(self.point("hostile-memory", "after hostile clients, 100,000 entries",
+                                 "memory", size=big), master_pid(knockers[big]))
         if not self.quick:
             point = self.point("verify-wide", f"/verify, 100,000, {WIDE_POOL:,} clients",
                                "verify", size=big)
@@ -503,7 +540,29 @@ class Bench:
 
 # ---------------------------------------------------------------------- report
 def verdicts(points: dict[str, Point]) -> list[dict[str, Any]]:
-    return [item for item in _verdicts(points) if item is not None]
+    out = [item for item in _verdicts(points) if item is not None]
+    for item in out:
+        if item["target"].lstrip().startswith("(info)") and item["verdict"] != "SKIP":
+            item["verdict"] = "INFO"
+            item["detail"] = re.sub(r" \(>= [0-9.]+\)$", "", item["detail"])
+    return out
+
+
+def hostile_verdict(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Target 5: with COUNT hostile connections open, every probe answered, p99 within
+    the target (the worst round counts)."""
+    name = (f"5  hostile clients ({hostile.COUNT} open): probes p99 <= "
+            f"{TARGETS['hostile_p99_ms']:g} ms, no failure")
+    if not rounds:
+        return {"target": name, "verdict": "SKIP", "detail": "not measured"}
+    worst = max(r["p99_ms"] or 0.0 for r in rounds)
+    failures = sum(r["failures"] for r in rounds)
+    probes = sum(r["probes"] for r in rounds)
+    held = min(r["hostile_open_at_start"] for r in rounds)
+    ok = worst <= TARGETS["hostile_p99_ms"] and failures == 0 and held == hostile.COUNT
+    return {"target": name, "verdict": "PASS" if ok else "FAIL", "value": worst,
+            "detail": f"p99 {worst:.1f} ms (worst round), {failures} of {probes} probes "
+                      f"failed, {held} hostile connections held"}
 
 
 def _verdicts(points: dict[str, Point]) -> list[dict[str, Any] | None]:
@@ -537,8 +596,13 @@ def _verdicts(points: dict[str, Point]) -> list[dict[str, Any] | None]:
                           f"ms CPU per request = {value:.2f}"}
 
     out: list[dict[str, Any] | None] = [
-        ratio("1a /verify@100k >= 0.85 x bare WSGI floor", "verify-100000", "floor",
-              TARGETS["verify_vs_floor"]),
+        ratio(f"1a /verify@100k >= 0.9 x bare WSGI floor ({MODEL})", "verify-100000",
+              "floor", TARGETS["verify_vs_model_floor"]),
+        ratio("1c /verify@100k >= gthread /verify@100k", "verify-100000",
+              "verify-100000-gthread", 1.0),
+        ratio("   (info) gthread: /verify@100k / its floor", "verify-100000-gthread",
+              "floor-gthread", TARGETS["verify_vs_floor"]),
+        ratio(f"   (info) floors: {MODEL} / gthread", "floor", "floor-gthread", 0.0),
         ratio("1b /verify@100k >= 0.95 x /verify@10", "verify-100000", "verify-10",
               TARGETS["verify_vs_small"]),
         cpu_ratio("   (info) CPU/req: floor / /verify@100k", "verify-100000", "floor"),
@@ -616,11 +680,11 @@ def table(points: dict[str, Point]) -> str:
 
 
 def report(bench: Bench, facts: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    results = verdicts(bench.points)
+    results = [*verdicts(bench.points), hostile_verdict(bench.hostile)]
     print()
     print(f"Knocker benchmark ({'QUICK' if bench.quick else 'full'}: {bench.duration:g} s per "
           f"point, median of {bench.repeat}; {CONNECTIONS} connections, {WRK_THREADS} wrk "
-          f"threads; {WORKERS} workers x {THREADS} threads gthread)")
+          f"threads; {WORKERS} workers, {MODEL}; gthread rows {WORKERS}x{THREADS})")
     print(f"machine: {facts['nproc']} CPU ({facts['cpu']}), {facts['ram_gb']} GB, "
           f"{facts['os']}, kernel {facts['kernel']}, Python {facts['python']}, "
           f"gunicorn {facts['gunicorn']}, load at start {facts['loadavg_start'][0]:.2f}")
@@ -649,7 +713,7 @@ def report(bench: Bench, facts: dict[str, Any], elapsed: float) -> dict[str, Any
     return {
         "mode": "quick" if bench.quick else "full", "duration_s": bench.duration,
         "repeat": bench.repeat, "elapsed_s": round(elapsed, 1), "machine": facts,
-        "targets": results, "notes": bench.notes,
+        "targets": results, "notes": bench.notes, "hostile": bench.hostile,
         "points": {key: asdict(point) | {"rps_median": point.rps}
                    for key, point in bench.points.items()},
     }
@@ -667,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    # 1,000 hostile sockets here and as many in the servers (which inherit the limit)
+    hostile.raise_fd_limit(4 * hostile.COUNT + 1024)
     workdir = Path(tempfile.mkdtemp(prefix="knocker-bench-"))
     try:
         wrk = ensure_wrk()
