@@ -22,7 +22,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "knocker"
 CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses", "errors"})
-EDGE = frozenset({"store", "app", "cli", "firewall", "firewalld", "client", "webpage", "openapi"})
+EDGE = frozenset({"store", "app", "cli", "firewall", "firewalld", "client", "webpage", "openapi",
+                  "worker"})
 FORBIDDEN_MODULES = frozenset({
     "os", "sys", "time", "datetime", "io", "pathlib", "shutil", "tempfile", "glob", "mmap",
     "fcntl", "select", "selectors", "signal", "subprocess", "threading", "multiprocessing",
