@@ -23,16 +23,17 @@ TRICKLE_EVERY = 0.5  # seconds between two bytes of a trickler
 SLACK = 5.0  # scheduling slack on a shared 2-core machine
 
 
-def opening(kind: str) -> bytes:
+def opening(kind: str, host: str = "x") -> bytes:
     """What a hostile connection of `kind` sends at once (the trickle follows)."""
+    name = host.encode()
     if kind == "idle":
         return b""
     if kind == "head":
-        return b"GET /verify HTTP/1.1\r\nHost: x\r\n"
+        return b"GET /verify HTTP/1.1\r\nHost: " + name + b"\r\n"
     if kind == "body":
-        return (b"POST /knock HTTP/1.1\r\nHost: x\r\nX-Api-Key: wrong-key\r\n"
+        return (b"POST /knock HTTP/1.1\r\nHost: " + name + b"\r\nX-Api-Key: wrong-key\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{")
-    return (b"POST /knock HTTP/1.1\r\nHost: x\r\nX-Api-Key: wrong-key\r\n"
+    return (b"POST /knock HTTP/1.1\r\nHost: " + name + b"\r\nX-Api-Key: wrong-key\r\n"
             b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
 
 
@@ -42,7 +43,7 @@ TRICKLE = {"idle": b"", "head": b"X", "body": b" ", "chunked": b"1\r\n \r\n"}
 class Hostiles:
     """PER_KIND connections of each kind; trickle() feeds them and notes when each closed."""
 
-    def __init__(self, server: KnockerProcess) -> None:
+    def __init__(self, port: int, host: str = "x") -> None:
         self.selector = selectors.DefaultSelector()
         self.opened = time.monotonic()
         self.closed: dict[socket.socket, float] = {}
@@ -50,9 +51,9 @@ class Hostiles:
         for number in range(PER_KIND * len(KINDS)):
             kind = KINDS[number % len(KINDS)]
             source = f"127.0.0.{2 + number % 50}"
-            sock = socket.create_connection((server.host, server.port), timeout=5,
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5,
                                             source_address=(source, 0))
-            sock.sendall(opening(kind))
+            sock.sendall(opening(kind, host))
             sock.setblocking(False)
             self.kind[sock] = kind
             self.selector.register(sock, selectors.EVENT_READ)
@@ -105,7 +106,7 @@ def test_hostile_connections_cost_no_worker_and_are_closed_within_the_deadlines(
     wrong-key bodies are answered 401 and closed at once (no drain), idle and trickled
     heads within HEAD_TIMEOUT."""
     with KnockerProcess(tmp_path, workers=2) as server:
-        hostiles = Hostiles(server)
+        hostiles = Hostiles(server.port)
         try:
             hostiles.trickle(1.0)
             assert len(hostiles.open) >= 2 * PER_KIND  # idle and head are still held
@@ -216,3 +217,37 @@ def test_store_writes_and_threads_never_block_a_worker_event_loop_for_long(
         log = server.log()
     assert seen.get(200, 0) == 8 * 25 and set(seen) <= {200, 401}
     assert "appears to be blocked" not in log, log[-4000:]
+
+
+@pytest.mark.proxy
+@pytest.mark.parametrize("proxy", ["caddy", "nginx", "haproxy"])
+def test_hostile_connections_through_a_shipped_proxy_config_leave_knocks_and_sites_working(
+        tmp_path: Path, proxy: str) -> None:
+    """The same 200 hostile connections against Caddy, nginx or HAProxy configured from
+    deploy/ (the proxy holds or forwards them as it does): meanwhile a well-behaved
+    client knocks through the proxy and then reaches the protected site."""
+    from tests.proxies import configs, process
+    from tests.proxies.client import Client
+    from tests.proxies.upstream import Upstream
+    from tests.test_e2e_proxies import KEY, knocker_config, require_binary
+
+    require_binary(proxy)
+    with Upstream() as upstream, KnockerProcess(
+            tmp_path / "knocker", knocker_config(tmp_path / "knocker"), workers=2) as server:
+        endpoints = configs.Endpoints(port=process.free_port(),
+                                      knocker=f"127.0.0.1:{server.port}",
+                                      upstream=upstream.address)
+        with process.ProxyProcess(proxy, endpoints, tmp_path / proxy) as front:
+            hostiles = Hostiles(front.port, f"{configs.KNOCK_HOST}:{front.port}")
+            try:
+                hostiles.trickle(1.0)
+                results = []
+                for number in range(5):
+                    client = Client(f"127.0.1.{10 + number}", front.port)
+                    results.append(client.knock(configs.KNOCK_HOST, KEY).status)
+                    results.append(client.get(configs.APP_HOST, f"/hostile/{number}").status)
+                    hostiles.trickle(0.3)
+            finally:
+                hostiles.close_all()
+            assert results == [200] * 10, (results, front.log()[-3000:], server.log()[-3000:])
+        assert "Traceback" not in server.log()
