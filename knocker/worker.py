@@ -49,8 +49,9 @@ def guard(app: App, body_timeout: float, clock: Callable[[], float] = time.monot
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             if not body.finished:
-                force_close = getattr(getattr(start_response, "__self__", None),
-                                      "force_close", None)
+                force_close = getattr(
+                    getattr(start_response, "__self__", None), "force_close", None
+                )
                 if force_close is not None:  # gunicorn's Response: "Connection: close"
                     force_close()
             return start_response(status, headers, exc_info)
@@ -64,16 +65,18 @@ class DeadlineInput:
     """wsgi.input whose reads fail with TimeoutError once the deadline has passed, and
     which knows whether the whole body has been read."""
 
-    def __init__(self, stream: Any, environ: dict[str, Any], deadline: float,
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self, stream: Any, environ: dict[str, Any], deadline: float, clock: Callable[[], float]
+    ) -> None:
         self._stream = stream
         self._deadline = deadline
         self._clock = clock
         length = environ.get("CONTENT_LENGTH") or ""
         self._left: int | None = int(length) if length.isdigit() else None
         self._chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        self.finished = stream is None or (self._left == 0 if self._left is not None
-                                           else not self._chunked)
+        self.finished = stream is None or (
+            self._left == 0 if self._left is not None else not self._chunked
+        )
 
     def read(self, size: int = -1) -> bytes:
         return self._timed("read", size)

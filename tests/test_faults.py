@@ -59,7 +59,8 @@ def bad_text(name: str, good: str, tmp_path: Path) -> str:
 @pytest.mark.server
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_sighup_with_a_bad_file_keeps_the_running_config_and_says_why(
-        tmp_path: Path, name: str) -> None:
+    tmp_path: Path, name: str
+) -> None:
     """SIGHUP with each bad file: the master lives, the log says why, and knocks and
     /verify keep working with the running config."""
     with KnockerProcess(tmp_path, workers=2) as server:
@@ -80,8 +81,9 @@ def test_sighup_with_a_bad_file_keeps_the_running_config_and_says_why(
 def test_deep_json_is_a_counted_400_with_cors(tmp_path: Path) -> None:
     """~990 nested arrays in a 4 KB body from a key holder: a JSON 400 with CORS, counted
     against the failure budget (the next one is refused with 429)."""
-    config = base_config(tmp_path, security={
-        "knock_rate_limit": {"failed_requests": 2, "window_seconds": 60}})
+    config = base_config(
+        tmp_path, security={"knock_rate_limit": {"failed_requests": 2, "window_seconds": 60}}
+    )
     with KnockerProcess(tmp_path, config) as server:
         headers = {"X-Api-Key": TEST_KEY, "Content-Type": "application/json"}
         for _ in range(2):
@@ -98,8 +100,11 @@ def test_gunicorn_forwarder_headers_from_loopback_change_nothing(tmp_path: Path)
     """SCRIPT_NAME / X-Forwarded-Prefix from 127.0.0.1 (gunicorn's default trusted
     forwarder) do not reach routing: /verify answers 401/200, never 500."""
     with KnockerProcess(tmp_path) as server:
-        sneaky = {"SCRIPT_NAME": "/elsewhere", "X-Forwarded-Prefix": "/elsewhere",
-                  "Script-Name": "/elsewhere"}
+        sneaky = {
+            "SCRIPT_NAME": "/elsewhere",
+            "X-Forwarded-Prefix": "/elsewhere",
+            "Script-Name": "/elsewhere",
+        }
         assert server.verify(headers=sneaky) == 401
         assert server.knock()[0] == 200
         assert server.verify(headers=sneaky) == 200
@@ -107,7 +112,8 @@ def test_gunicorn_forwarder_headers_from_loopback_change_nothing(tmp_path: Path)
 
 @pytest.mark.server
 def test_wide_trusted_proxies_and_short_keys_warn_at_startup_without_the_key(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """trusted_proxies 10.0.0.0/8 and a 10-character key start the service with a WARNING
     naming the setting (never the key's text)."""
     short = "abc123XYZ9"
@@ -125,11 +131,16 @@ def test_wide_trusted_proxies_and_short_keys_warn_at_startup_without_the_key(
 @pytest.mark.server
 def test_malformed_chunked_body_is_a_400_not_a_500(tmp_path: Path) -> None:
     """A chunked knock body with a bad chunk size is the client's fault: a JSON 400."""
-    with KnockerProcess(tmp_path) as server, socket.create_connection(
-            (server.host, server.port), timeout=10) as sock:
-        sock.sendall(b"POST /knock HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + TEST_KEY.encode()
-                     + b"\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+    with (
+        KnockerProcess(tmp_path) as server,
+        socket.create_connection((server.host, server.port), timeout=10) as sock,
+    ):
+        sock.sendall(
+            b"POST /knock HTTP/1.1\r\nHost: x\r\nX-Api-Key: "
+            + TEST_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+        )
         head = sock.recv(4096)
     assert head.startswith(b"HTTP/1.1 400"), head
 
@@ -147,8 +158,8 @@ cors: {{allowed_origin: "https://knock.example.com"}}
 
 
 def test_unexpected_exception_on_knock_is_a_json_500_with_cors_logged_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A bug inside a knock answers a JSON 500 carrying the CORS header, with one ERROR
     line (and its traceback) in the log."""
     client = unit_app(tmp_path)
@@ -159,8 +170,12 @@ def test_unexpected_exception_on_knock_is_a_json_500_with_cors_logged_once(
 
     monkeypatch.setattr(app.store, "knock", broken)
     with caplog.at_level(logging.ERROR, logger="knocker"):
-        response = client.post("/knock", headers={"X-Api-Key": TEST_KEY}, status=500,
-                               extra_environ={"REMOTE_ADDR": "203.0.113.7"})
+        response = client.post(
+            "/knock",
+            headers={"X-Api-Key": TEST_KEY},
+            status=500,
+            extra_environ={"REMOTE_ADDR": "203.0.113.7"},
+        )
     assert response.content_type == "application/json"
     assert response.json == {"error": "Internal error; nothing was granted"}
     assert response.headers["Access-Control-Allow-Origin"] == "https://knock.example.com"
@@ -170,7 +185,8 @@ def test_unexpected_exception_on_knock_is_a_json_500_with_cors_logged_once(
 
 
 def test_unexpected_exception_on_verify_is_a_json_500(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """/verify's hot path fails the same way: a JSON 500 (a proxy refuses), no HTML."""
     client = unit_app(tmp_path)
     app = client.app

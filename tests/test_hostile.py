@@ -31,10 +31,14 @@ def opening(kind: str, host: str = "x") -> bytes:
     if kind == "head":
         return b"GET /verify HTTP/1.1\r\nHost: " + name + b"\r\n"
     if kind == "body":
-        return (b"POST /knock HTTP/1.1\r\nHost: " + name + b"\r\nX-Api-Key: wrong-key\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{")
-    return (b"POST /knock HTTP/1.1\r\nHost: " + name + b"\r\nX-Api-Key: wrong-key\r\n"
-            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        return (
+            b"POST /knock HTTP/1.1\r\nHost: " + name + b"\r\nX-Api-Key: wrong-key\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{"
+        )
+    return (
+        b"POST /knock HTTP/1.1\r\nHost: " + name + b"\r\nX-Api-Key: wrong-key\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
 
 
 TRICKLE = {"idle": b"", "head": b"X", "body": b" ", "chunked": b"1\r\n \r\n"}
@@ -51,8 +55,9 @@ class Hostiles:
         for number in range(PER_KIND * len(KINDS)):
             kind = KINDS[number % len(KINDS)]
             source = f"127.0.0.{2 + number % 50}"
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5,
-                                            source_address=(source, 0))
+            sock = socket.create_connection(
+                ("127.0.0.1", port), timeout=5, source_address=(source, 0)
+            )
             sock.sendall(opening(kind, host))
             sock.setblocking(False)
             self.kind[sock] = kind
@@ -100,7 +105,8 @@ class Hostiles:
 
 @pytest.mark.server
 def test_hostile_connections_cost_no_worker_and_are_closed_within_the_deadlines(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """200 hostile connections (idle, trickled head, trickled wrong-key body, trickled
     chunked body) are open while a well-behaved client's /verify and /knock all succeed;
     wrong-key bodies are answered 401 and closed at once (no drain), idle and trickled
@@ -135,14 +141,20 @@ def test_hostile_connections_cost_no_worker_and_are_closed_within_the_deadlines(
 
 
 @pytest.mark.server
-def test_a_key_holder_trickling_a_body_gets_408_after_the_body_deadline(
-        tmp_path: Path) -> None:
+def test_a_key_holder_trickling_a_body_gets_408_after_the_body_deadline(tmp_path: Path) -> None:
     """With a valid key, a body that does not arrive within BODY_TIMEOUT is answered 408
     and the connection closed; nothing is granted."""
-    with KnockerProcess(tmp_path) as server, socket.create_connection(
-            (server.host, server.port), timeout=BODY_TIMEOUT + HEAD_TIMEOUT) as sock:
-        sock.sendall(b"POST /knock HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + TEST_KEY.encode()
-                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    with (
+        KnockerProcess(tmp_path) as server,
+        socket.create_connection(
+            (server.host, server.port), timeout=BODY_TIMEOUT + HEAD_TIMEOUT
+        ) as sock,
+    ):
+        sock.sendall(
+            b"POST /knock HTTP/1.1\r\nHost: x\r\nX-Api-Key: "
+            + TEST_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
         started = time.monotonic()
         answer = b""
         while time.monotonic() - started < BODY_TIMEOUT + SLACK:
@@ -167,8 +179,9 @@ def knock_storm(server: KnockerProcess, clients: int = 8, each: int = 25) -> dic
 
     def client(number: int) -> None:
         for index in range(each):
-            status, _ = server.knock(key=ADMIN_KEY, body={
-                "ip_address": f"10.{number}.{index}.1", "ttl": 1 + index % 3})
+            status, _ = server.knock(
+                key=ADMIN_KEY, body={"ip_address": f"10.{number}.{index}.1", "ttl": 1 + index % 3}
+            )
             verified = server.verify()
             with lock:
                 seen[status] = seen.get(status, 0) + 1
@@ -183,8 +196,7 @@ def knock_storm(server: KnockerProcess, clients: int = 8, each: int = 25) -> dic
 
 
 @pytest.mark.server
-def test_store_writes_and_threads_never_block_a_worker_event_loop_for_long(
-        tmp_path: Path) -> None:
+def test_store_writes_and_threads_never_block_a_worker_event_loop_for_long(tmp_path: Path) -> None:
     """Under gevent, the store's flock/fsync/mmap work and its maintenance greenlet (purge
     of 1-3 s grants, snapshots) never hold a worker's event loop for 0.5 s: gevent's own
     monitor thread reports any greenlet that does. First the monitor is shown to see a
@@ -192,17 +204,18 @@ def test_store_writes_and_threads_never_block_a_worker_event_loop_for_long(
     import fcntl
     import threading
 
-    config = base_config(tmp_path, security={
-        "knock_rate_limit": {"successful_requests": 0, "failed_requests": 0}})
+    config = base_config(
+        tmp_path, security={"knock_rate_limit": {"successful_requests": 0, "failed_requests": 0}}
+    )
     watching = {"GEVENT_MONITOR_THREAD_ENABLE": "true", "GEVENT_MAX_BLOCKING_TIME": "0.3"}
-    with KnockerProcess(tmp_path / "held", base_config(tmp_path / "held"),
-                        env=watching) as server:
+    with KnockerProcess(tmp_path / "held", base_config(tmp_path / "held"), env=watching) as server:
         assert server.knock()[0] == 200  # the journal exists
         journal = Path(f"{server.storage_path}.journal")
         with journal.open("rb") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
-            knock = threading.Thread(target=server.knock, kwargs={"key": ADMIN_KEY, "body": {
-                "ip_address": "10.9.9.9"}})
+            knock = threading.Thread(
+                target=server.knock, kwargs={"key": ADMIN_KEY, "body": {"ip_address": "10.9.9.9"}}
+            )
             knock.start()
             time.sleep(1.5)
             fcntl.flock(handle, fcntl.LOCK_UN)
@@ -222,7 +235,8 @@ def test_store_writes_and_threads_never_block_a_worker_event_loop_for_long(
 @pytest.mark.proxy
 @pytest.mark.parametrize("proxy", ["caddy", "nginx", "haproxy"])
 def test_hostile_connections_through_a_shipped_proxy_config_leave_knocks_and_sites_working(
-        tmp_path: Path, proxy: str) -> None:
+    tmp_path: Path, proxy: str
+) -> None:
     """The same 200 hostile connections against Caddy, nginx or HAProxy configured from
     deploy/ (the proxy holds or forwards them as it does): meanwhile a well-behaved
     client knocks through the proxy and then reaches the protected site."""
@@ -232,11 +246,15 @@ def test_hostile_connections_through_a_shipped_proxy_config_leave_knocks_and_sit
     from tests.test_e2e_proxies import KEY, knocker_config, require_binary
 
     require_binary(proxy)
-    with Upstream() as upstream, KnockerProcess(
-            tmp_path / "knocker", knocker_config(tmp_path / "knocker"), workers=2) as server:
-        endpoints = configs.Endpoints(port=process.free_port(),
-                                      knocker=f"127.0.0.1:{server.port}",
-                                      upstream=upstream.address)
+    with (
+        Upstream() as upstream,
+        KnockerProcess(
+            tmp_path / "knocker", knocker_config(tmp_path / "knocker"), workers=2
+        ) as server,
+    ):
+        endpoints = configs.Endpoints(
+            port=process.free_port(), knocker=f"127.0.0.1:{server.port}", upstream=upstream.address
+        )
         with process.ProxyProcess(proxy, endpoints, tmp_path / proxy) as front:
             hostiles = Hostiles(front.port, f"{configs.KNOCK_HOST}:{front.port}")
             try:

@@ -22,8 +22,9 @@ class FakeResponse:
     def force_close(self) -> None:
         self.closed = True
 
-    def start_response(self, status: str, headers: list[tuple[str, str]],
-                       exc_info: Any = None) -> None:
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> None:
         self.status = status
 
 

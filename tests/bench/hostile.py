@@ -29,9 +29,9 @@ _OPENING = {
     "idle": b"",
     "head": b"GET /verify HTTP/1.1\r\nHost: x\r\n",
     "body": b"POST /knock HTTP/1.1\r\nHost: x\r\nX-Api-Key: wrong-key\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{",
+    b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{",
     "chunked": b"POST /knock HTTP/1.1\r\nHost: x\r\nX-Api-Key: wrong-key\r\n"
-               b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
 }
 _TRICKLE = {"idle": b"", "head": b"X", "body": b" ", "chunked": b"1\r\n \r\n"}
 
@@ -58,8 +58,9 @@ class _Attackers:
     def open(self, kind: str, number: int) -> None:
         source = f"127.0.0.{2 + number % SOURCES}"
         try:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=2,
-                                            source_address=(source, 0))
+            sock = socket.create_connection(
+                ("127.0.0.1", self.port), timeout=2, source_address=(source, 0)
+            )
             sock.sendall(_OPENING[kind])
         except OSError:
             self.refused += 1
@@ -107,8 +108,7 @@ class _Attackers:
                 except OSError:
                     data = b""
                 if not data and sock in self.kind:
-                    closed.append((time.monotonic() + jitter.uniform(0.5, 1.5),
-                                   self.drop(sock)))
+                    closed.append((time.monotonic() + jitter.uniform(0.5, 1.5), self.drop(sock)))
 
     def close(self) -> None:
         for sock in list(self.kind):
@@ -118,8 +118,9 @@ class _Attackers:
 
 def _probe(port: int, method: str, path: str, key: str) -> tuple[float, int]:
     started = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
-                                      source_address=(PROBE_SOURCE, 0))
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=10, source_address=(PROBE_SOURCE, 0)
+    )
     try:
         conn.request(method, path, headers={"X-Api-Key": key} if key else {})
         response = conn.getresponse()
@@ -158,12 +159,15 @@ def hostile_round(port: int, key: str, duration: float, count: int = COUNT) -> d
     latencies.sort()
     return {
         **{f"{path[1:]}_p99_ms": _p99(values) for path, values in by_path.items()},
-        "probes": probes, "failures": failures,
+        "probes": probes,
+        "failures": failures,
         "p50_ms": round(1000 * latencies[len(latencies) // 2], 2) if latencies else None,
         "p99_ms": _p99(latencies),
         "max_ms": round(1000 * latencies[-1], 2) if latencies else None,
-        "hostile_open_at_start": held, "hostile_open_at_end": still_open,
-        "hostile_reopened": attackers.reopened, "hostile_refused": attackers.refused,
+        "hostile_open_at_start": held,
+        "hostile_open_at_end": still_open,
+        "hostile_reopened": attackers.reopened,
+        "hostile_refused": attackers.refused,
     }
 
 
