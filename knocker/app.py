@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
@@ -29,7 +30,7 @@ from .errors import ConfigError, FirewallError, KnockerError, RequestError, Stor
 from .events import Observer
 from .firewall import Firewall, create_firewall
 from .openapi import OPENAPI_TITLE, openapi_document
-from .policy import MAX_BODY, Verifier, authenticate, authorize, parse_body
+from .policy import MAX_BODY, KnockBody, Verifier, authenticate, authorize, parse_body
 from .proxies import ProxyResolver
 from .ratelimit import Outcome, client_key
 from .store import WhitelistBackend, atomic_write, open_backend
@@ -99,6 +100,22 @@ class App:
 
     # ------------------------------------------------------------------ WSGI
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return self._answer(environ, start_response)
+        except Exception:
+            # A bug or a fault nobody foresaw: one log line with the traceback, and a JSON
+            # 500 (CORS on /knock, so a browser can read it), never the server's HTML page.
+            path = environ.get("PATH_INFO", "")
+            log.exception("unexpected error answering %s", ascii(path)[:100])
+            status, headers, body = _json(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                          {"error": "Internal error; nothing was granted"})
+            if path == "/knock":
+                headers += self._cors
+            headers.append(("Content-Length", str(len(body))))
+            start_response(_STATUS_LINES[status], headers, sys.exc_info())
+            return (body,)
+
+    def _answer(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/verify":  # the hot path: every request to every protected service
             allowed = self._verifier.decide(
@@ -221,7 +238,7 @@ class App:
         try:
             key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
             key_name = key.name
-            body = parse_body(_read_body(environ), environ.get("CONTENT_TYPE"))
+            body = _parse_body(_read_body(environ), environ.get("CONTENT_TYPE"))
             grant = authorize(key, client, body)
         except RequestError as error:
             self.observer.knock(Record(Event.KNOCK_FAILED, who, key_name, peer=via,
@@ -255,9 +272,31 @@ def _error(error: KnockerError) -> Response:
     return _json(error.status, {"error": message})
 
 
+def _parse_body(data: bytes, content_type: str | None) -> KnockBody:
+    try:
+        return parse_body(data, content_type)
+    except RecursionError:  # `{"ttl": [[[...]]]}`: ~1,000 levels fit in MAX_BODY
+        raise RequestError("Body is not valid JSON: nested too deeply") from None
+
+
 def _read_body(environ: dict[str, Any]) -> bytes:
     """At most MAX_BODY bytes of the request body; 413 beyond, by header or by count
-    (a chunked body has no Content-Length)."""
+    (a chunked body has no Content-Length); 408 when the body does not arrive in time."""
+    try:
+        return _read_bounded(environ)
+    except OSError:
+        # The worker's body deadline (TimeoutError) or a client that went away mid-body.
+        raise RequestError("Request body not received in time",
+                           HTTPStatus.REQUEST_TIMEOUT) from None
+    except RequestError:
+        raise
+    except Exception:
+        # The server's parser refused the body's framing (a bad chunk size, say):
+        # the client's fault, whatever exception class that server uses.
+        raise RequestError("Malformed request body") from None
+
+
+def _read_bounded(environ: dict[str, Any]) -> bytes:
     length_text = environ.get("CONTENT_LENGTH") or ""
     stream = environ.get("wsgi.input")
     if length_text:
@@ -341,8 +380,26 @@ def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
 
 def _write_openapi(path: str) -> None:
     data = json.dumps(openapi_document(__version__), indent=2).encode()
-    atomic_write(path, [data], mode=0o644)  # readable by whoever serves the docs
+    try:
+        atomic_write(path, [data], mode=0o644)  # readable by whoever serves the docs
+    except OSError as error:
+        raise ConfigError("documentation.openapi_output_path",
+                          f"cannot write {path}: {error.strerror}") from None
     log.info("OpenAPI description written to %s", path)
+
+
+def _check_paths(config: Config) -> None:
+    """What `serve` would refuse about the filesystem, found before it starts (so that
+    check-config and SIGHUP refuse it too)."""
+    if config.documentation.enabled:
+        path = config.documentation.openapi_output_path
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ConfigError("documentation.openapi_output_path",
+                              f"directory {directory} does not exist")
+        if not os.access(directory, os.W_OK):
+            raise ConfigError("documentation.openapi_output_path",
+                              f"directory {directory} is not writable by this user")
 
 
 def remove_stale_openapi(path: str) -> bool:
@@ -383,7 +440,9 @@ def load_config_file(path: str) -> Config:
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not valid UTF-8"
         raise ConfigError("", f"cannot read config file {path}: {reason}") from error
-    return load_config_text(text)
+    config = load_config_text(text)
+    _check_paths(config)
+    return config
 
 
 def config_path(explicit: str | None = None) -> str:

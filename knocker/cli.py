@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .app import App, build_app, config_path, configure_logging, load_config_file
-from .config import Config
+from .config import Config, config_warnings
 from .errors import ConfigError, KnockerError
 from .store import release_free_memory
 
@@ -30,6 +30,10 @@ DEFAULT_BIND = "0.0.0.0:8000"
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 4
 _METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+DEFAULT_WORKER_CLASS = "gevent"
+# gevent: one greenlet per connection, so a slow or idle client costs a connection, not a
+# thread (knocker.worker adds the head and body deadlines). gthread: the former default.
+WORKER_CLASSES = {"gevent": "knocker.worker.KnockerWorker", "gthread": "gthread"}
 
 
 def gen_key() -> str:
@@ -58,8 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "IPv6 as [::1]:8000)")
     serve.add_argument("--workers", type=_positive, default=DEFAULT_WORKERS,
                        help=f"worker processes (default {DEFAULT_WORKERS})")
+    serve.add_argument("--worker-class", choices=sorted(WORKER_CLASSES),
+                       default=DEFAULT_WORKER_CLASS,
+                       help=f"gunicorn worker model (default {DEFAULT_WORKER_CLASS}: each "
+                            "connection a greenlet, with head and body deadlines)")
     serve.add_argument("--threads", type=_positive, default=DEFAULT_THREADS,
-                       help=f"threads per worker (default {DEFAULT_THREADS}; 1 = sync workers)")
+                       help=f"threads per gthread worker (default {DEFAULT_THREADS}; "
+                            "1 = sync workers; gevent ignores it)")
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config file and exit 0/1")
@@ -92,10 +101,13 @@ def _gen_key(args: argparse.Namespace) -> int:
 def _load(path: str, err: TextIO) -> Config | None:
     """The validated config, or None after printing why not (key path, never a secret)."""
     try:
-        return load_config_file(path)
+        config = load_config_file(path)
     except ConfigError as error:
         print(f"knocker: {path}: invalid: {error}", file=err)
         return None
+    for warning in config_warnings(config):
+        print(f"knocker: {path}: warning: {warning}", file=err)
+    return config
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -108,8 +120,20 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _patch_for_gevent() -> None:
+    """gevent's monkey-patching, in the master before anything is built: the store's and
+    the firewall's locks, events and threads must be gevent's from the start (a plain
+    lock taken across a greenlet switch would stall the whole worker). gunicorn's worker
+    patches again after the fork; that second call changes nothing."""
+    from gevent import monkey
+
+    monkey.patch_all()
+
+
 def _serve(args: argparse.Namespace, run: Callable[[Any], None] | None = None) -> int:
     path = config_path(args.config)
+    if args.worker_class == "gevent":
+        _patch_for_gevent()
     config = _load(path, args.err)
     if config is None:
         return 1
@@ -151,15 +175,15 @@ def _serve_with(args: argparse.Namespace, config: Config, path: str,
     options = {
         "bind": args.bind or [DEFAULT_BIND],
         "workers": args.workers,
-        "threads": args.threads,
-        "worker_class": "gthread" if args.threads > 1 else "sync",
         # The master built the app (config, whitelist, firewall); workers inherit it.
         "preload_app": True,
         "proc_name": "knocker",
         "accesslog": None,
         "errorlog": "-",
         "loglevel": config.logging.level.lower(),
-        "keepalive": 30,  # reverse proxies reuse their connections to /verify
+        # Knocker reads X-Forwarded-* itself, from configured proxies only; gunicorn's own
+        # handling (SCRIPT_NAME, etc. from 127.0.0.1 by default) could only break routing.
+        "forwarder_headers": "",
         "graceful_timeout": 15,
         "post_fork": _post_fork,
         "worker_exit": _worker_exit,
@@ -167,10 +191,29 @@ def _serve_with(args: argparse.Namespace, config: Config, path: str,
         # gunicorn >= 25.1 opens a control socket at one per-user path by default, so a
         # second `knocker serve` would take over the first one's; Knocker needs none.
         "control_socket_disable": True,
+        **_worker_options(args.worker_class, args.threads),
     }
     server = _Gunicorn(app, options, path)
     (run or (lambda s: s.run()))(server)
     return 0
+
+
+def _worker_options(worker_class: str, threads: int) -> dict[str, Any]:
+    if worker_class == "gthread":
+        return {"worker_class": "gthread" if threads > 1 else "sync", "threads": threads,
+                "keepalive": 30}  # reverse proxies reuse their connections to /verify
+    from . import worker  # imports gevent: only when it serves
+
+    return {
+        "worker_class": WORKER_CLASSES[worker_class],
+        # Each connection: a greenlet and its buffers (tens of KB, see README "What
+        # Knocker withstands"); this bounds a worker's memory. Beyond it, new connections
+        # wait in the listen backlog.
+        "worker_connections": worker.WORKER_CONNECTIONS,
+        # gunicorn's gevent worker reads each request head within `keepalive` seconds;
+        # knocker.worker holds it to HEAD_TIMEOUT whatever this says.
+        "keepalive": int(worker.HEAD_TIMEOUT),
+    }
 
 
 def _post_fork(server: Any, worker: Any) -> None:
@@ -221,9 +264,14 @@ class _Gunicorn(_gunicorn_base()):  # type: ignore[misc]
         try:
             config = load_config_file(self._path)
             configure_logging(config.logging.level)
+            for warning in config_warnings(config):
+                log.warning("%s", warning)
             app = build_app(config)
         except KnockerError as error:
             log.error("SIGHUP: keeping the running config: %s", error.message)
+        except Exception as error:  # a reload must never take the running service down
+            log.error("SIGHUP: keeping the running config: unexpected %s",
+                      type(error).__name__)
         else:
             log.info("SIGHUP: config %s reloaded", self._path)
             self._app.close()

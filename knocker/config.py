@@ -190,9 +190,10 @@ class StrictLoader(yaml.SafeLoader):
     def construct_object(self, node: yaml.nodes.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except ValueError:
-            # PyYAML lets int("", 2) for `0b_` or date(2024, 2, 30) escape as ValueError;
-            # give it a position like every other YAML error.
+        except (ValueError, AttributeError, KeyError, TypeError, OverflowError):
+            # PyYAML lets int("", 2) for `0b_` or date(2024, 2, 30) escape as ValueError,
+            # `!!timestamp notatime` as AttributeError and `!!bool maybe` as KeyError;
+            # give them a position like every other YAML error.
             raise yaml.constructor.ConstructorError(
                 None, None, "a value that cannot be read", node.start_mark
             ) from None
@@ -457,6 +458,25 @@ _TOP = (
     "audit",
     "metrics",
 )
+
+
+# Accepted (upstream accepts them, and every upstream config must load), but said aloud.
+WIDE_PROXY_PREFIX = {4: 16, 6: 64}  # trusting more than a /16 or a /64 is rarely meant
+SHORT_KEY = 16  # characters; `knocker gen-key` makes 43
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What a valid config allows but an operator rarely means (never a key's text)."""
+    warnings = [
+        f"server.trusted_proxies: {network} is wider than a /{WIDE_PROXY_PREFIX[network.version]}"
+        ": every address in it may set X-Forwarded-For and whitelist any IP"
+        for network in config.server.trusted_proxies
+        if network.prefixlen < WIDE_PROXY_PREFIX[network.version]]
+    warnings += [
+        f"api_keys[{index}] ({key.name}): shorter than {SHORT_KEY} characters, so easy to "
+        "guess; `knocker gen-key` makes a 256-bit one"
+        for index, key in enumerate(config.api_keys) if len(key.key) < SHORT_KEY]
+    return warnings
 
 
 def parse_config(mapping: object) -> Config:

@@ -436,9 +436,25 @@ def _prefixes(normalized: Iterable[str]) -> _Prefixes:
         else:
             exact.add(prefix)
             under.add(prefix + "/")
-    # Drop entries a shorter one already covers, so matches() scans fewer strings.
-    kept = tuple(sorted(u for u in under if not any(u != o and u.startswith(o) for o in under)))
-    return _Prefixes(frozenset(e for e in exact if not e.startswith(kept)), kept)
+    # Drop entries a shorter one already covers, so matches() scans fewer strings. In
+    # sorted order every string between a prefix and its extensions extends it too, so
+    # one pass comparing with the last kept entry finds them all: O(n log n), not O(n^2).
+    kept: list[str] = []
+    for candidate in sorted(under):
+        if not (kept and candidate.startswith(kept[-1])):
+            kept.append(candidate)
+    covering = set(kept)
+    return _Prefixes(frozenset(e for e in exact if not _covered(e, covering)), tuple(kept))
+
+
+def _covered(path: str, under: set[str]) -> bool:
+    """Whether one of the `under` prefixes ("/a/", "/a/b/") is an ancestor of `path`."""
+    end = path.find("/")
+    while end != -1:
+        if path[: end + 1] in under:
+            return True
+        end = path.find("/", end + 1)
+    return False
 
 
 class Exclusions:

@@ -41,7 +41,7 @@ STORE_EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "s
 CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses",
                   "errors"}) | FIREWALLD_CORE | CLIENT_CORE | STORE_CORE
 EDGE = frozenset({"app", "cli", "firewall", "client", "webpage", "openapi", "audit", "events",
-                  "metrics", "apidocs"}) | FIREWALLD_EDGE | CLIENT_EDGE | STORE_EDGE
+                  "metrics", "apidocs", "worker"}) | FIREWALLD_EDGE | CLIENT_EDGE | STORE_EDGE
 FORBIDDEN_MODULES = frozenset({
     "os", "sys", "time", "datetime", "io", "pathlib", "shutil", "tempfile", "glob", "mmap",
     "fcntl", "select", "selectors", "signal", "subprocess", "threading", "multiprocessing",

@@ -29,6 +29,8 @@ def no_gunicorn(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("gunicorn was started")
 
     monkeypatch.setattr(knocker.cli, "_Gunicorn", refuse)
+    # and keep gevent's monkey-patching out of the test process
+    monkeypatch.setattr(knocker.cli, "_patch_for_gevent", lambda: None)
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -112,6 +114,69 @@ def test_check_config_rejects_with_the_key_path_and_never_the_secret(
     assert code == 1
     assert key_path in err
     assert SECRET not in out + err
+
+
+@pytest.mark.parametrize("extra", [
+    "security: {excluded_paths: [!!timestamp notatime]}",
+    "security: {excluded_paths: [!unknown /x]}",
+    "cors: {allowed_origin: !!bool maybe}",
+    "documentation: {enabled: true, openapi_output_path: MISSING/openapi.json}",
+    "documentation: {enabled: true, openapi_output_path: A_FILE/openapi.json}",
+])
+def test_check_config_refuses_what_serve_would_refuse_without_a_traceback(
+        tmp_path: Path, extra: str) -> None:
+    """Odd YAML tags and an openapi_output_path whose directory is missing (or a file)
+    exit 1 with one line naming the problem, never a traceback."""
+    (tmp_path / "a-file").write_text("")
+    extra = extra.replace("MISSING", str(tmp_path / "missing")).replace(
+        "A_FILE", str(tmp_path / "a-file"))
+    path = write_config(tmp_path, valid_config(tmp_path).read_text() + extra + "\n")
+    code, out, err = run("check-config", str(path))
+    assert code == 1
+    assert "invalid" in err and "Traceback" not in err
+    assert SECRET not in out + err
+
+
+def test_check_config_warns_of_wide_proxies_and_short_keys_but_accepts_them(
+        tmp_path: Path) -> None:
+    """A /8 of trusted proxies and an 8-character key: OK (upstream accepts them), with a
+    warning each on stderr that never shows the key."""
+    path = write_config(tmp_path, """
+server: {trusted_proxies: [10.0.0.0/8]}
+api_keys:
+  - {name: short, key: s3cr3t99, max_ttl: 60}
+""")
+    code, out, err = run("check-config", str(path))
+    assert code == 0 and "OK" in out
+    assert "10.0.0.0/8 is wider than a /16" in err
+    assert "api_keys[0] (short): shorter than 16 characters" in err
+    assert "s3cr3t99" not in out + err
+
+
+def test_serve_options_use_the_gevent_worker_and_no_forwarder_headers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default serve hands gunicorn Knocker's gevent worker with its connection cap and
+    head deadline, and no forwarder headers; --worker-class gthread keeps threads."""
+    monkeypatch.setattr(knocker.cli, "_patch_for_gevent", lambda: None)
+    seen: list[dict[str, object]] = []
+
+    def capture(server: object) -> None:
+        seen.append(dict(server._options))  # type: ignore[attr-defined]
+        server._app.close()  # type: ignore[attr-defined]
+
+    config = valid_config(tmp_path)
+    args = knocker.cli.build_parser().parse_args(["serve", "--config", str(config)])
+    args.out, args.err = io.StringIO(), io.StringIO()
+    assert knocker.cli._serve(args, run=capture) == 0
+    args = knocker.cli.build_parser().parse_args(
+        ["serve", "--config", str(config), "--worker-class", "gthread", "--threads", "3"])
+    args.out, args.err = io.StringIO(), io.StringIO()
+    assert knocker.cli._serve(args, run=capture) == 0
+    gevent, gthread = seen
+    assert gevent["worker_class"] == "knocker.worker.KnockerWorker"
+    assert gevent["worker_connections"] == 1000 and gevent["keepalive"] == 10
+    assert gevent["forwarder_headers"] == "" == gthread["forwarder_headers"]
+    assert gthread["worker_class"] == "gthread" and gthread["threads"] == 3
 
 
 def test_check_config_of_a_missing_file_fails(tmp_path: Path) -> None:

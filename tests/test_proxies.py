@@ -431,6 +431,23 @@ def test_trailing_slash_on_configured_prefix_is_ignored() -> None:
     assert not exclusions.matches(None, "/apix")
 
 
+def test_nested_and_overlapping_prefixes_match_exactly_as_each_one_alone() -> None:
+    """Prefixes that cover one another (dropped when built) match what any one of them
+    alone would: thousands of random nested sets against a one-by-one reference."""
+    rng = random.Random(11)
+    names = ["a", "b", "a0", "a.b", "ab", "a-"]
+    for _ in range(300):
+        prefixes = ["/" + "/".join(rng.choice(names) for _ in range(rng.randint(1, 3)))
+                    for _ in range(rng.randint(1, 12))]
+        if rng.random() < 0.05:
+            prefixes.append("/")
+        exclusions = Exclusions(tuple(prefixes))
+        for _ in range(20):
+            path = "/" + "/".join(rng.choice(names) for _ in range(rng.randint(1, 4)))
+            alone = any(Exclusions((prefix,)).matches(None, path) for prefix in prefixes)
+            assert exclusions.matches(None, path) is alone, (prefixes, path)
+
+
 def test_root_prefix_matches_every_path() -> None:
     """A configured "/" excludes every resolved path, but not an unresolved one."""
     exclusions = Exclusions(("/", "/api"))

@@ -1,4 +1,5 @@
-"""knocker.ratelimit: exact sliding-window knock budgets in a fixed-size table (docs/api.md#rate-limiting)."""
+"""knocker.ratelimit: exact sliding-window knock budgets in a fixed-size table
+(docs/api.md#rate-limiting)."""
 
 from __future__ import annotations
 

@@ -261,20 +261,30 @@ def test_logs_one_line_per_knock_and_never_the_key(tmp_path: Path) -> None:
     assert "verify" not in server.log().lower()
 
 
-def test_plain_gunicorn_serves_the_factory(tmp_path: Path) -> None:
-    """`gunicorn 'knocker.app:create_app()'` works with KNOCKER_CONFIG_PATH."""
+@pytest.mark.parametrize("worker", [[], ["--worker-class", "knocker.worker.KnockerWorker"]],
+                         ids=["sync", "knocker-worker"])
+def test_plain_gunicorn_serves_the_factory(tmp_path: Path, worker: list[str]) -> None:
+    """`gunicorn 'knocker.app:create_app()'` works with KNOCKER_CONFIG_PATH, with
+    gunicorn's default worker and with Knocker's gevent worker (README, Plain gunicorn)."""
     server = KnockerProcess(tmp_path)
     gunicorn = str(Path(KNOCKER).with_name("gunicorn"))
     env = {**os.environ, "KNOCKER_CONFIG_PATH": str(server.config_path)}
     process = subprocess.Popen(
-        [gunicorn, "--bind", f"127.0.0.1:{server.port}", "--workers", "2",
+        [gunicorn, "--bind", f"127.0.0.1:{server.port}", "--workers", "2", *worker,
          "--no-control-socket", "knocker.app:create_app()"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "gunicorn.log").open("wb"))
     server.process = process
     try:
         server.wait_healthy()
         assert server.knock(source="127.0.0.111")[0] == 200
         assert [server.verify(source="127.0.0.111") for _ in range(10)] == [200] * 10
+        # gunicorn's gevent workers miss a SIGTERM that arrives while they still load the
+        # app (they then wait out the graceful timeout, 30 s): stop after both loaded.
+        deadline = time.monotonic() + 20
+        while (tmp_path / "gunicorn.log").read_text().count("loaded:") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     finally:
         process.terminate()
         process.wait(20)

@@ -85,16 +85,23 @@ class Proc:
             process.wait(10)
 
 
-def floor_server(workdir: Path, port: int, workers: int, threads: int) -> Proc:
-    """tests.bench.floor:app under gunicorn with the options `knocker serve` uses."""
+def floor_server(workdir: Path, port: int, workers: int, threads: int,
+                 worker_class: str = "gthread") -> Proc:
+    """tests.bench.floor:app under gunicorn with the options `knocker serve` uses for
+    `worker_class` (gthread, or gevent: Knocker's own worker, deadlines included)."""
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
     repo = Path(__file__).resolve().parents[2]
-    return Proc("floor", [
-        gunicorn, "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-        "--threads", str(threads), "--worker-class", "gthread" if threads > 1 else "sync",
+    if worker_class == "gevent":
+        model = ["--worker-class", "knocker.worker.KnockerWorker",
+                 "--worker-connections", "1000", "--keep-alive", "10"]
+    else:
+        model = ["--threads", str(threads), "--worker-class",
+                 "gthread" if threads > 1 else "sync", "--keep-alive", "30"]
+    return Proc(f"floor-{worker_class}", [
+        gunicorn, "--bind", f"127.0.0.1:{port}", "--workers", str(workers), *model,
         # As `knocker serve` does: no control socket (gunicorn >= 25.1 opens one at a
-        # per-user path by default, taking over another server's), 30 s keep-alive.
-        "--no-control-socket", "--keep-alive", "30", "--log-level", "warning",
+        # per-user path by default, taking over another server's).
+        "--no-control-socket", "--log-level", "warning",
         "--chdir", str(repo),
         "tests.bench.floor:app"], workdir, [port])
 

@@ -251,7 +251,8 @@ def knocker_config(directory: Path, size: int, metrics: bool = False) -> dict[st
         "security": {
             # Room for every knock of the run: eviction is not what is measured here.
             "max_whitelist_entries": max(10_000, 2 * size + 10 * KNOCK_POOL),
-            # Knocks come from a small pool of clients; 0 = no success budget (docs/api.md#rate-limiting).
+            # Knocks come from a small pool of clients; 0 = no success budget
+            # (docs/api.md#rate-limiting).
             "knock_rate_limit": {"successful_requests": 0},
         },
         "whitelist": {"storage_path": str(directory / "whitelist.json")},
