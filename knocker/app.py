@@ -29,7 +29,7 @@ from .openapi import openapi_document
 from .policy import MAX_BODY, Verifier, authenticate, authorize, parse_body
 from .proxies import ProxyResolver
 from .ratelimit import client_key
-from .store import Store
+from .store import WhitelistBackend, atomic_write, open_backend
 
 log = logging.getLogger("knocker")
 
@@ -52,7 +52,7 @@ def _json(status: HTTPStatus, payload: object, headers: Headers | None = None) -
 
 
 class App:
-    def __init__(self, config: Config, store: Store, firewall: Firewall,
+    def __init__(self, config: Config, store: WhitelistBackend, firewall: Firewall,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.store = store
@@ -140,7 +140,7 @@ class App:
         return _json(HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
 
     def _ready(self) -> Response:
-        problem = self.store.writable_problem() or self.firewall.problem()
+        problem = self.store.ready() or self.firewall.problem()
         if problem:
             return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "not ready", "error": problem})
         return _json(HTTPStatus.OK, {"status": "ready"})
@@ -252,22 +252,23 @@ def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
     Raises KnockerError when the service cannot run (it must not start half-working)."""
     store_dir = os.path.dirname(os.path.abspath(config.whitelist.storage_path))
     firewall = create_firewall(config.firewalld, store_dir)
-    store = Store(config, firewall, clock)
-    store.open()
-    log.info("whitelist %s loaded: %d entries", store.path, len(store.replica))
-    # Restoring grants needs the entries as text: only worth building for a real firewall.
-    firewall.prepare(store.entries() if config.firewalld.enabled else {}, clock())
-    if config.documentation.enabled:
-        _write_openapi(config.documentation.openapi_output_path)
+    store = open_backend(config, firewall, clock)
+    log.info("whitelist %s loaded: %d entries", store.location, len(store))
+    try:
+        # Restoring grants needs the entries as text: only worth building for a real
+        # firewall.
+        firewall.prepare(store.entries() if config.firewalld.enabled else {}, clock())
+        if config.documentation.enabled:
+            _write_openapi(config.documentation.openapi_output_path)
+    except BaseException:
+        store.close()  # a failed (re)load must not leave the files and the map open
+        raise
     return App(config, store, firewall, clock)
 
 
 def _write_openapi(path: str) -> None:
     data = json.dumps(openapi_document(__version__), indent=2).encode()
-    temp = f"{path}.tmp"
-    with open(temp, "wb") as handle:
-        handle.write(data)
-    os.replace(temp, path)
+    atomic_write(path, [data], mode=0o644)  # readable by whoever serves the docs
     log.info("OpenAPI description written to %s", path)
 
 

@@ -4,17 +4,16 @@ Owns: the index that answers "is this address whitelisted now?" with one hash lo
 prefix length in use (never a scan), and the pure rules of granting (a grant never
 shortens an entry; at capacity the soonest-expiring other entry is evicted). Entries are
 keyed by (version, prefix length, network as int); `entry_text` gives the canonical
-spelling. No I/O, no clock: `now` is always an argument.
+spelling. No I/O, no clock: `now` is always an argument. The on-disk spelling of a
+whitelist (whitelist.json, the journal) is knocker.store.formats'.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from math import inf
+from collections.abc import Iterator
 
 from .addresses import IPAddress, IPNetwork, parse_network
 
@@ -155,28 +154,6 @@ class Whitelist:
         """entry text -> expiry of the entries expiring after `now`."""
         return dict(self.texts(now))
 
-    def json_pieces(self, now: float, soonest: list[float],
-                    per_piece: int = 4096) -> Iterator[bytes]:
-        """as_dict(now) as whitelist.json text, byte for byte what json.dumps(...,
-        separators=(", ", ": ")) gives, in pieces of `per_piece` entries, so a snapshot
-        of 100,000 entries never exists as one dict or one string; soonest[0] ends up as
-        the smallest expiry written. Entry texts are plain ASCII: nothing to escape."""
-        parts: list[str] = []
-        separator = ""
-        low = inf
-        yield b"{"
-        for text, expiry in self.texts(now):
-            if expiry < low:
-                low = expiry
-            parts.append(f'"{text}": {expiry}')
-            if len(parts) >= per_piece:
-                yield (separator + ", ".join(parts)).encode()
-                separator, parts = ", ", []
-        if parts:
-            yield (separator + ", ".join(parts)).encode()
-        yield b"}"
-        soonest[0] = low
-
     # ------------------------------------------------------------------ writing
     def set(self, key: Key, expiry: int) -> None:
         """Store `expiry` for `key` as given (replication uses this)."""
@@ -277,74 +254,3 @@ def granted_expiry(current: int | None, now: float, ttl: int) -> int:
     short), and never earlier than the entry's current expiry."""
     expiry = -int(-(now + ttl) // 1)
     return expiry if current is None or current < expiry else current
-
-
-# One entry of whitelist.json as Knocker writes it: `"1.2.3.4": 1767225600`. The name
-# can hold no quote or backslash, so a file made only of these is plain JSON.
-_CANONICAL_PAIR = re.compile(rb'"([0-9a-f.:/]{2,43})": ([0-9]{1,15})')
-
-
-class NotCanonical(ValueError):
-    """whitelist.json is not in Knocker's own layout: read it with a JSON parser."""
-
-
-def canonical_pairs(raw: bytes) -> Iterator[tuple[str, int]]:
-    """The entries of a whitelist.json in Knocker's own layout (`{"k": v, "k": v}`), one
-    at a time, without building the JSON object (startup memory with 100,000 entries).
-    Raises NotCanonical, possibly after yielding some pairs, for any other layout."""
-    if raw == b"{}":
-        return
-    if raw[:1] != b"{" or raw[-1:] != b"}":
-        raise NotCanonical("not Knocker's layout")
-    position = 1
-    for match in _CANONICAL_PAIR.finditer(raw, 1, len(raw) - 1):
-        if match.start() != position:
-            raise NotCanonical("not Knocker's layout")
-        yield match[1].decode("ascii"), int(match[2])
-        position = match.end() + 2  # the ", " between pairs
-    if position != len(raw) + 1:
-        raise NotCanonical("not Knocker's layout")
-
-
-def load_entries(pairs: Iterable[tuple[str, object]], now: float,
-                 into: Whitelist) -> tuple[int, list[str]]:
-    """Add the unexpired entries of an upstream whitelist.json ({"entry":
-    unix_expiry_int}, given as its items) to `into`. Returns how many pairs were read and
-    complaints about skipped entries (never quoting more than the entry text).
-
-    Single addresses, nearly all of a big whitelist, take an unrolled path: startup
-    with 100,000 entries must stay well under a second.
-    """
-    problems = []
-    hosts: dict[int, dict[int, int]] = {4: {}, 6: {}}
-    pton, from_bytes = socket.inet_pton, int.from_bytes
-    seen = 0
-    for text, expiry in pairs:
-        seen += 1
-        if type(expiry) is not int:  # bool is an int subclass, and no expiry
-            if isinstance(expiry, float):
-                expiry = -int(-expiry // 1)  # round up: never cut a grant short
-            else:
-                problems.append(f"{text[:100]!r}: expiry is not a number")
-                continue
-        if expiry <= now:
-            continue
-        if "/" not in text and len(text) <= 45:
-            version = 6 if ":" in text else 4
-            try:
-                value = from_bytes(pton(_FAMILY[version], text), "big")
-            except OSError:
-                value = -1
-            if value >= 0 and not (version == 6 and value >> 32 == 0xFFFF):
-                table = hosts[version]
-                if table.get(value, 0) < expiry:
-                    table[value] = expiry
-                continue
-        key = parse_entry(text) if len(text) <= 100 else None
-        if key is None:
-            problems.append(f"{text[:100]!r}: not an IP address or network")
-        else:
-            into.extend(key, expiry)
-    for version, table in hosts.items():
-        into.extend_hosts(version, table)
-    return seen, problems

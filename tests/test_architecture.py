@@ -21,8 +21,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "knocker"
-CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses", "errors"})
-EDGE = frozenset({"store", "app", "cli", "firewall", "firewalld", "client", "webpage", "openapi"})
+# Modules by dotted name below knocker; a subpackage's __init__ goes by the package name.
+CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses", "errors",
+                  "store.formats", "store.backend"})
+EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "store.snapshot",
+                  "store.filestore", "app", "cli", "firewall", "firewalld", "client",
+                  "webpage", "openapi"})
 FORBIDDEN_MODULES = frozenset({
     "os", "sys", "time", "datetime", "io", "pathlib", "shutil", "tempfile", "glob", "mmap",
     "fcntl", "select", "selectors", "signal", "subprocess", "threading", "multiprocessing",
@@ -32,18 +36,20 @@ PURE_SOCKET_NAMES = frozenset({"inet_pton", "inet_ntop", "AF_INET", "AF_INET6"})
 FORBIDDEN_CALLS = frozenset({"open", "print", "input", "eval", "exec", "__import__"})
 
 
-def imports_of(tree: ast.AST) -> list[tuple[str, list[str]]]:
-    """(absolute module, imported names) for every import statement in a knocker module."""
+def imports_of(tree: ast.AST, package: str = "knocker") -> list[tuple[str, list[str]]]:
+    """(absolute module, imported names) for every import statement in a module of
+    `package` (relative imports resolved against it)."""
     found: list[tuple[str, list[str]]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.extend((alias.name, []) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             names = [alias.name for alias in node.names]
-            if node.level:  # relative: the package is `knocker` itself
-                base = "knocker" + (f".{node.module}" if node.module else "")
-                if node.module is None:  # `from . import x` imports the module knocker.x
-                    found.extend((f"knocker.{name}", []) for name in names)
+            if node.level:  # relative to `package`, one level up per extra dot
+                parent = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+                base = parent + (f".{node.module}" if node.module else "")
+                if node.module is None:  # `from . import x` imports the module parent.x
+                    found.extend((f"{parent}.{name}", []) for name in names)
                     continue
                 found.append((base, names))
             else:
@@ -51,13 +57,33 @@ def imports_of(tree: ast.AST) -> list[tuple[str, list[str]]]:
     return found
 
 
+def classify(module: str) -> str:
+    """The CORE/EDGE name of an absolute knocker.* module (or of its package)."""
+    name = module.removeprefix("knocker.")
+    while name not in CORE | EDGE and "." in name:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def package_of(name: str) -> str:
+    """The package a module's relative imports start from."""
+    path = PACKAGE / name.replace(".", "/")
+    return f"knocker.{name}" if path.is_dir() else f"knocker.{name}".rpartition(".")[0]
+
+
+def source_of(name: str) -> Path:
+    path = PACKAGE / name.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def problems_in(source: str, name: str) -> list[str]:
     """Every breach of the rules above in one module's source."""
     tree = ast.parse(source)
     problems = []
-    for module, names in imports_of(tree):
+    package = package_of(name) if name in CORE | EDGE else "knocker"
+    for module, names in imports_of(tree, package):
         top = module.split(".")[0]
-        if module.startswith("knocker.") and module.split(".")[1] not in CORE:
+        if module.startswith("knocker.") and classify(module) not in CORE:
             problems.append(f"{name} imports edge module {module}")
         if module in FORBIDDEN_MODULES or top in FORBIDDEN_MODULES:
             problems.append(f"{name} imports {module}")
@@ -75,14 +101,16 @@ def problems_in(source: str, name: str) -> list[str]:
 
 
 def knocker_imports(name: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{name}.py").read_text(encoding="utf-8"))
-    return {module.split(".")[1] for module, _ in imports_of(tree)
+    tree = ast.parse(source_of(name).read_text(encoding="utf-8"))
+    return {classify(module) for module, _ in imports_of(tree, package_of(name))
             if module.startswith("knocker.")}
 
 
 def test_core_and_edge_lists_cover_every_module() -> None:
     """Every knocker module is classified, so a new module cannot dodge the rules."""
-    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    modules = {".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+               for path in PACKAGE.rglob("*.py")} - {"__init__", "__main__"}
+    modules = {name.removesuffix(".__init__") for name in modules}
     assert modules <= CORE | EDGE, sorted(modules - CORE - EDGE)
     assert modules >= CORE
 
@@ -106,7 +134,8 @@ def test_core_module_reaches_no_edge_module(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(CORE | {"__init__"}))
 def test_core_module_does_no_io_and_reads_no_clock(name: str) -> None:
     """Core modules import nothing that touches the clock, environment, disk or processes."""
-    source = (PACKAGE / f"{name}.py").read_text(encoding="utf-8")
+    source = (source_of(name) if name != "__init__" else PACKAGE / "__init__.py").read_text(
+        encoding="utf-8")
     assert problems_in(source, name) == []
 
 
@@ -116,6 +145,7 @@ def test_core_module_does_no_io_and_reads_no_clock(name: str) -> None:
         "import os",
         "from time import time",
         "import knocker.store",
+        "from knocker.store.shm import SharedMemory",
         "from .app import App",
         "from . import firewall",
         "def f():\n    from .cli import main",
@@ -135,3 +165,11 @@ def test_rule_checker_accepts_pure_imports() -> None:
     source = ("import socket\nimport ipaddress\nfrom .addresses import parse_ip\n"
               "from knocker.errors import ConfigError\nsocket.inet_pton(socket.AF_INET, 'x')")
     assert problems_in(source, "sample") == []
+
+
+def test_rule_checker_resolves_relative_imports_inside_a_subpackage() -> None:
+    """In a pure module of a subpackage, `.sibling` names the sibling, `..x` knocker.x."""
+    assert problems_in("from .files import atomic_write", "store.formats")
+    assert problems_in("from .. import app", "store.formats")
+    assert problems_in("from .backend import KnockResult\nfrom ..whitelist import Key",
+                       "store.formats") == []

@@ -1,6 +1,6 @@
-"""knocker.store: whitelist.json + journal on disk, and one whitelist shared by workers.
+"""knocker.store.FileStore: whitelist.json + journal on disk, and one whitelist shared by workers.
 
-Two Store objects on one path in one process stand in for two gunicorn workers: they share
+Two FileStore objects on one path in one process stand in for two gunicorn workers: they share
 the files and the mmap exactly as forked workers do. The clock is injected; nothing sleeps.
 """
 
@@ -19,24 +19,12 @@ from pathlib import Path
 
 import pytest
 
-import knocker.store
 from knocker.config import Config, load_config_text
 from knocker.errors import FirewallError, FirewallUnavailable, StorageError
 from knocker.firewall import NullFirewall
-from knocker.store import Store
+from knocker.store import FileStore
 from knocker.whitelist import Key, parse_entry
-
-NOW = 1_700_000_000.0
-
-
-class Clock:
-    """A settable clock for Store(clock=...)."""
-
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import NOW, FakeClock
 
 
 class RecordingFirewall(NullFirewall):
@@ -94,9 +82,10 @@ class Opener:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.firewall = RecordingFirewall()
-        self.opened: list[Store] = []
+        self.opened: list[FileStore] = []
+        self.tuning: dict[str, float] = {}
 
     @property
     def path(self) -> Path:
@@ -106,11 +95,13 @@ class Opener:
     def journal(self) -> Path:
         return self.directory / "whitelist.json.journal"
 
-    def __call__(self, directory: Path | None = None, clock: Clock | None = None,
-                 firewall: RecordingFirewall | None = None, **settings: int) -> Store:
+    def __call__(self, directory: Path | None = None, clock: FakeClock | None = None,
+                 firewall: RecordingFirewall | None = None, **settings: int) -> FileStore:
         config = store_config(directory or self.directory, **settings)
-        store = Store(config, firewall or self.firewall, clock=clock or self.clock)
-        store.open()
+        clock = clock or self.clock
+        store = FileStore(config, firewall or self.firewall, clock=clock,
+                          monotonic=clock.monotonic, sleep=clock.sleep,
+                          **self.tuning)  # type: ignore[arg-type]
         self.opened.append(store)
         return store
 
@@ -193,7 +184,7 @@ def test_knock_is_allowed_immediately(opener: Opener) -> None:
 def test_large_whitelist_knock_is_journaled_before_it_returns(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """Above INLINE_SNAPSHOT_MAX a knock is appended to the journal before it returns."""
-    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 2)
+    opener.tuning["inline_snapshot_max"] = 2
     store = opener()
     for n in range(1, 4):
         store.knock(key(f"198.51.100.{n}"), 60, NOW)
@@ -214,7 +205,7 @@ def test_reopen_restores_every_entry(opener: Opener) -> None:
 def test_crash_after_journaled_knocks_loses_nothing(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a crash, replaying the journal over whitelist.json restores every knock."""
-    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 2)
+    opener.tuning["inline_snapshot_max"] = 2
     store = opener()
     expected = {}
     for n in range(1, 6):
@@ -231,7 +222,7 @@ def test_crash_after_journaled_knocks_loses_nothing(
 def test_reopen_folds_the_journal_into_whitelist_json(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """A restart that replayed a journal leaves one complete whitelist.json behind."""
-    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 1)
+    opener.tuning["inline_snapshot_max"] = 1
     store = opener()
     store.knock(key("198.51.100.1"), 60, NOW)
     store.knock(key("198.51.100.2"), 60, NOW)
@@ -255,19 +246,25 @@ def test_torn_last_journal_line_is_ignored(opener: Opener,
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_damaged_journal_line_stops_replay_with_an_error(
+def test_damaged_middle_journal_line_skips_only_that_record_and_is_kept_aside(
         opener: Opener, caplog: pytest.LogCaptureFixture) -> None:
-    """A line whose checksum fails stops the replay there, logged at ERROR."""
+    """A line whose checksum fails costs that record only (the later ones carry their
+    own checksums); the damaged journal is copied to .corrupt-<time> before the repair."""
     opener.directory.mkdir(parents=True)
     expiry = int(NOW) + 100
     damaged = journal_line(f"+ 198.51.100.2 {expiry}").replace(b"198.51", b"198.52")
-    opener.journal.write_bytes(journal_line(f"+ 198.51.100.1 {expiry}") + damaged
-                               + journal_line(f"+ 198.51.100.3 {expiry}"))
+    original = (journal_line(f"+ 198.51.100.1 {expiry}") + damaged
+                + journal_line(f"+ 198.51.100.3 {expiry}"))
+    opener.journal.write_bytes(original)
     with caplog.at_level(logging.WARNING, logger="knocker"):
         store = opener()
-    assert store.entries() == {"198.51.100.1": expiry}
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors and "journal" in errors[0].getMessage()
+    assert store.entries() == {"198.51.100.1": expiry, "198.51.100.3": expiry}
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and "line(s) 2" in errors[0]
+    aside = opener.directory / f"whitelist.json.journal.corrupt-{int(NOW)}"
+    assert aside.read_bytes() == original
+    assert opener.journal.read_bytes() == b""  # folded into whitelist.json
+    assert opener.file() == {"198.51.100.1": expiry, "198.51.100.3": expiry}
 
 
 def test_journal_removal_record_is_replayed(opener: Opener) -> None:
@@ -375,7 +372,7 @@ def test_tick_purges_entries_that_expire_after_loading(opener: Opener) -> None:
 def test_purge_of_journaled_entries_reaches_the_file(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the journal path too, expired entries are gone from whitelist.json after a purge."""
-    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 1)
+    opener.tuning["inline_snapshot_max"] = 1
     store = opener(cleanup=60)
     store.knock(key("198.51.100.1"), 10, NOW)
     store.knock(key("198.51.100.2"), 1000, NOW)
@@ -520,7 +517,7 @@ def test_journal_sync_failure_leaves_nothing_on_disk(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """A journaled knock whose fdatasync fails is revoked and is not granted after a
     restart either: the journal must not keep it."""
-    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 1)
+    opener.tuning["inline_snapshot_max"] = 1
     store = opener()
     store.knock(key("198.51.100.1"), 60, NOW)
     with monkeypatch.context() as patch:
@@ -570,9 +567,8 @@ def test_unusable_storage_location_is_a_storage_error(tmp_path: Path) -> None:
     """A storage path whose directory cannot be created refuses to open."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    store = Store(store_config(blocker / "sub"), NullFirewall(), clock=Clock())
     with pytest.raises(StorageError):
-        store.open()
+        FileStore(store_config(blocker / "sub"), NullFirewall(), clock=FakeClock())
 
 
 # --- several workers --------------------------------------------------------------------
@@ -631,8 +627,8 @@ def test_lagging_worker_reloads_from_disk_after_a_ring_overrun(
         inline_max: int) -> None:
     """A process that fell more than a ring behind rebuilds its replica from disk and
     answers correctly."""
-    monkeypatch.setattr(knocker.store, "RING_CAPACITY", 4)
-    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", inline_max)
+    opener.tuning["ring_capacity"] = 4
+    opener.tuning["inline_snapshot_max"] = inline_max
     first, second = opener(capacity=5), opener(capacity=5)
     second.knock(key("192.0.2.1"), 5000, NOW)
     for n in range(1, 11):  # 10 grants and 5 evictions: far more than 4 ring records
@@ -675,22 +671,22 @@ def test_entries_lists_only_live_entries(opener: Opener) -> None:
     assert store.entries() == {"198.51.100.2": int(NOW) + 100}
 
 
-def test_writable_problem_reports_a_vanished_directory_and_a_closed_store(
+def test_ready_reports_a_vanished_directory_and_a_closed_store(
         opener: Opener) -> None:
-    """writable_problem() is None while usable and explains why not otherwise."""
+    """ready() is None while usable and explains why not otherwise."""
     store = opener()
-    assert store.writable_problem() is None
+    assert store.ready() is None
     shutil.rmtree(opener.directory)
-    assert store.writable_problem()
+    assert store.ready()
     store.close()
-    assert store.writable_problem()
+    assert store.ready()
 
 
 def test_a_worker_that_waited_for_the_lock_does_not_snapshot_again(
         opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two workers decide a snapshot is due; the first writes it, a knock lands, and the
     second, once it holds the lock, finds the new journal too young to snapshot."""
-    monkeypatch.setattr(knocker.store, "INLINE_SNAPSHOT_MAX", 2)
+    opener.tuning["inline_snapshot_max"] = 2
     first, second = opener(), opener()
     for n in range(1, 5):
         first.knock(key(f"198.51.100.{n}"), 600, NOW)

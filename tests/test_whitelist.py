@@ -8,15 +8,13 @@ import json
 import pytest
 
 from knocker.addresses import parse_network
+from knocker.store.formats import NotCanonical, canonical_pairs, json_pieces, load_entries
 from knocker.whitelist import (
     Key,
-    NotCanonical,
     Whitelist,
-    canonical_pairs,
     entry_text,
     granted_expiry,
     key_of,
-    load_entries,
     parse_entry,
 )
 
@@ -380,11 +378,11 @@ def test_json_pieces_are_exactly_the_snapshot_json(per_piece: int) -> None:
                     "2001:db8::1": 1_800_000_002, "::102:304": 1_800_000_005,
                     "2001:db8::/64": 1_800_000_004, "192.0.2.9": int(NOW) - 1})
     soonest = [0.0]
-    text = b"".join(table.json_pieces(NOW, soonest, per_piece))
+    text = b"".join(json_pieces(table, NOW, soonest, per_piece))
     expected = json.dumps(table.as_dict(NOW), separators=(", ", ": ")).encode()
     assert text == expected
     assert json.loads(text)["::102:304"] == 1_800_000_005
     assert "192.0.2.9" not in json.loads(text)
     assert soonest == [1_800_000_001]
     empty = [0.0]
-    assert b"".join(Whitelist().json_pieces(NOW, empty)) == b"{}"
+    assert b"".join(json_pieces(Whitelist(), NOW, empty)) == b"{}"

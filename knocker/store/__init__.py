@@ -1,0 +1,25 @@
+"""The whitelist's storage: the interface the app talks to, and the file implementation.
+
+Faces: `WhitelistBackend` (backend.py, what the app may ask), `open_backend` (the one
+place that picks an implementation), `FileStore` (filestore.py, whitelist.json + journal
++ shared memory), and `atomic_write` (files.py, how every file Knocker writes is replaced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..config import Config
+from ..firewall import Firewall
+from .backend import KnockResult, WhitelistBackend
+from .files import atomic_write
+from .filestore import FileStore, release_free_memory
+
+__all__ = ["FileStore", "KnockResult", "WhitelistBackend", "atomic_write", "open_backend",
+           "release_free_memory"]
+
+
+def open_backend(config: Config, firewall: Firewall,
+                 clock: Callable[[], float]) -> WhitelistBackend:
+    """The whitelist backend `config` asks for, open and loaded (StorageError if not)."""
+    return FileStore(config, firewall, clock=clock)

@@ -1,0 +1,450 @@
+"""Edge: FileStore, the whitelist backend kept in files next to `whitelist.storage_path`.
+
+Owns the protocol between the three files and the worker processes: whitelist.json
+(snapshot.py), whitelist.json.journal (journal.py) and whitelist.json.shm (shm.py).
+
+A knock appends to the journal and is fsynced (group commit) before it is answered;
+that is what makes it durable. It is also written to the shared ring and the sequence
+number bumped, so /verify in any worker compares one integer in memory and, when it
+moved, applies the new records to its replica: /verify never parses a file, and a knock
+answered by one worker is seen by every worker on its very next request. whitelist.json
+is rewritten from the replica later, in the background, which then empties the journal.
+Writers (knocks, evictions, snapshots) serialise on the journal's writer lock; /verify
+takes no lock unless it has records to apply. firewall.grant runs under the writer lock,
+which /verify never needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from math import inf
+
+from ..addresses import IPAddress
+from ..config import Config
+from ..errors import StorageError
+from ..firewall import Firewall
+from ..ratelimit import RateLimiter, layout_for
+from ..whitelist import Key, Whitelist, entry_text, granted_expiry
+from .backend import KnockResult
+from .files import check_directory
+from .formats import REMOVED, decode_journal, encode_whitelist, journal_line, json_pieces
+from .journal import Journal
+from .shm import SharedMemory
+from .snapshot import SnapshotFile
+
+log = logging.getLogger("knocker.store")
+
+RING_CAPACITY = 65536  # changes a replica may fall behind before it reloads from disk
+INLINE_SNAPSHOT_MAX = 2000
+SNAPSHOT_DELAY = 1.0  # seconds whitelist.json may lag behind the journal (small lists)
+SNAPSHOT_SPACING = 20  # a big snapshot waits this many times its own cost, at least
+TICK = 0.25  # maintenance period: keeps replicas well inside the ring
+
+
+class FileStore:
+    """The whitelist of one service, shared by its processes through the files above.
+    Fully open once built; `start()` in each serving process, `close()` once."""
+
+    def __init__(self, config: Config, firewall: Firewall, *,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 ring_capacity: int = RING_CAPACITY,
+                 inline_snapshot_max: int = INLINE_SNAPSHOT_MAX,
+                 snapshot_delay: float = SNAPSHOT_DELAY,
+                 tick: float = TICK) -> None:
+        self.location = os.path.abspath(config.whitelist.storage_path)
+        self.directory = os.path.dirname(self.location)
+        self._capacity = config.security.max_whitelist_entries
+        self._cleanup = config.whitelist.cleanup_interval_seconds
+        self._firewall = firewall
+        self._clock, self._monotonic, self._sleep = clock, monotonic, sleep
+        self._inline_max = inline_snapshot_max
+        self._snapshot_delay = snapshot_delay
+        self._tick = tick
+        rate = config.security.knock_rate_limit
+        self._rate_layout = layout_for(rate)
+        self._snapshot = SnapshotFile(self.location)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            check_directory(self.directory)
+            self._shm = SharedMemory(self.location + ".shm", ring_capacity, self._rate_layout,
+                                     rate.window_seconds)
+        except OSError as error:
+            raise StorageError(f"cannot open whitelist storage in {self.directory}: "
+                               f"{error.strerror}") from error
+        try:
+            self._journal = Journal(self.location + ".journal", self._shm)
+        except BaseException:
+            self._shm.close()
+            raise
+        self._limiter = RateLimiter(rate, self._shm.rate_table, self._shm.salt,
+                                    self._rate_layout)
+        self.replica = Whitelist()
+        self._seq = 0
+        self._replica_lock = threading.Lock()  # one thread applies ring records at a time
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        started = monotonic()
+        try:
+            with self._journal.writing():
+                self._reload(repair=True)
+        except BaseException:
+            self._release()
+            raise
+        # Until this process has timed a snapshot of its own, loading the whitelist is
+        # the best estimate of one (both go through every entry once).
+        self._snapshot_cost = monotonic() - started
+        self._next_purge = clock() + self._cleanup
+
+    def __len__(self) -> int:
+        return len(self.replica)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start this process's maintenance thread (purge, snapshots, catch-up). In a
+        process forked after the store was built (gunicorn's preload), first take file
+        descriptions and locks of its own: flock belongs to the description."""
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._journal.reopen()
+            self._shm.reopen()
+            self._replica_lock = threading.Lock()
+            self._stop = threading.Event()
+            self._thread = None
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._maintain, name="knocker-store",
+                                            daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread, leave a current snapshot behind (SIGTERM, SIGHUP), and
+        release the files and the map. Idempotent."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        try:
+            if self._dirty_since() is not None:
+                self._snapshot_now(purge=False, final=True)
+        except (OSError, StorageError) as error:
+            log.error("final snapshot failed (the journal still holds every knock): %s",
+                      error)
+        self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        self._journal.close()
+        self._shm.close()
+
+    def ready(self) -> str | None:
+        """None when the storage can take a knock, else why not (for /ready)."""
+        if self._closed:
+            return "whitelist storage is closed"
+        if not os.access(self.directory, os.W_OK):
+            return f"{self.directory} is not writable"
+        for path in (self.location, self._journal.path):
+            if os.path.exists(path) and not os.access(path, os.W_OK):
+                return f"{path} is not writable"
+        return None
+
+    # ------------------------------------------------------------------ /verify
+    def allows(self, address: IPAddress, now: float) -> bool:
+        """The /verify question; in-memory only."""
+        if self._shm.header.seq != self._seq:
+            self._catch_up()
+        return self.replica.allows(address, now)
+
+    def entries(self) -> dict[str, int]:
+        """entry -> expiry of the whole live whitelist (for the firewall's re-apply)."""
+        self._catch_up()
+        now = self._clock()
+        return {entry_text(k): e for k, e in self.replica.items() if e > now}
+
+    # ------------------------------------------------------------------ rate limits
+    def rate_blocked(self, client: bytes, now: float) -> bool:
+        if not (self._rate_layout.successes or self._rate_layout.failures):
+            return False  # both budgets unlimited: no table, no lock
+        with self._shm.lock():
+            return self._limiter.blocked(client, now)
+
+    def rate_record(self, client: bytes, success: bool, now: float) -> None:
+        if not (self._rate_layout.successes if success else self._rate_layout.failures):
+            return  # an unlimited budget counts nothing
+        with self._shm.lock():
+            self._limiter.record(client, success, now)
+
+    # ------------------------------------------------------------------ knocks
+    def knock(self, key: Key, ttl: int, now: float) -> KnockResult:
+        """Grant `key` for `ttl` seconds: firewall, then disk, then memory. On any
+        failure nothing stays granted anywhere (SPEC 1.1 step 8)."""
+        entry = entry_text(key)
+        with self._journal.writing():
+            self._catch_up()
+            current = self.replica.expiry(key)
+            live = current if current is not None and current > now else None
+            expiry = granted_expiry(live, now, ttl)
+            victims = self.replica.victims(key, self._capacity, now)
+            remaining = max(1, -int((now - expiry) // 1))  # whole seconds, rounded up
+            self._firewall.grant(entry, remaining)  # raises: nothing was changed
+            changes = [(victim, REMOVED) for victim in victims] + [(key, expiry)]
+            try:
+                pending = self._persist(changes, now)
+            except (OSError, StorageError) as error:
+                self._undo_grant(entry, live, now)
+                raise StorageError(f"could not persist the whitelist: {error}") from error
+            self._publish(changes)
+        if pending is not None:
+            try:
+                self._journal.sync(pending)
+            except OSError as error:
+                self._revert(key, expiry, live, now)
+                raise StorageError(f"could not persist the whitelist: {error}") from error
+        evicted = tuple(entry_text(victim) for victim in victims)
+        if evicted:
+            log.warning("whitelist full (%d entries): evicted %s", self._capacity,
+                        ", ".join(evicted))
+            self._firewall.revoke(evicted)
+        return KnockResult(entry=entry, expires_at=expiry, evicted=evicted)
+
+    def _undo_grant(self, entry: str, previous: int | None, now: float) -> None:
+        if previous is None:
+            self._firewall.revoke([entry])
+            return
+        try:
+            self._firewall.grant(entry, max(1, previous - int(now)))
+        except Exception as error:  # the knock fails either way; say what is left open
+            log.error("could not restore the firewall grant of %s: %s", entry, error)
+
+    def _persist(self, changes: list[tuple[Key, int]],
+                 now: float) -> tuple[int, int] | None:
+        """Write `changes`; on failure leave the files as they were (a knock that is
+        refused must not come back at the next start). Small whitelists: whitelist.json
+        is rewritten and durable on return (None). Otherwise the changes are appended to
+        the journal and durable once Journal.sync() passes the returned (epoch, offset)."""
+        if len(self.replica) + 1 <= self._inline_max:
+            state = self.replica.as_dict(now)
+            for key, expiry in changes:
+                if expiry < 0:
+                    state.pop(entry_text(key), None)
+                else:
+                    state[entry_text(key)] = expiry
+            try:
+                self._write_snapshot(state)
+            except OSError:
+                # The rename may have happened before the failure: put back the state
+                # the replica still holds (best effort; the error is raised either way).
+                try:
+                    self._write_snapshot(self.replica.as_dict(now))
+                except OSError as error:
+                    log.error("could not restore %s after a failed write: %s", self.location,
+                              error)
+                raise
+            return None
+        pending = self._journal.append(b"".join(journal_line(k, e) for k, e in changes))
+        if self._dirty_since() is None:
+            self._shm.header.dirty_since = now
+        return pending
+
+    def _revert(self, key: Key, granted: int, previous: int | None, now: float) -> None:
+        """Undo a published grant whose journal record could not be synced (best
+        effort: the knock is answered 500 either way)."""
+        restore = previous if previous is not None else REMOVED
+        with self._journal.writing():
+            self._catch_up()
+            if self.replica.expiry(key) == granted:  # unless a later knock extended it
+                try:
+                    self._journal.append(journal_line(key, restore))
+                except (OSError, StorageError) as error:
+                    log.error("could not journal the undo of %s: %s", entry_text(key), error)
+                self._publish([(key, restore)])
+        self._undo_grant(entry_text(key), previous, now)
+
+    def _dirty_since(self) -> float | None:
+        since: float = self._shm.header.dirty_since
+        return since or None
+
+    # ------------------------------------------------------------------ the ring
+    def _publish(self, changes: list[tuple[Key, int]]) -> None:
+        """Apply to this replica and to the ring, then bump the shared sequence."""
+        with self._replica_lock:
+            seq = self._seq
+            for key, expiry in changes:
+                self._shm.write_record(seq, key, expiry)
+                self._apply(key, expiry)
+                seq += 1
+            self._shm.header.seq = seq
+            self._seq = seq
+
+    def _apply(self, key: Key, expiry: int) -> None:
+        if expiry < 0:
+            self.replica.remove(key)
+        else:
+            self.replica.set(key, expiry)
+
+    def _catch_up(self) -> None:
+        """Apply ring records other processes published since we last looked."""
+        shm = self._shm
+        capacity = shm.ring_capacity
+        with self._replica_lock:
+            target = shm.header.seq
+            start = self._seq
+            if target == start:
+                return
+            if not start < target <= start + capacity:
+                self._overrun()
+                return
+            for seq in range(start, target):
+                stamp, key, expiry = shm.read_record(seq)
+                if stamp != seq:
+                    self._overrun()
+                    return
+                self._apply(key, expiry)
+            if shm.header.seq >= start + capacity:
+                self._overrun()  # a writer lapped us while we read
+                return
+            self._seq = target
+
+    def _overrun(self) -> None:
+        """This replica fell more than a ring behind: rebuild it from disk (rare; the
+        maintenance thread keeps every process within a fraction of a second)."""
+        log.warning("replica fell behind the shared ring; reloading from disk")
+        self._replica_lock.release()
+        try:
+            with self._journal.writing():
+                self._reload(repair=False)
+        finally:
+            self._replica_lock.acquire()
+
+    # ------------------------------------------------------------------ disk
+    def _reload(self, repair: bool) -> None:
+        """Snapshot + journal -> replica (under the writer lock, so it matches the ring).
+        With repair (startup): fold a journal into a fresh snapshot, keeping a damaged
+        journal aside first."""
+        now = self._clock()
+        replica, dropped = self._snapshot.load(now, repair)
+        journal = decode_journal(self._journal.read())
+        if journal.damaged:
+            log.error("journal %s: damaged line(s) %s skipped", self._journal.path,
+                      ", ".join(map(str, journal.damaged[:20])))
+        for key, expiry in journal.records:
+            if expiry < 0:
+                replica.remove(key)
+            elif expiry > now:
+                replica.extend(key, expiry)
+        with self._replica_lock:
+            self.replica = replica  # one reference swap: readers never see it half-built
+            self._seq = self._shm.header.seq
+        if not repair:
+            return
+        if journal.damaged:
+            aside = self._journal.keep_aside(str(int(now)))
+            log.error("journal %s needed repair; its old content is kept in %s",
+                      self._journal.path, aside)
+        if journal.records or journal.needs_repair or dropped:
+            # Fold the journal into a fresh snapshot, without the expired and invalid
+            # entries, so every process starts from one clean file.
+            self._write_snapshot(self.replica.as_dict(now))
+        else:
+            self._shm.header.soonest = replica.soonest
+
+    def _write_snapshot(self, state: dict[str, int] | None, now: float = 0.0) -> None:
+        """Atomically replace whitelist.json with `state`, then empty the journal.
+        state None: the replica's entries expiring after `now`, rendered piece by piece
+        (at 100,000 entries a dict of their texts and its JSON would be tens of MB)."""
+        started = self._monotonic()
+        soonest = [inf]
+        if state is None:
+            self._snapshot.write(json_pieces(self.replica, now, soonest))
+        else:
+            self._snapshot.write([encode_whitelist(state)])
+            soonest[0] = float(min(state.values(), default=inf))
+        # Only now may the journal go: the snapshot holds everything it held.
+        self._journal.truncate()
+        header = self._shm.header
+        header.dirty_since = 0.0
+        header.soonest = soonest[0]
+        self._snapshot_cost = self._monotonic() - started
+
+    # ------------------------------------------------------------------ maintenance
+    def _maintain(self) -> None:
+        while not self._stop.is_set():
+            self._sleep(self._tick)
+            if self._stop.is_set():
+                return
+            try:
+                self.tick(self._clock())
+            except Exception:  # the thread must outlive any one failure
+                log.exception("whitelist maintenance failed")
+
+    def tick(self, now: float) -> None:
+        """One maintenance step: catch up, purge on schedule, snapshot when due."""
+        self._catch_up()
+        if now >= self._next_purge:
+            self._next_purge = now + self._cleanup
+            with self._replica_lock:
+                gone = self.replica.expired(now)
+                for key in gone:
+                    self.replica.remove(key)
+            if self._shm.header.soonest <= now and self._snapshot_now(purge=True) and gone:
+                # The process that purged the file closes the firewall holes (their
+                # firewalld timeouts have normally closed them already).
+                log.info("purged %d expired entries", len(gone))
+                self._firewall.revoke([entry_text(key) for key in gone])
+        if self._snapshot_due(now):
+            self._snapshot_now(purge=False)
+
+    def _snapshot_due(self, now: float) -> bool:
+        # A big snapshot holds the writer lock for its whole cost (hundreds of ms at
+        # 100,000 entries): space them so knocks wait behind one at most ~5 % of the time.
+        dirty = self._dirty_since()
+        return dirty is not None and now - dirty >= max(self._snapshot_delay,
+                                                         SNAPSHOT_SPACING * self._snapshot_cost)
+
+    def _snapshot_now(self, purge: bool, final: bool = False) -> bool:
+        """Rewrite whitelist.json if still due; False when another process did it.
+        final: whenever the journal holds anything (SIGTERM), however recent."""
+        with self._journal.writing():
+            self._catch_up()
+            now = self._clock()
+            # Re-checked under the lock: another worker may have written one while we
+            # waited; then the journal holds only the knocks since, and they can wait.
+            if purge:
+                due = self._shm.header.soonest <= now
+            else:
+                due = self._dirty_since() is not None if final else self._snapshot_due(now)
+            if not due:
+                return False
+            self._write_snapshot(None, now)
+        if len(self.replica) > self._inline_max:
+            release_free_memory()  # what rendering a big snapshot allocated
+        return True
+
+
+def release_free_memory() -> None:
+    """Give freed heap back to the kernel (glibc malloc_trim(3)); elsewhere a no-op.
+    CPython frees big buffers but glibc keeps the pages, so a worker that once rendered
+    a 100,000-entry snapshot would stay that big."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
