@@ -22,13 +22,9 @@ import pytest
 
 from knocker.addresses import parse_network
 from knocker.config import FirewalldConfig, MonitoredPort
-from knocker.firewalld import (
-    STATUS_CACHE,
-    STATUS_FILE,
-    accept_rule,
-    block_rules,
-    parse_version,
-)
+from knocker.firewalld.backend import STATUS_CACHE
+from knocker.firewalld.coordination import STATUS_FILE
+from knocker.firewalld.rules import accept_rule, block_rules, parse_version
 from tests.fwlab import Lab, cleanup_stale_namespaces, fetch_v2_if_possible, missing_prerequisites
 from tests.fwlab.lab import client4, client6
 from tests.fwlab.service import NetnsKnocker, firewalld_section

@@ -1,24 +1,71 @@
-"""knocker.firewalld without a bus: rule strings, zone settings, messages, error classes,
-and the grant/rollback/restore logic against a fake firewalld (our own logic only; the
-real firewalld is in test_firewalld_integration.py)."""
+"""knocker/firewalld without a bus and on fake time: rule strings, zone settings, messages,
+error classes, and the grant/rollback/restore logic against a fake firewalld (our own logic
+only; the real firewalld is in test_firewalld_integration.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from jeepney import HeaderFields
+from jeepney import DBusAddress, HeaderFields, Message, new_signal
 
-from knocker import firewalld as fwd
+from knocker.addresses import IPNetwork, parse_network
 from knocker.config import FirewalldConfig, MonitoredPort
 from knocker.errors import FirewallError, FirewallUnavailable
 from knocker.firewall import create_firewall
+from knocker.firewalld import FirewalldFirewall
+from knocker.firewalld.backend import QUEUE_LIMIT, QUEUE_WAIT
+from knocker.firewalld.calls import POLL_INTERVAL, FirewalldClient, apply_timed, wait_running
+from knocker.firewalld.coordination import (
+    PREPARED_MARKER,
+    STATUS_FILE,
+    STATUS_STALE,
+    read_status,
+    write_status,
+)
+from knocker.firewalld.docker import (
+    docker_port_from_proxy,
+    docker_ports_from_api,
+    docker_published_ports,
+    docker_warnings,
+)
+from knocker.firewalld.failures import FIREWALLD_EXCEPTION, DBusError, classify
+from knocker.firewalld.messages import (
+    BUS_NAME,
+    IF_MAIN,
+    PATH,
+    msg_add_rich_rule,
+    msg_config_zone_update,
+    signal_rules,
+)
+from knocker.firewalld.rules import (
+    accept_rule,
+    block_rule,
+    block_rules,
+    grant_rules,
+    parse_version,
+    stray_grants,
+    supports_zone_priority,
+    zone_changes,
+    zone_settings,
+)
+from knocker.firewalld.schedule import (
+    CHECK,
+    HEARTBEAT,
+    PERIODIC_CHECK,
+    RECHECK,
+    RECHECK_DELAY,
+    RECONCILE,
+    Job,
+    ReapplySchedule,
+)
+from knocker.firewalld.watcher import Watcher
 
 REPO = Path(__file__).resolve().parents[1]
 SSH = MonitoredPort(22, "tcp")
@@ -37,17 +84,38 @@ def config(**overrides: Any) -> FirewalldConfig:
     return FirewalldConfig(**values)
 
 
-def net(text: str) -> fwd.IPNetwork:
-    network = fwd.parse_network(text)
+def net(text: str) -> IPNetwork:
+    network = parse_network(text)
     assert network is not None
     return network
 
 
-# ------------------------------------------------------------------ a fake firewalld
+# ------------------------------------------------------------------ fake time, a fake firewalld
 
 
-def dbus_error(code: str, text: str = "") -> fwd.DBusError:
-    return fwd.DBusError(fwd.FIREWALLD_EXCEPTION, f"{code}: {text}" if text else code)
+class FakeClock:
+    """Wall and monotonic time that move only when the code under test sleeps. The wall
+    clock starts at the real whole second, so status-file mtimes still look fresh."""
+
+    def __init__(self) -> None:
+        self.wall = float(int(time.time()))
+        self.mono = 1000.0
+        self.sleeps: list[float] = []
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.wall += seconds
+        self.mono += seconds
+
+
+def dbus_error(code: str, text: str = "") -> DBusError:
+    return DBusError(FIREWALLD_EXCEPTION, f"{code}: {text}" if text else code)
 
 
 class FakeFirewalld:
@@ -66,6 +134,7 @@ class FakeFirewalld:
         self.states: list[str] = []  # states to report before self.state
         self.reloads = 0
         self.closed = 0
+        self.clock = FakeClock()  # what the backend over this firewalld reads and sleeps on
         self.reload_runtime()
 
     # Connection protocol
@@ -96,7 +165,7 @@ class FakeFirewalld:
     # properties
     def on_Get(self, message: Any, interface: str, name: str) -> tuple[Any, ...]:
         if not self.owner:
-            raise fwd.DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "")
+            raise DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "")
         if name == "state":
             return (("s", self.states.pop(0) if self.states else self.state),)
         return (("s", self.version),)
@@ -200,18 +269,31 @@ def fake() -> FakeFirewalld:
     return FakeFirewalld()
 
 
+def over(fake: FakeFirewalld, settings: FirewalldConfig, directory: Path) -> FirewalldFirewall:
+    """A backend talking to `fake` and living on its fake clock."""
+    clock = fake.clock
+    return FirewalldFirewall(
+        settings,
+        str(directory),
+        connect=lambda: fake,
+        clock=clock.time,
+        monotonic=clock.monotonic,
+        sleep=clock.sleep,
+    )
+
+
 def backend(
     fake: FakeFirewalld, tmp_path: Path, entries: dict[str, int] | None = None, **overrides: Any
-) -> fwd.FirewalldFirewall:
+) -> FirewalldFirewall:
     """A prepared backend over `fake` (the watcher is not started: tests drive it)."""
-    firewall = fwd.FirewalldFirewall(config(**overrides), str(tmp_path), connect=lambda: fake)
-    firewall.prepare(entries or {}, time.time())
+    firewall = over(fake, config(**overrides), tmp_path)
+    firewall.prepare(entries or {}, fake.clock.time())
     fake.calls.clear()
     return firewall
 
 
 def accept(entry: str, port: MonitoredPort = SSH) -> str:
-    return fwd.accept_rule(net(entry), port)
+    return accept_rule(net(entry), port)
 
 
 # ------------------------------------------------------------------ rule strings
@@ -219,7 +301,7 @@ def accept(entry: str, port: MonitoredPort = SSH) -> str:
 
 def test_accept_rule_uses_firewalld_canonical_word_order_for_ipv4() -> None:
     """A grant rule reads exactly as firewalld prints it back (trap 3)."""
-    assert fwd.accept_rule(net("198.51.100.7"), SSH) == (
+    assert accept_rule(net("198.51.100.7"), SSH) == (
         'rule priority="1000" family="ipv4" source address="198.51.100.7" '
         'port port="22" protocol="tcp" accept'
     )
@@ -227,7 +309,7 @@ def test_accept_rule_uses_firewalld_canonical_word_order_for_ipv4() -> None:
 
 def test_accept_rule_for_ipv6_entry_uses_ipv6_family_and_compressed_address() -> None:
     """The entry's family decides the rule family; the address is in canonical form."""
-    assert fwd.accept_rule(net("2001:DB8:0:0::7"), GAME) == (
+    assert accept_rule(net("2001:DB8:0:0::7"), GAME) == (
         'rule priority="1000" family="ipv6" source address="2001:db8::7" '
         'port port="27015" protocol="udp" accept'
     )
@@ -235,24 +317,24 @@ def test_accept_rule_for_ipv6_entry_uses_ipv6_family_and_compressed_address() ->
 
 def test_accept_rule_for_cidr_entries_keeps_the_prefix() -> None:
     """Whitelisted networks become source ranges."""
-    assert 'source address="10.1.0.0/16"' in fwd.accept_rule(net("10.1.0.0/16"), SSH)
-    assert 'source address="2001:db8:1::/64"' in fwd.accept_rule(net("2001:db8:1::/64"), SSH)
+    assert 'source address="10.1.0.0/16"' in accept_rule(net("10.1.0.0/16"), SSH)
+    assert 'source address="2001:db8:1::/64"' in accept_rule(net("2001:db8:1::/64"), SSH)
 
 
 def test_block_rules_cover_every_port_in_both_families_with_the_configured_action() -> None:
     """One blocking rule per monitored port and IP family, at priority 9999."""
-    assert fwd.block_rules(config(default_action="drop")) == [
+    assert block_rules(config(default_action="drop")) == [
         'rule priority="9999" family="ipv4" port port="22" protocol="tcp" drop',
         'rule priority="9999" family="ipv6" port port="22" protocol="tcp" drop',
         'rule priority="9999" family="ipv4" port port="27015" protocol="udp" drop',
         'rule priority="9999" family="ipv6" port port="27015" protocol="udp" drop',
     ]
-    assert all(r.endswith(" reject") for r in fwd.block_rules(config(default_action="reject")))
+    assert all(r.endswith(" reject") for r in block_rules(config(default_action="reject")))
 
 
 def test_grant_rules_open_every_monitored_port() -> None:
     """A grant is one accept rule per monitored port."""
-    assert fwd.grant_rules(net("192.0.2.9"), config()) == [
+    assert grant_rules(net("192.0.2.9"), config()) == [
         accept("192.0.2.9", SSH),
         accept("192.0.2.9", GAME),
     ]
@@ -264,10 +346,10 @@ def test_stray_grants_finds_knocker_rules_of_unwanted_entries_only() -> None:
         accept("192.0.2.1"),
         accept("192.0.2.2"),
         accept("2001:db8::5"),
-        fwd.block_rule("ipv4", SSH, "drop"),
+        block_rule("ipv4", SSH, "drop"),
         'rule family="ipv4" source address="192.0.2.3" accept',
     ]
-    assert fwd.stray_grants(rules, {"192.0.2.1", "2001:db8::5"}) == [accept("192.0.2.2")]
+    assert stray_grants(rules, {"192.0.2.1", "2001:db8::5"}) == [accept("192.0.2.2")]
 
 
 # ------------------------------------------------------------------ zone settings
@@ -275,17 +357,17 @@ def test_stray_grants_finds_knocker_rules_of_unwanted_entries_only() -> None:
 
 def test_parse_version_reads_numeric_parts() -> None:
     """Versions compare as tuples; a suffix ends the parse."""
-    assert fwd.parse_version("1.3.3") == (1, 3, 3)
-    assert fwd.parse_version("2.3.1") == (2, 3, 1)
-    assert fwd.parse_version("2.0.0rc1") == (2, 0, 0)
-    assert fwd.supports_zone_priority((2, 0)) and not fwd.supports_zone_priority((1, 3, 3))
+    assert parse_version("1.3.3") == (1, 3, 3)
+    assert parse_version("2.3.1") == (2, 3, 1)
+    assert parse_version("2.0.0rc1") == (2, 0, 0)
+    assert supports_zone_priority((2, 0)) and not supports_zone_priority((1, 3, 3))
 
 
 def test_zone_settings_on_firewalld_2_carry_sources_rules_and_priority() -> None:
     """ingress and egress priority are both set to zone_priority on firewalld >= 2.0."""
-    settings = fwd.zone_settings(config(zone_priority=-100, zone_target="ACCEPT"), "2.3.1")
+    settings = zone_settings(config(zone_priority=-100, zone_target="ACCEPT"), "2.3.1")
     assert settings["sources"] == ("as", ["192.0.2.0/24", "2001:db8::/64"])
-    assert settings["rules_str"] == ("as", fwd.block_rules(config()))
+    assert settings["rules_str"] == ("as", block_rules(config()))
     assert settings["ingress_priority"] == ("i", -100)
     assert settings["egress_priority"] == ("i", -100)
     assert settings["target"] == ("s", "ACCEPT")
@@ -293,7 +375,7 @@ def test_zone_settings_on_firewalld_2_carry_sources_rules_and_priority() -> None
 
 def test_zone_settings_without_priority_or_target_leave_them_to_firewalld() -> None:
     """zone_priority: null and an unset zone_target are not sent at all."""
-    settings = fwd.zone_settings(config(zone_priority=None), "1.3.3")
+    settings = zone_settings(config(zone_priority=None), "1.3.3")
     assert "ingress_priority" not in settings and "egress_priority" not in settings
     assert "target" not in settings
     assert "priority" not in settings  # invalid on every version
@@ -302,31 +384,31 @@ def test_zone_settings_without_priority_or_target_leave_them_to_firewalld() -> N
 def test_zone_settings_refuse_a_priority_on_firewalld_1_with_the_fix_in_the_message() -> None:
     """firewalld 1.3.x has no zone priority: refuse, telling the user about `null`."""
     with pytest.raises(FirewallError) as caught:
-        fwd.zone_settings(config(zone_priority=-100), "1.3.3")
+        zone_settings(config(zone_priority=-100), "1.3.3")
     assert "zone_priority: null" in caught.value.message
     assert "1.3.3" in caught.value.message
 
 
 def test_reject_target_is_spelled_the_way_firewalld_wants_it() -> None:
     """knocker.yaml says REJECT; firewalld's zone API says %%REJECT%%."""
-    assert fwd.zone_settings(config(zone_target="REJECT"), "2.3.1")["target"][1] == "%%REJECT%%"
-    assert fwd.zone_settings(config(zone_target="DROP"), "2.3.1")["target"][1] == "DROP"
+    assert zone_settings(config(zone_target="REJECT"), "2.3.1")["target"][1] == "%%REJECT%%"
+    assert zone_settings(config(zone_target="DROP"), "2.3.1")["target"][1] == "DROP"
 
 
 def test_zone_changes_ignore_spelling_and_order_but_see_real_differences() -> None:
     """Sources compare as networks, rules as sets; a new port is a change."""
-    desired = fwd.zone_settings(config(zone_target="default"), "2.3.1")
+    desired = zone_settings(config(zone_target="default"), "2.3.1")
     current = {
         "sources": ["2001:DB8:0::/64", "192.0.2.0/24"],
-        "rules_str": list(reversed(fwd.block_rules(config()))),
+        "rules_str": list(reversed(block_rules(config()))),
         "target": "{chain}_{zone}",
         "ingress_priority": -100,
         "egress_priority": -100,
         "short": "renamed by an admin",
     }
-    assert fwd.zone_changes(current, desired) == {}
-    other = fwd.zone_settings(config(monitored_ports=(SSH,), zone_priority=-5), "2.3.1")
-    assert set(fwd.zone_changes(current, other)) == {
+    assert zone_changes(current, desired) == {}
+    other = zone_settings(config(monitored_ports=(SSH,), zone_priority=-5), "2.3.1")
+    assert set(zone_changes(current, other)) == {
         "rules_str",
         "ingress_priority",
         "egress_priority",
@@ -338,7 +420,7 @@ def test_zone_changes_ignore_spelling_and_order_but_see_real_differences() -> No
 
 def test_add_rich_rule_message_addresses_firewalld_runtime_zone_interface() -> None:
     """The message is built without a bus: destination, path, interface, signature, body."""
-    message = fwd.msg_add_rich_rule("knocker", accept("192.0.2.9"), 30)
+    message = msg_add_rich_rule("knocker", accept("192.0.2.9"), 30)
     fields = message.header.fields
     assert fields[HeaderFields.destination] == "org.fedoraproject.FirewallD1"
     assert fields[HeaderFields.path] == "/org/fedoraproject/FirewallD1"
@@ -351,7 +433,7 @@ def test_add_rich_rule_message_addresses_firewalld_runtime_zone_interface() -> N
 def test_zone_update_message_targets_the_zone_object_with_variants() -> None:
     """update2 goes to the config zone object, with a{sv} values as (signature, value)."""
     path = "/org/fedoraproject/FirewallD1/config/zone/7"
-    message = fwd.msg_config_zone_update(path, {"sources": ("as", ["192.0.2.0/24"])})
+    message = msg_config_zone_update(path, {"sources": ("as", ["192.0.2.0/24"])})
     assert message.header.fields[HeaderFields.path] == path
     assert message.header.fields[HeaderFields.signature] == "a{sv}"
     assert message.body == ({"sources": ("as", ["192.0.2.0/24"])},)
@@ -359,7 +441,7 @@ def test_zone_update_message_targets_the_zone_object_with_variants() -> None:
 
 def test_signal_rules_match_reloaded_and_firewalld_name_owner_changes_only() -> None:
     """The watcher subscribes to Reloaded and NameOwnerChanged(arg0 = firewalld's name)."""
-    reloaded, owner = fwd.signal_rules()
+    reloaded, owner = signal_rules()
     assert "member='Reloaded'" in reloaded.serialise()
     assert "arg0='org.fedoraproject.FirewallD1'" in owner.serialise()
     assert "member='NameOwnerChanged'" in owner.serialise()
@@ -371,8 +453,8 @@ def test_signal_rules_match_reloaded_and_firewalld_name_owner_changes_only() -> 
 @pytest.mark.parametrize(
     "error",
     [
-        fwd.DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "not provided"),
-        fwd.DBusError("org.freedesktop.DBus.Error.NoReply", ""),
+        DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "not provided"),
+        DBusError("org.freedesktop.DBus.Error.NoReply", ""),
         dbus_error("NOT_RUNNING"),
         ConnectionRefusedError(111, "refused"),
         FileNotFoundError(2, "no socket"),
@@ -381,7 +463,7 @@ def test_signal_rules_match_reloaded_and_firewalld_name_owner_changes_only() -> 
 )
 def test_unreachable_firewalld_or_bus_is_a_503(error: BaseException) -> None:
     """Gone, restarting, timed out or no bus at all: try again later."""
-    result = fwd.classify(error, "granting 192.0.2.1")
+    result = classify(error, "granting 192.0.2.1")
     assert isinstance(result, FirewallUnavailable)
     assert result.status == 503
 
@@ -389,7 +471,7 @@ def test_unreachable_firewalld_or_bus_is_a_503(error: BaseException) -> None:
 @pytest.mark.parametrize("code", ["INVALID_RULE", "INVALID_ZONE", "INVALID_ADDR", "ZONE_CONFLICT"])
 def test_firewalld_refusals_are_a_500_with_the_code(code: str) -> None:
     """firewalld answered no: a server-side problem, reported with firewalld's code."""
-    result = fwd.classify(dbus_error(code, "details"), "granting 192.0.2.1")
+    result = classify(dbus_error(code, "details"), "granting 192.0.2.1")
     assert type(result) is FirewallError
     assert result.status == 500
     assert code in result.message
@@ -397,15 +479,15 @@ def test_firewalld_refusals_are_a_500_with_the_code(code: str) -> None:
 
 def test_not_authorized_is_a_500_that_points_at_root_or_polkit() -> None:
     """A non-root Knocker without the polkit rule learns what to do."""
-    error = fwd.DBusError("org.fedoraproject.FirewallD1.NotAuthorizedException", "config")
-    result = fwd.classify(error, "granting 192.0.2.1")
+    error = DBusError("org.fedoraproject.FirewallD1.NotAuthorizedException", "config")
+    result = classify(error, "granting 192.0.2.1")
     assert result.status == 500 and "polkit" in result.message
 
 
 def test_error_code_is_read_only_from_firewalld_exceptions() -> None:
     """The leading word is a firewalld code only for firewalld's own exception type."""
     assert dbus_error("ALREADY_ENABLED", "rule").code == "ALREADY_ENABLED"
-    assert fwd.DBusError("org.freedesktop.DBus.Error.Failed", "ALREADY_ENABLED: x").code == ""
+    assert DBusError("org.freedesktop.DBus.Error.Failed", "ALREADY_ENABLED: x").code == ""
 
 
 # ------------------------------------------------------------------ trap 2 sequence
@@ -415,7 +497,7 @@ def test_apply_timed_sends_zero_timeout_add_then_remove_then_timed_add(fake: Fak
     """The measured remedy for stale timers: addRichRule(R, 0), removeRichRule(R),
     addRichRule(R, ttl), all with the very same string."""
     rule = accept("192.0.2.9")
-    fwd.apply_timed(fwd.FirewalldClient(fake), "public", rule, 30)
+    apply_timed(FirewalldClient(fake), "public", rule, 30)
     assert fake.rule_calls() == [
         ("addRichRule", (rule, 0)),
         ("removeRichRule", (rule,)),
@@ -427,9 +509,9 @@ def test_apply_timed_sends_zero_timeout_add_then_remove_then_timed_add(fake: Fak
 def test_apply_timed_accepts_already_enabled_for_a_rule_that_is_there(fake: FakeFirewalld) -> None:
     """Re-knock: the first add finds the rule (ALREADY_ENABLED), the remove cancels its timer."""
     rule = accept("192.0.2.9")
-    client = fwd.FirewalldClient(fake)
+    client = FirewalldClient(fake)
     client.add_rich_rule("public", rule, 10)
-    fwd.apply_timed(client, "public", rule, 40)
+    apply_timed(client, "public", rule, 40)
     assert fake.timeouts[rule] == 40 and rule in fake.runtime["public"]
 
 
@@ -443,15 +525,15 @@ def test_apply_timed_accepts_not_enabled_when_the_rule_vanished_meanwhile(
         return dbus_error("NOT_ENABLED")
 
     fake.fail[("removeRichRule", 1)] = timer_fired
-    fwd.apply_timed(fwd.FirewalldClient(fake), "public", accept("192.0.2.9"), 30)
+    apply_timed(FirewalldClient(fake), "public", accept("192.0.2.9"), 30)
     assert fake.rule_calls()[-1] == ("addRichRule", (accept("192.0.2.9"), 30))
 
 
 def test_apply_timed_raises_other_firewalld_errors(fake: FakeFirewalld) -> None:
     """Anything but the two expected codes stops the sequence."""
     fake.fail[("addRichRule", 1)] = dbus_error("INVALID_RULE")
-    with pytest.raises(fwd.DBusError):
-        fwd.apply_timed(fwd.FirewalldClient(fake), "public", accept("192.0.2.9"), 30)
+    with pytest.raises(DBusError):
+        apply_timed(FirewalldClient(fake), "public", accept("192.0.2.9"), 30)
     assert fake.members() == ["addRichRule"]
 
 
@@ -487,14 +569,14 @@ def test_partial_grant_failure_removes_what_this_grant_added(
 def test_failed_re_knock_puts_the_earlier_grant_back(fake: FakeFirewalld, tmp_path: Path) -> None:
     """A failing extension leaves the entry as the whitelist still has it: open for the
     time it had left, not closed and not extended."""
-    whitelist = {"192.0.2.9": int(time.time()) + 100}
+    whitelist = {"192.0.2.9": int(fake.clock.time()) + 100}
     firewall = backend(fake, tmp_path, whitelist)
     firewall._current = lambda: whitelist  # what start_worker hands over
     fake.fail[("addRichRule", 4)] = dbus_error("COMMAND_FAILED")  # 2nd port, timed add
     with pytest.raises(FirewallError):
         firewall.grant("192.0.2.9", 3600)
     for port in (SSH, GAME):
-        assert 98 <= fake.timeouts[accept("192.0.2.9", port)] <= 100
+        assert fake.timeouts[accept("192.0.2.9", port)] == 100
 
 
 def test_grant_while_firewalld_is_gone_is_503_and_tries_no_rollback(
@@ -502,7 +584,7 @@ def test_grant_while_firewalld_is_gone_is_503_and_tries_no_rollback(
 ) -> None:
     """ServiceUnknown: no point in rollback calls (each would fail); the knock gets 503."""
     firewall = backend(fake, tmp_path)
-    fake.fail[("addRichRule", 0)] = fwd.DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "")
+    fake.fail[("addRichRule", 0)] = DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "")
     with pytest.raises(FirewallUnavailable):
         firewall.grant("192.0.2.9", 60)
     assert fake.members() == ["addRichRule"]
@@ -536,43 +618,25 @@ def test_grant_of_zero_seconds_or_a_bad_entry_is_refused(
     assert fake.calls == []
 
 
-def test_full_mutation_queue_answers_503_quickly(tmp_path: Path) -> None:
-    """With firewalld stuck, waiting grants are bounded: the next one gets 503 at once."""
-    release = threading.Event()
-    fake = FakeFirewalld()
+def test_full_mutation_queue_answers_503_after_a_bounded_wait(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """With QUEUE_LIMIT mutations waiting in this process (firewalld stuck), the next grant
+    waits QUEUE_WAIT for a place, then gets 503 without calling firewalld; once a place is
+    free, grants go through again."""
     firewall = backend(fake, tmp_path)
-
-    class Stuck:
-        def call(self, message: Any, timeout: float) -> tuple[Any, ...]:
-            release.wait(10)
-            return fake.call(message, timeout)
-
-        def close(self) -> None:
-            pass
-
-    firewall._conn = Stuck()
-    threads = [
-        threading.Thread(target=lambda i=i: _ignore(firewall.grant, f"192.0.2.{i}", 60))
-        for i in range(1, fwd.QUEUE_LIMIT + 1)
-    ]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)  # every slot is taken by now
-    started = time.monotonic()
-    with pytest.raises(FirewallUnavailable) as caught:
-        firewall.grant("192.0.2.200", 60)
-    assert time.monotonic() - started < 2
-    assert "queue is full" in caught.value.message
-    release.set()
-    for thread in threads:
-        thread.join(15)
-
-
-def _ignore(function: Any, *args: Any) -> None:
-    try:
-        function(*args)
-    except FirewallError:
-        pass
+    clock = fake.clock
+    with contextlib.ExitStack() as waiting:
+        for n in range(QUEUE_LIMIT):
+            waiting.enter_context(firewall._admission.place(f"granting 192.0.2.{n}"))
+        started = clock.monotonic()
+        with pytest.raises(FirewallUnavailable) as caught:
+            firewall.grant("192.0.2.200", 60)
+        assert QUEUE_WAIT <= clock.monotonic() - started < QUEUE_WAIT + 0.1
+        assert "queue is full" in caught.value.message
+        assert fake.calls == []
+    firewall.grant("192.0.2.200", 60)
+    assert fake.timeouts[accept("192.0.2.200")] == 60
 
 
 def test_revoke_removes_rules_and_ignores_ones_already_gone(
@@ -590,7 +654,7 @@ def test_revoke_logs_failures_instead_of_raising(
 ) -> None:
     """Eviction and purge must go on when firewalld cannot be reached."""
     firewall = backend(fake, tmp_path)
-    fake.fail[("removeRichRule", 0)] = fwd.DBusError("org.freedesktop.DBus.Error.NoReply", "")
+    fake.fail[("removeRichRule", 0)] = DBusError("org.freedesktop.DBus.Error.NoReply", "")
     firewall.revoke(["192.0.2.9"])
     assert "could not revoke 192.0.2.9" in caplog.text
 
@@ -604,7 +668,7 @@ def test_revoke_with_firewalld_unreachable_stops_at_once_and_settles_later(
     for n in (1, 2, 3):
         firewall.grant(f"192.0.2.{n}", 60)
     fake.calls.clear()
-    fake.fail[("removeRichRule", 0)] = fwd.DBusError("org.freedesktop.DBus.Error.NoReply", "")
+    fake.fail[("removeRichRule", 0)] = DBusError("org.freedesktop.DBus.Error.NoReply", "")
     firewall.revoke(["192.0.2.1", "192.0.2.2", "192.0.2.3"])
     assert fake.members() == ["removeRichRule"]
     fake.fail.clear()
@@ -621,17 +685,15 @@ def test_prepare_creates_the_zone_reloads_and_restores_unexpired_entries(
 ) -> None:
     """Zone with sources, target, priority and block rules; reload; each unexpired entry
     restored for its remaining time; expired ones skipped."""
-    now = time.time()
-    firewall = fwd.FirewalldFirewall(
-        config(zone_target="ACCEPT"), str(tmp_path), connect=lambda: fake
-    )
+    now = fake.clock.time()
+    firewall = over(fake, config(zone_target="ACCEPT"), tmp_path)
     firewall.prepare({"192.0.2.7": int(now) + 120, "192.0.2.8": int(now) - 5}, now)
     zone = fake.permanent["knocker"]
     assert zone["sources"] == ["192.0.2.0/24", "2001:db8::/64"]
     assert zone["target"] == "ACCEPT" and zone["ingress_priority"] == -100
-    assert set(zone["rules_str"]) == set(fwd.block_rules(config()))
+    assert set(zone["rules_str"]) == set(block_rules(config()))
     assert fake.reloads == 1
-    assert 119 <= fake.timeouts[accept("192.0.2.7")] <= 120
+    assert fake.timeouts[accept("192.0.2.7")] == 120
     assert accept("192.0.2.8") not in fake.runtime["knocker"]
     assert "runtimeToPermanent" not in fake.members()
     assert firewall.problem() is None
@@ -640,11 +702,9 @@ def test_prepare_creates_the_zone_reloads_and_restores_unexpired_entries(
 def test_prepare_on_firewalld_1_refuses_a_zone_priority(tmp_path: Path) -> None:
     """1.3.x with zone_priority set: the service must not start, and the message says why."""
     fake = FakeFirewalld("1.3.3")
-    firewall = fwd.FirewalldFirewall(
-        config(zone_priority=-100), str(tmp_path), connect=lambda: fake
-    )
+    firewall = over(fake, config(zone_priority=-100), tmp_path)
     with pytest.raises(FirewallError) as caught:
-        firewall.prepare({}, time.time())
+        firewall.prepare({}, fake.clock.time())
     assert "zone_priority: null" in caught.value.message
     assert "addZone2" not in fake.members()
 
@@ -652,10 +712,8 @@ def test_prepare_on_firewalld_1_refuses_a_zone_priority(tmp_path: Path) -> None:
 def test_prepare_on_firewalld_1_works_without_priority(tmp_path: Path) -> None:
     """zone_priority: null on 1.3.x: zone created without priority keys."""
     fake = FakeFirewalld("1.3.3")
-    firewall = fwd.FirewalldFirewall(
-        config(zone_priority=None), str(tmp_path), connect=lambda: fake
-    )
-    firewall.prepare({}, time.time())
+    firewall = over(fake, config(zone_priority=None), tmp_path)
+    firewall.prepare({}, fake.clock.time())
     assert "ingress_priority" not in fake.permanent["knocker"]
 
 
@@ -663,18 +721,18 @@ def test_prepare_updates_a_changed_zone_and_leaves_a_matching_one_alone(tmp_path
     """A zone already as wanted is not reloaded (a reload would drop every runtime-only
     rule on the machine); our leftover grants are removed instead."""
     fake = FakeFirewalld()
-    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    over(fake, config(), tmp_path).prepare({}, fake.clock.time())
     leftover = accept("192.0.2.50")
     fake.runtime["knocker"].add(leftover)
     fake.reloads = 0
-    (tmp_path / fwd.PREPARED_MARKER).unlink()  # a new service start
-    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    (tmp_path / PREPARED_MARKER).unlink()  # a new service start
+    over(fake, config(), tmp_path).prepare({}, fake.clock.time())
     assert fake.reloads == 0 and leftover not in fake.runtime["knocker"]
-    (tmp_path / fwd.PREPARED_MARKER).unlink()
+    (tmp_path / PREPARED_MARKER).unlink()
     narrower = config(monitored_ports=(SSH,))
-    fwd.FirewalldFirewall(narrower, str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    over(fake, narrower, tmp_path).prepare({}, fake.clock.time())
     assert fake.reloads == 1
-    assert set(fake.permanent["knocker"]["rules_str"]) == set(fwd.block_rules(narrower))
+    assert set(fake.permanent["knocker"]["rules_str"]) == set(block_rules(narrower))
 
 
 def test_prepare_warns_when_the_default_target_closes_unmonitored_ports_too(
@@ -683,30 +741,32 @@ def test_prepare_warns_when_the_default_target_closes_unmonitored_ports_too(
     """Unset zone_target: firewalld's default target rejects every other port for
     monitored_ips, Knocker's own included; say so. An explicit target is not second-guessed."""
     fake = FakeFirewalld()
-    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    over(fake, config(), tmp_path).prepare({}, fake.clock.time())
     assert "zone_target: ACCEPT" in caplog.text
     caplog.clear()
     other, fresh = tmp_path / "other", FakeFirewalld()
     other.mkdir()
     accepting = config(zone_target="ACCEPT")
-    fwd.FirewalldFirewall(accepting, str(other), connect=lambda: fresh).prepare({}, time.time())
+    over(fresh, accepting, other).prepare({}, fresh.clock.time())
     assert "zone_target" not in caplog.text
 
 
 def test_prepare_runs_once_per_service_start(fake: FakeFirewalld, tmp_path: Path) -> None:
     """A second prepare of the same service (gunicorn workers without preload) is skipped."""
-    firewall = fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake)
-    firewall.prepare({}, time.time())
+    firewall = over(fake, config(), tmp_path)
+    firewall.prepare({}, fake.clock.time())
     calls = len(fake.calls)
-    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
+    over(fake, config(), tmp_path).prepare({}, fake.clock.time())
     assert len(fake.calls) == calls
 
 
 def test_prepare_waits_for_running_state(fake: FakeFirewalld, tmp_path: Path) -> None:
     """firewalld owns its name before its rules are in place: wait for RUNNING."""
     fake.states = ["INIT", "INIT", "INIT"]
-    fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake).prepare({}, time.time())
-    assert fake.members().count("Get") >= 4 and "knocker" in fake.permanent
+    over(fake, config(), tmp_path).prepare({}, fake.clock.time())
+    assert fake.clock.sleeps == [POLL_INTERVAL] * 3  # one pause per INIT seen
+    assert fake.members()[:8] == ["NameHasOwner", "Get"] * 4  # then RUNNING
+    assert "knocker" in fake.permanent
 
 
 def test_failed_state_stops_startup_with_a_clear_message(
@@ -714,9 +774,9 @@ def test_failed_state_stops_startup_with_a_clear_message(
 ) -> None:
     """A firewalld whose own config failed to load is not waited for."""
     fake.state = "FAILED"
-    firewall = fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake)
+    firewall = over(fake, config(), tmp_path)
     with pytest.raises(FirewallError) as caught:
-        firewall.prepare({}, time.time())
+        firewall.prepare({}, fake.clock.time())
     assert "FAILED" in caught.value.message
 
 
@@ -725,18 +785,20 @@ def test_prepare_reports_the_step_and_cause_of_a_failure(
 ) -> None:
     """Any failure stops startup with firewalld's own words."""
     fake.fail[("addZone2", 1)] = dbus_error("ZONE_CONFLICT", "192.0.2.0/24 is in zone home")
-    firewall = fwd.FirewalldFirewall(config(), str(tmp_path), connect=lambda: fake)
+    firewall = over(fake, config(), tmp_path)
     with pytest.raises(FirewallError) as caught:
-        firewall.prepare({}, time.time())
+        firewall.prepare({}, fake.clock.time())
     assert "zone knocker" in caught.value.message and "ZONE_CONFLICT" in caught.value.message
 
 
 def test_wait_running_gives_up_after_the_timeout(fake: FakeFirewalld) -> None:
     """No firewalld: a bounded wait, then 503-class error naming the last state seen."""
     fake.owner = False
+    clock = fake.clock
     with pytest.raises(FirewallUnavailable) as caught:
-        fwd.wait_running(fwd.FirewalldClient(fake), 0.05, lambda s: None)
-    assert "not RUNNING" in caught.value.message
+        wait_running(FirewalldClient(fake), 30.0, clock.monotonic, clock.sleep)
+    assert "not RUNNING after 30 s" in caught.value.message
+    assert 30.0 <= sum(clock.sleeps) < 30.0 + 2 * POLL_INTERVAL
 
 
 # ------------------------------------------------------------------ staying correct
@@ -747,14 +809,14 @@ def test_reconcile_after_reload_reapplies_missing_grants_for_their_remaining_tim
 ) -> None:
     """Reloaded: every unexpired entry is back with the time it has left; rules a knock
     re-applied after the reload keep their fresh timer."""
-    now = int(time.time())
+    now = int(fake.clock.time())
     whitelist = {"192.0.2.1": now + 50, "2001:db8::1": now + 500, "192.0.2.3": now - 1}
     firewall = backend(fake, tmp_path)
     firewall._current = lambda: whitelist
     fake.on_reload(None)
     firewall.grant("2001:db8::1", 900)  # knocked again after the reload
-    firewall.reconcile(fwd.FirewalldClient(fake), "reloaded")
-    assert 48 <= fake.timeouts[accept("192.0.2.1", SSH)] <= 50
+    firewall.reconcile(FirewalldClient(fake), "reloaded")
+    assert fake.timeouts[accept("192.0.2.1", SSH)] == 50
     assert fake.timeouts[accept("2001:db8::1", GAME)] == 900
     assert accept("192.0.2.3") not in fake.runtime["knocker"]
     assert firewall.problem() is None
@@ -764,12 +826,12 @@ def test_reconcile_recreates_a_zone_lost_with_a_fresh_config(
     fake: FakeFirewalld, tmp_path: Path
 ) -> None:
     """A restart with a pristine configuration: zone created again, reloaded, grants back."""
-    now = int(time.time())
+    now = int(fake.clock.time())
     firewall = backend(fake, tmp_path)
     firewall._current = lambda: {"192.0.2.1": now + 50}
     del fake.permanent["knocker"]
     fake.reload_runtime()
-    firewall.reconcile(fwd.FirewalldClient(fake), "restarted")
+    firewall.reconcile(FirewalldClient(fake), "restarted")
     assert "knocker" in fake.permanent
     assert accept("192.0.2.1") in fake.runtime["knocker"]
 
@@ -780,10 +842,10 @@ def test_runtime_tampering_is_repaired_by_a_reload_but_never_in_a_loop(
     """A block rule removed at runtime (no reload, no signal) comes back with one reload;
     if it keeps disappearing, Knocker reports it instead of reloading again and again."""
     firewall = backend(fake, tmp_path)
-    block = fwd.block_rules(config())[0]
+    block = block_rules(config())[0]
     fake.runtime["knocker"].discard(block)
     fake.reloads = 0
-    reader = fwd.FirewalldClient(fake)
+    reader = FirewalldClient(fake)
     assert "missing rule" in " ".join(firewall.zone_problems(reader))
     firewall.reconcile(reader, "periodic check")
     assert fake.reloads == 1 and block in fake.runtime["knocker"]
@@ -793,15 +855,181 @@ def test_runtime_tampering_is_repaired_by_a_reload_but_never_in_a_loop(
     assert fake.reloads == 1
 
 
+# ------------------------------------------------------------------ the watcher's schedule
+
+
+def test_schedule_reconciles_at_once_when_the_watcher_starts_with_firewalld_there() -> None:
+    """A new watcher does not know what it missed: one reconcile first, then nothing."""
+    schedule = ReapplySchedule(present=True, now=0.0)
+    assert schedule.next_job(0.0) == Job(RECONCILE, "watcher started")
+    assert schedule.next_job(0.0) is None
+
+
+def test_schedule_waits_for_firewalld_to_appear_before_reconciling() -> None:
+    """Without firewalld on the bus nothing is tried, however long; its return is a restart."""
+    schedule = ReapplySchedule(present=False, now=0.0)
+    assert schedule.next_job(10 * PERIODIC_CHECK) is None
+    schedule.appeared()
+    assert schedule.next_job(10 * PERIODIC_CHECK) == Job(RECONCILE, "restarted")
+
+
+def test_schedule_retries_a_failed_reconcile_after_a_heartbeat_not_before() -> None:
+    """A failed reconcile keeps its reason and comes back HEARTBEAT seconds later."""
+    schedule = ReapplySchedule(present=True, now=0.0)
+    job = schedule.next_job(0.0)
+    assert job is not None
+    schedule.reconcile_failed(job.reason, 5.0)
+    assert schedule.next_job(5.0 + HEARTBEAT - 0.01) is None
+    assert schedule.next_job(5.0 + HEARTBEAT) == Job(RECONCILE, "watcher started")
+
+
+def test_schedule_looks_again_after_a_reconcile_and_then_periodically() -> None:
+    """RECHECK_DELAY after a reconcile a second look; with nothing pending, a cheap check
+    every PERIODIC_CHECK seconds."""
+    schedule = ReapplySchedule(present=True, now=0.0)
+    schedule.next_job(0.0)
+    schedule.reconciled(1.0)
+    assert schedule.next_job(1.0 + RECHECK_DELAY - 0.01) is None
+    assert schedule.next_job(1.0 + RECHECK_DELAY) == Job(RECHECK)
+    assert schedule.next_job(PERIODIC_CHECK - 0.01) is None
+    assert schedule.next_job(PERIODIC_CHECK) == Job(CHECK)
+    assert schedule.next_job(PERIODIC_CHECK + 1) is None
+    assert schedule.next_job(2 * PERIODIC_CHECK) == Job(CHECK)
+
+
+def test_schedule_gathers_signals_into_one_reconcile_and_forgets_them_when_firewalld_goes() -> None:
+    """Reloaded and a restart seen together make one reconcile naming both; firewalld
+    leaving the bus cancels what was pending (nothing can be done until it is back)."""
+    schedule = ReapplySchedule(present=True, now=0.0)
+    schedule.next_job(0.0)
+    schedule.reloaded()
+    schedule.appeared()
+    assert schedule.next_job(1.0) == Job(RECONCILE, "reloaded, restarted")
+    schedule.reloaded()
+    schedule.vanished()
+    assert schedule.next_job(10 * PERIODIC_CHECK) is None
+
+
+def test_schedule_heartbeat_is_due_every_heartbeat_seconds() -> None:
+    """The shared status is touched at least every HEARTBEAT seconds."""
+    schedule = ReapplySchedule(present=True, now=0.0)
+    assert not schedule.beat_due(HEARTBEAT - 0.01)
+    assert schedule.beat_due(HEARTBEAT)
+    schedule.beat(HEARTBEAT)
+    assert not schedule.beat_due(2 * HEARTBEAT - 0.01)
+
+
+# ------------------------------------------------------------------ the watcher, on fake time
+
+
+def reloaded_signal() -> Message:
+    return new_signal(DBusAddress(PATH, interface=IF_MAIN), "Reloaded")
+
+
+def owner_signal(new_owner: str) -> Message:
+    bus = DBusAddress("/org/freedesktop/DBus", interface="org.freedesktop.DBus")
+    message = new_signal(bus, "NameOwnerChanged", "sss", (BUS_NAME, ":1.7", new_owner))
+    message.header.fields[HeaderFields.sender] = "org.freedesktop.DBus"  # the bus sets it
+    return message
+
+
+class FakeSignals:
+    """The watcher's signal connection: subscriptions go to `fake`; each receive plays
+    the next step of `script` (a message, None for a quiet wait, or a callable making
+    one) while the fake clock moves on; at the end of the script the watcher is stopped."""
+
+    def __init__(self, fake: FakeFirewalld, script: list[Any], watcher: Watcher) -> None:
+        self.fake, self.script, self.watcher = fake, script, watcher
+
+    def call(self, message: Any, timeout: float) -> tuple[Any, ...]:
+        return self.fake.call(message, timeout)
+
+    def receive(self, timeout: float) -> Message | None:
+        self.fake.clock.sleep(timeout)
+        if not self.script:
+            self.watcher.stop()
+            return None
+        step = self.script.pop(0)
+        message: Message | None = step() if callable(step) else step
+        return message
+
+    def close(self) -> None:
+        pass
+
+
+def watch(
+    firewall: FirewalldFirewall, fake: FakeFirewalld, tmp_path: Path, script: list[Any]
+) -> None:
+    """Run the elected watcher's listening loop over `fake` until `script` is played."""
+    clock = fake.clock
+    watcher = Watcher(
+        firewall, str(tmp_path / "watcher.lock"), monotonic=clock.monotonic, sleep=clock.sleep
+    )
+    watcher._listen(FakeSignals(fake, script, watcher), FirewalldClient(fake))
+
+
+def test_watcher_puts_grants_back_after_a_reload_signal(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """Reloaded: the grants firewalld dropped come back for the time they have left."""
+    firewall = backend(fake, tmp_path)
+    whitelist = {"192.0.2.1": int(fake.clock.time()) + 60}
+    firewall._current = lambda: whitelist
+    firewall.grant("192.0.2.1", 60)
+    fake.reloads = 0
+
+    def reload() -> Message:
+        fake.on_reload(None)
+        return reloaded_signal()
+
+    quiet = [None] * 40  # ten seconds without a signal
+    watch(firewall, fake, tmp_path, [*quiet, reload, None])
+    assert fake.reloads == 1  # only firewalld's own: Knocker had no reason to reload
+    assert fake.timeouts[accept("192.0.2.1")] == 50  # reloaded at +10.25 s of 60
+    assert fake.timeouts[accept("192.0.2.1", GAME)] == 50
+    assert read_status(str(tmp_path / STATUS_FILE), fake.clock.time()) is None
+
+
+def test_watcher_reports_firewalld_gone_and_restores_when_it_is_back(
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
+    """Owner lost: the shared status says firewalld is not running; owner back (a restart
+    with a pristine configuration): zone and grants are put back and the status is ok."""
+    firewall = backend(fake, tmp_path)
+    whitelist = {"2001:db8::1": int(fake.clock.time()) + 300}
+    firewall._current = lambda: whitelist
+    firewall.grant("2001:db8::1", 300)
+    status = str(tmp_path / STATUS_FILE)
+    seen: list[str | None] = []
+
+    def stop() -> Message:
+        fake.owner = False
+        fake.runtime = {}
+        return owner_signal("")
+
+    def start() -> Message:
+        seen.append(read_status(status, fake.clock.time()))
+        fake.owner = True
+        del fake.permanent["knocker"]  # a fresh configuration
+        fake.reload_runtime()
+        return owner_signal(":1.9")
+
+    watch(firewall, fake, tmp_path, [None, stop, None, start, None])
+    assert seen == ["firewalld is not running (no owner of its D-Bus name)"]
+    assert "knocker" in fake.permanent
+    assert accept("2001:db8::1", GAME) in fake.runtime["knocker"]
+    assert read_status(status, fake.clock.time()) is None
+
+
 def test_status_file_tells_every_process_what_the_watcher_saw(tmp_path: Path) -> None:
     """/ready's reason comes from the shared status: fresh ok, failure, stale, missing."""
     path = str(tmp_path / "status.json")
-    assert fwd.read_status(path, time.time()) is not None
-    fwd.write_status(path, True, "")
-    assert fwd.read_status(path, time.time()) is None
-    assert "watching" in str(fwd.read_status(path, time.time() + fwd.STATUS_STALE + 1))
-    fwd.write_status(path, False, "firewalld is not running")
-    assert fwd.read_status(path, time.time()) == "firewalld is not running"
+    assert read_status(path, time.time()) is not None
+    write_status(path, True, "")
+    assert read_status(path, time.time()) is None
+    assert "watching" in str(read_status(path, time.time() + STATUS_STALE + 1))
+    write_status(path, False, "firewalld is not running")
+    assert read_status(path, time.time()) == "firewalld is not running"
     assert json.loads(Path(path).read_text())["pid"] == os.getpid()
 
 
@@ -809,7 +1037,7 @@ def test_problem_is_cached_briefly(fake: FakeFirewalld, tmp_path: Path) -> None:
     """/ready reads a small file at most once a second per process, never the bus."""
     firewall = backend(fake, tmp_path)
     assert firewall.problem() is None
-    fwd.write_status(str(tmp_path / fwd.STATUS_FILE), False, "gone")
+    write_status(str(tmp_path / STATUS_FILE), False, "gone")
     assert firewall.problem() is None  # cached
     firewall._problem_cache = (-1e9, None)
     assert firewall.problem() == "gone"
@@ -818,7 +1046,7 @@ def test_problem_is_cached_briefly(fake: FakeFirewalld, tmp_path: Path) -> None:
 
 def test_create_firewall_picks_this_backend_when_enabled(tmp_path: Path) -> None:
     """The registry line in knocker/firewall.py reaches FirewalldFirewall."""
-    assert isinstance(create_firewall(config(), str(tmp_path)), fwd.FirewalldFirewall)
+    assert isinstance(create_firewall(config(), str(tmp_path)), FirewalldFirewall)
 
 
 # ------------------------------------------------------------------ Docker
@@ -837,7 +1065,7 @@ def test_docker_api_answer_lists_published_host_ports() -> None:
             {"Ports": [{"PrivatePort": 27015, "PublicPort": 27015, "Type": "udp"}]},
         ]
     ).encode()
-    assert fwd.docker_ports_from_api(body) == {(2222, "tcp"), (27015, "udp")}
+    assert docker_ports_from_api(body) == {(2222, "tcp"), (27015, "udp")}
 
 
 def test_docker_proxy_command_line_gives_its_host_port() -> None:
@@ -855,13 +1083,13 @@ def test_docker_proxy_command_line_gives_its_host_port() -> None:
         "-container-port",
         "22",
     ]
-    assert fwd.docker_port_from_proxy(argv) == (22, "tcp")
-    assert fwd.docker_port_from_proxy(["/usr/sbin/sshd", "-D"]) is None
+    assert docker_port_from_proxy(argv) == (22, "tcp")
+    assert docker_port_from_proxy(["/usr/sbin/sshd", "-D"]) is None
 
 
 def test_docker_warning_names_the_port_and_the_workaround() -> None:
     """Only monitored ports that Docker publishes are warned about."""
-    warnings = fwd.docker_warnings({(22, "tcp"), (80, "tcp")}, [SSH, GAME])
+    warnings = docker_warnings({(22, "tcp"), (80, "tcp")}, [SSH, GAME])
     assert len(warnings) == 1
     assert "22/tcp" in warnings[0] and "host networking" in warnings[0]
 
@@ -870,7 +1098,7 @@ def test_docker_detection_never_fails(tmp_path: Path) -> None:
     """A broken socket or /proc does not stop startup."""
     broken = tmp_path / "docker.sock"
     broken.write_text("not a socket")
-    assert fwd.docker_published_ports(str(broken), str(tmp_path / "noproc")) == set()
+    assert docker_published_ports(str(broken), str(tmp_path / "noproc")) == set()
 
 
 # ------------------------------------------------------------------ polkit rule
