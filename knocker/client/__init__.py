@@ -1,0 +1,18 @@
+"""Knocker's command-line client, a second product inside the package: `knocker knock`,
+`knocker watch` and `knocker service`, compatible with the Go knocker-cli's settings and
+journal fields. Nothing in the server imports it; cli.py only calls `register`.
+
+    settings.py        flags > KNOCKER_* > ~/.knocker.yaml, redaction helpers
+    knock.py           one POST /knock -> KnockResult | KnockFailed (exit status)
+    loop.py            KnockLoop: the watch schedule, on injected clocks
+    events.py          events with the Go client's journal fields; line/journal writers
+    journal_format.py  pure: the journal's native protocol as bytes
+    journald.py        edge: the journal socket, JOURNAL_STREAM detection
+    commands.py        argparse wiring, run_knock, run_watch
+"""
+
+from __future__ import annotations
+
+from .commands import register
+
+__all__ = ["register"]
