@@ -35,10 +35,13 @@ FIREWALLD_EDGE = frozenset({"firewalld", "firewalld.backend", "firewalld.bus", "
 STORE_CORE = frozenset({"store.formats", "store.backend"})
 STORE_EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "store.snapshot",
                         "store.filestore"})
+CLIENT_CORE = frozenset({"client.journal_format"})
+CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.journald",
+                         "client.knock", "client.loop", "client.service", "client.settings"})
 CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses",
-                  "errors"}) | FIREWALLD_CORE | STORE_CORE
+                  "errors"}) | FIREWALLD_CORE | STORE_CORE | CLIENT_CORE
 EDGE = frozenset({"app", "cli", "firewall", "client", "webpage",
-                  "openapi"}) | FIREWALLD_EDGE | STORE_EDGE
+                  "openapi"}) | FIREWALLD_EDGE | STORE_EDGE | CLIENT_EDGE
 FORBIDDEN_MODULES = frozenset({
     "os", "sys", "time", "datetime", "io", "pathlib", "shutil", "tempfile", "glob", "mmap",
     "fcntl", "select", "selectors", "signal", "subprocess", "threading", "multiprocessing",
