@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from knocker.client import journal_format
-from knocker.client.commands import run_watch
+from knocker.client.commands import run_watch, watch_writer
 from knocker.client.events import Event, JournalWriter, LineWriter
 from knocker.client.journal_format import encode_entry, parse_journal_stream
 from knocker.client.journald import JournalSocket, journal_attached
@@ -423,3 +423,18 @@ def test_watch_entries_reach_a_real_journald(
               if e["KNOCKER_EVENT"] == "ServiceState"]  # fmt: skip
     assert states == [("started", "6"), ("stopping", "5"), ("stopped", "6")]
     assert TEST_KEY not in result.stdout
+
+
+def test_explicit_journal_flag_sends_entries_without_journal_stream(
+    receiver: tuple[str, socket.socket],
+) -> None:
+    """`--journal` chooses the journal even when JOURNAL_STREAM is absent."""
+    path, sock = receiver
+    args = argparse.Namespace(json=False, journal=True)
+    writer = watch_writer(args, io.StringIO(), io.StringIO(), {}, lambda: JournalSocket(path))
+    writer.write(Event("ServiceState", "Service state: started", 6, 0.0,
+                       {"KNOCKER_SERVICE_STATE": "started"}))  # fmt: skip
+    assert decode_entry(receive(sock))["KNOCKER_SERVICE_STATE"] == "started"
+    lines = watch_writer(argparse.Namespace(json=False, journal=False), io.StringIO(),
+                         io.StringIO(), {}, lambda: JournalSocket(path))  # fmt: skip
+    assert isinstance(lines, LineWriter)

@@ -8,6 +8,7 @@ journal fields. Nothing in the server imports it; cli.py only calls `register`.
     events.py          events with the Go client's journal fields; line/journal writers
     journal_format.py  pure: the journal's native protocol as bytes
     journald.py        edge: the journal socket, JOURNAL_STREAM detection
+    service.py         `knocker service ...`: the user unit knocker.service via systemctl --user
     commands.py        argparse wiring, run_knock, run_watch
 """
 
