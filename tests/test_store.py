@@ -812,5 +812,98 @@ def test_maintenance_thread_runs_on_the_injected_clock_and_sleep(opener: Opener)
         time.sleep(0.01)
     store.close()
     assert opener.file(settle=False) == {"198.51.100.1": int(NOW) + 600}
-    assert clock.sleeps == [0.25] * 8
-    assert clock.now == NOW + 2
+    assert set(clock.sleeps) == {0.25}
+    assert len(clock.sleeps) >= SNAPSHOT_DELAY / 0.25  # the snapshot waited its delay
+
+
+# --- storage that cannot be turned against its owner (issue 11 items 4 and 8) ----------
+
+STORAGE_FILES = ["whitelist.json", "whitelist.json.journal", "whitelist.json.shm"]
+
+
+@pytest.mark.parametrize("name", STORAGE_FILES)
+def test_symlink_at_a_storage_path_is_refused_and_its_target_untouched(
+        opener: Opener, tmp_path: Path, name: str) -> None:
+    """A symlink planted at any storage path is refused, naming the file; the file it
+    points to is neither truncated nor written."""
+    opener.directory.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (opener.directory / name).symlink_to(victim)
+    with pytest.raises(StorageError, match=f"{name}.*symlink"):
+        opener()
+    assert victim.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("name", STORAGE_FILES)
+def test_fifo_at_a_storage_path_is_refused_at_startup(opener: Opener, name: str) -> None:
+    """A FIFO (or any non-regular file) at a storage path is a clear refusal, not a hang."""
+    opener.directory.mkdir(parents=True)
+    os.mkfifo(opener.directory / name)
+    with pytest.raises(StorageError, match=f"{name}.*not a regular file"):
+        opener()
+
+
+@pytest.mark.parametrize("name", STORAGE_FILES)
+def test_storage_file_writable_by_others_is_refused(opener: Opener, name: str) -> None:
+    """A storage file that group or others may write (and so rewrite) is refused."""
+    opener().knock(key("198.51.100.1"), 60, NOW)
+    opener.opened.pop().close()  # leaves whitelist.json, the journal and the .shm
+    (opener.directory / name).chmod(0o666)
+    with pytest.raises(StorageError, match=f"{name}.*writable by group or others"):
+        opener()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root (CI is root)")
+@pytest.mark.parametrize("name", STORAGE_FILES)
+def test_storage_file_owned_by_another_user_is_refused(opener: Opener, name: str) -> None:
+    """An .shm (or journal, or whitelist.json) planted by another user is refused."""
+    opener().knock(key("198.51.100.1"), 60, NOW)
+    opener.opened.pop().close()
+    os.chown(opener.directory / name, 65534, 65534)
+    with pytest.raises(StorageError, match=f"{name}.*owned by uid 65534"):
+        opener()
+
+
+def test_storage_directory_writable_by_everyone_is_refused_unless_sticky(
+        opener: Opener) -> None:
+    """A world-writable storage directory lets anyone replace the files: refused, unless
+    it is sticky (then only the owner may rename or remove them)."""
+    opener.directory.mkdir(parents=True)
+    opener.directory.chmod(0o777)
+    with pytest.raises(StorageError, match="writable by every user and not sticky"):
+        opener()
+    opener.directory.chmod(0o1777)
+    assert len(opener()) == 0
+
+
+def test_temp_file_names_are_unpredictable_and_never_followed(opener: Opener) -> None:
+    """The pid-based temp name of old is just a file now: a symlink planted there is
+    left alone, and snapshots still land."""
+    opener.directory.mkdir(parents=True)
+    target = opener.directory.parent / "victim"
+    target.write_bytes(b"precious")
+    (opener.directory / f".whitelist.json.{os.getpid()}.tmp").symlink_to(target)
+    store = opener()
+    store.knock(key("198.51.100.1"), 60, NOW)
+    assert opener.file() == {"198.51.100.1": int(NOW) + 60}
+    assert target.read_bytes() == b"precious"
+
+
+# --- odd expiries (issue 11 item 7) -----------------------------------------------------
+
+
+def test_nan_infinite_and_huge_expiries_are_skipped_one_by_one(
+        opener: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    """NaN, Infinity and expiries past 2^63 cost their entry only, with a warning; the
+    file is not moved aside and knocks on those entries work."""
+    opener.directory.mkdir(parents=True)
+    opener.path.write_text('{"1.2.3.4": NaN, "1.2.3.5": Infinity, "1.2.3.6": -Infinity, '
+                           f'"1.2.3.7": {2**63}, "1.2.3.8": 1e300, "5.6.7.8": {int(NOW) + 100}}}')
+    with caplog.at_level(logging.WARNING, logger="knocker"):
+        store = opener()
+    assert store.entries() == {"5.6.7.8": int(NOW) + 100}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("1.2.3." in w for w in warnings) == 5
+    assert not list(opener.directory.glob("*.corrupt-*"))
+    assert store.knock(key("1.2.3.7"), 60, NOW).expires_at == int(NOW) + 60
