@@ -397,5 +397,5 @@ def test_load_entries_skips_non_finite_and_out_of_range_expiries_one_by_one() ->
     seen, problems = load_entries(data.items(), NOW, table)
     assert seen == 6
     assert table.as_dict() == {"5.6.7.8": 1_700_000_100}
-    assert len(problems) == 4  # -inf is simply expired
+    assert len(problems) == 5
     assert all(p.startswith("'1.2.3.") for p in problems)
