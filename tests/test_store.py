@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -907,3 +908,123 @@ def test_nan_infinite_and_huge_expiries_are_skipped_one_by_one(
     assert sum("1.2.3." in w for w in warnings) == 5
     assert not list(opener.directory.glob("*.corrupt-*"))
     assert store.knock(key("1.2.3.7"), 60, NOW).expires_at == int(NOW) + 60
+
+
+# --- a full disk (issue 11 item 2) -------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MB tmpfs of this test's own (CI runs as root; elsewhere the tests skip)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free block of the filesystem of `directory` (bounded: 2,000 x 1 KiB)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(2000):
+            try:
+                os.write(fd, bytes(1024))
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+                break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_shm_is_allocated_at_creation_and_a_full_filesystem_refuses_to_start(
+        small_fs: Path) -> None:
+    """The .shm gets its blocks at creation (posix_fallocate): on a filesystem without
+    room for it the store refuses to open, naming the file, instead of dying of SIGBUS
+    on a later write to the map."""
+    config = store_config(small_fs / "state")
+    with pytest.raises(StorageError, match=r"not enough space for .*whitelist.json.shm"):
+        FileStore(config, NullFirewall(), clock=FakeClock())
+    store = FileStore(config, NullFirewall(), clock=FakeClock(), ring_capacity=64)
+    try:
+        shm = small_fs / "state" / "whitelist.json.shm"
+        assert shm.stat().st_blocks * 512 >= shm.stat().st_size  # allocated, not sparse
+    finally:
+        store.close()
+
+
+def test_full_filesystem_makes_ready_fail_and_knocks_grant_nothing_until_space_returns(
+        small_fs: Path) -> None:
+    """With the storage filesystem full, ready() says why, a knock fails with nothing
+    granted, and both recover once space is freed."""
+    firewall = RecordingFirewall()
+    store = FileStore(store_config(small_fs / "state"), firewall, clock=FakeClock(),
+                      ring_capacity=64)
+    try:
+        assert store.ready() is None
+        filler = fill(small_fs)
+        assert "full" in (store.ready() or "")
+        with pytest.raises(StorageError):
+            store.knock(key("203.0.113.7"), 60, NOW)
+        assert not store.allows(ip("203.0.113.7"), NOW)
+        assert firewall.calls[-1] == ("revoke", ("203.0.113.7",), None)
+        filler.unlink()
+        assert store.ready() is None
+        assert store.knock(key("203.0.113.7"), 60, NOW).expires_at == int(NOW) + 60
+    finally:
+        store.close()
+
+
+@pytest.mark.server
+def test_full_disk_under_a_real_service_fails_knocks_and_ready_but_kills_no_worker(
+        tmp_path: Path) -> None:
+    """knocker serve with its storage on a small tmpfs that the test fills: /ready is
+    503, knocks from new addresses are 500 with nothing granted, no worker dies (same
+    pids), /verify keeps answering; freeing space brings both back."""
+    from tests.serverproc import KnockerProcess, base_config
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        config = base_config(mount, security={"knock_rate_limit": {
+            "successful_requests": 0, "failed_requests": 0}})
+        with KnockerProcess(tmp_path / "run", config, workers=2) as server:
+            assert server.process is not None
+            for _ in range(100):  # both workers forked (bounded: 10 s)
+                workers = _children(server.process.pid)
+                if len(workers) == 2:
+                    break
+                time.sleep(0.1)
+            assert server.request("GET", "/ready")[0] == 200
+            assert server.knock(source="127.0.0.91")[0] == 200
+            filler = fill(mount)
+            assert server.request("GET", "/ready")[0] == 503
+            # The journal's last allocated page still takes a few dozen knocks; beyond it
+            # every knock needs a block the filesystem no longer has.
+            sources = [f"127.0.{n // 250 + 1}.{n % 250 + 1}" for n in range(300)]
+            statuses = {source: server.knock(source=source)[0] for source in sources}
+            assert set(statuses.values()) <= {200, 500, 503}
+            failed = [source for source, status in statuses.items() if status != 200]
+            assert len(failed) > 100, statuses
+            assert [server.verify(source=source) for source in failed] == [401] * len(failed)
+            granted = [source for source, status in statuses.items() if status == 200]
+            assert all(server.verify(source=source) == 200 for source in granted)
+            assert server.verify(source="127.0.0.91") == 200
+            assert _children(server.process.pid) == workers
+            filler.unlink()
+            assert server.request("GET", "/ready")[0] == 200
+            assert server.knock(source=failed[0])[0] == 200
+            assert server.verify(source=failed[0]) == 200
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)

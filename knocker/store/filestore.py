@@ -44,6 +44,7 @@ log = logging.getLogger("knocker.store")
 RING_CAPACITY = 65536  # changes a replica may fall behind before it reloads from disk
 SNAPSHOT_DELAY = 1.0  # seconds whitelist.json may lag behind the journal (small lists)
 SNAPSHOT_SPACING = 20  # a big snapshot waits this many times its own cost, at least
+MIN_FREE_BYTES = 64 << 10  # below this much free space (plus a snapshot's), not ready
 TRIM_ABOVE = 2000  # entries above which a snapshot gives its memory back (malloc_trim)
 TICK = 0.25  # maintenance period: keeps replicas well inside the ring
 
@@ -146,7 +147,9 @@ class FileStore:
         self._shm.close()
 
     def ready(self) -> str | None:
-        """None when the storage can take a knock, else why not (for /ready)."""
+        """None when the storage can take a knock, else why not (for /ready): the
+        files writable, and room on their filesystem for knocks and for one more
+        snapshot beside the current one."""
         if self._closed:
             return "whitelist storage is closed"
         if not os.access(self.directory, os.W_OK):
@@ -154,6 +157,14 @@ class FileStore:
         for path in (self.location, self._journal.path):
             if os.path.exists(path) and not os.access(path, os.W_OK):
                 return f"{path} is not writable"
+        try:
+            fs = os.statvfs(self.directory)
+            snapshot = os.stat(self.location).st_size if os.path.exists(self.location) else 0
+        except OSError as error:
+            return f"{self.directory}: {error.strerror}"
+        free = fs.f_bavail * fs.f_frsize
+        if free < MIN_FREE_BYTES + snapshot:
+            return f"the filesystem of {self.directory} is full ({free} bytes free)"
         return None
 
     # ------------------------------------------------------------------ /verify
