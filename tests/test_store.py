@@ -25,6 +25,7 @@ import pytest
 from knocker.config import Config, load_config_text
 from knocker.errors import FirewallError, FirewallUnavailable, StorageError
 from knocker.firewall import NullFirewall
+from knocker.ratelimit import Outcome
 from knocker.store import FileStore
 from knocker.store.filestore import SNAPSHOT_DELAY
 from knocker.whitelist import Key, parse_entry
@@ -634,12 +635,24 @@ def test_rate_limits_are_shared_between_workers(opener: Opener) -> None:
     """Failures counted by one process block the client in every process."""
     first, second = opener(failures=3), opener(failures=3)
     client = ipaddress.IPv6Address("::ffff:203.0.113.7").packed
-    for _ in range(2):
-        first.rate_record(client, False, NOW)
-    second.rate_record(client, False, NOW)
-    assert first.rate_blocked(client, NOW)
-    assert second.rate_blocked(client, NOW)
-    assert not second.rate_blocked(client, NOW + 61)
+    for store in (first, first, second):
+        assert store.rate_reserve(client, NOW)
+        store.rate_settle(client, Outcome.FAILURE, NOW)
+    assert not first.rate_reserve(client, NOW)
+    assert not second.rate_reserve(client, NOW)
+    assert second.rate_reserve(client, NOW + 61)
+
+
+def test_reservations_are_shared_between_workers(opener: Opener) -> None:
+    """Places held by knocks in flight in one process count in every other: with a
+    failure budget of 3, three unsettled reservations leave none for a fourth."""
+    first, second = opener(failures=3), opener(failures=3)
+    client = ipaddress.IPv6Address("::ffff:203.0.113.8").packed
+    assert [first.rate_reserve(client, NOW), second.rate_reserve(client, NOW),
+            first.rate_reserve(client, NOW)] == [True] * 3
+    assert not second.rate_reserve(client, NOW)
+    first.rate_settle(client, Outcome.UNCOUNTED, NOW)  # e.g. a 500: nothing counted
+    assert second.rate_reserve(client, NOW)
 
 
 @pytest.mark.parametrize("snapshotted", [True, False], ids=["snapshot", "journal"])
@@ -1028,3 +1041,24 @@ def test_full_disk_under_a_real_service_fails_knocks_and_ready_but_kills_no_work
             assert server.verify(source=failed[0]) == 200
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.server
+def test_concurrent_knocks_of_one_client_never_exceed_its_budgets_across_workers(
+        tmp_path: Path) -> None:
+    """64 simultaneous valid knocks from one client over 3 workers get at most the
+    success budget of 200s; 32 simultaneous wrong-key knocks at most the failure budget
+    of 401s; the rest are 429."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.serverproc import KnockerProcess, base_config
+
+    config = base_config(tmp_path, security={"knock_rate_limit": {
+        "window_seconds": 600, "successful_requests": 3, "failed_requests": 5}})
+    with KnockerProcess(tmp_path, config, workers=3, threads=8) as server:
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            valid = list(pool.map(lambda _: server.knock(source="127.0.0.95")[0], range(64)))
+            wrong = list(pool.map(lambda _: server.knock("wrong-key", source="127.0.0.96")[0],
+                                  range(32)))
+    assert set(valid) <= {200, 429} and 1 <= valid.count(200) <= 3, valid
+    assert set(wrong) <= {401, 429} and 1 <= wrong.count(401) <= 5, wrong

@@ -30,7 +30,7 @@ from ..addresses import IPAddress
 from ..config import Config
 from ..errors import StorageError
 from ..firewall import Firewall
-from ..ratelimit import RateLimiter, layout_for
+from ..ratelimit import Outcome, RateLimiter, layout_for
 from ..whitelist import Key, Whitelist, entry_text, granted_expiry
 from .backend import KnockResult
 from .files import check_directory
@@ -181,17 +181,17 @@ class FileStore:
         return {entry_text(k): e for k, e in self.replica.items() if e > now}
 
     # ------------------------------------------------------------------ rate limits
-    def rate_blocked(self, client: bytes, now: float) -> bool:
+    def rate_reserve(self, client: bytes, now: float) -> bool:
         if not (self._rate_layout.successes or self._rate_layout.failures):
-            return False  # both budgets unlimited: no table, no lock
-        with self._shm.lock():
-            return self._limiter.blocked(client, now)
+            return True  # both budgets unlimited: no table, no lock
+        with self._shm.lock():  # one critical section across every worker
+            return self._limiter.reserve(client, now)
 
-    def rate_record(self, client: bytes, success: bool, now: float) -> None:
-        if not (self._rate_layout.successes if success else self._rate_layout.failures):
-            return  # an unlimited budget counts nothing
+    def rate_settle(self, client: bytes, outcome: Outcome, now: float) -> None:
+        if not (self._rate_layout.successes or self._rate_layout.failures):
+            return
         with self._shm.lock():
-            self._limiter.record(client, success, now)
+            self._limiter.settle(client, outcome, now)
 
     # ------------------------------------------------------------------ knocks
     def knock(self, key: Key, ttl: int, now: float) -> KnockResult:
