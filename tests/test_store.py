@@ -1055,10 +1055,10 @@ def test_concurrent_knocks_of_one_client_never_exceed_its_budgets_across_workers
 
     config = base_config(tmp_path, security={"knock_rate_limit": {
         "window_seconds": 600, "successful_requests": 3, "failed_requests": 5}})
-    with KnockerProcess(tmp_path, config, workers=3, threads=8) as server:
-        with ThreadPoolExecutor(max_workers=64) as pool:
-            valid = list(pool.map(lambda _: server.knock(source="127.0.0.95")[0], range(64)))
-            wrong = list(pool.map(lambda _: server.knock("wrong-key", source="127.0.0.96")[0],
-                                  range(32)))
+    server = KnockerProcess(tmp_path, config, workers=3, threads=8)
+    with server, ThreadPoolExecutor(max_workers=64) as pool:
+        valid = list(pool.map(lambda _: server.knock(source="127.0.0.95")[0], range(64)))
+        wrong = list(pool.map(lambda _: server.knock("wrong-key", source="127.0.0.96")[0],
+                              range(32)))
     assert set(valid) <= {200, 429} and 1 <= valid.count(200) <= 3, valid
     assert set(wrong) <= {401, 429} and 1 <= wrong.count(401) <= 5, wrong
