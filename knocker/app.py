@@ -85,6 +85,10 @@ class App:
     # ------------------------------------------------------------------ WSGI
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
+        if path[:2] == "//":
+            # A base URL with a trailing slash makes the Go and Android clients ask for
+            # `//knock`: repeated leading slashes name the same route as one.
+            path = "/" + path.lstrip("/")
         if path == "/verify":  # the hot path: every request to every protected service
             allowed = self._verifier.decide(
                 environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR"),
@@ -191,9 +195,12 @@ class App:
             return _error(error), Outcome.UNCOUNTED
         log.info("knock key=%s client=%s entry=%s ttl=%d result=200 expires_at=%d", key_name,
                  who, result.entry, grant.ttl, result.expires_at)
+        # The time actually left: a knock that keeps a longer grant reports that grant's
+        # remaining seconds, which every client shows next to expires_at.
+        left = max(grant.ttl, int(result.expires_at - now))
         return _json(HTTPStatus.OK, {"whitelisted_entry": result.entry,
                                      "expires_at": result.expires_at,
-                                     "expires_in_seconds": grant.ttl}), Outcome.SUCCESS
+                                     "expires_in_seconds": left}), Outcome.SUCCESS
 
 
 def _error(error: KnockerError) -> Response:

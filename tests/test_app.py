@@ -212,6 +212,40 @@ def test_re_knock_reports_the_actual_longer_expiry(service: Service) -> None:
     assert second["expires_at"] == first["expires_at"]
 
 
+def test_re_knock_that_keeps_a_longer_grant_reports_the_time_actually_left(
+        service: Service) -> None:
+    """expires_in_seconds is expires_at minus now when the knock keeps a longer grant
+    (the published clients show it next to expires_at)."""
+    first = service.knock(payload={"ttl": 3000}).json
+    service.clock.now = NOW + 100.5
+    second = service.knock(payload={"ttl": 10}).json
+    assert second["expires_at"] == first["expires_at"] == int(NOW) + 3000
+    assert second["expires_in_seconds"] == 2899  # whole seconds left, never overstated
+
+
+def test_fresh_knock_at_a_fractional_second_reports_its_ttl(service: Service) -> None:
+    """A knock that sets the expiry reports its effective TTL, not the rounding second."""
+    service.clock.now = NOW + 0.4
+    assert service.knock(payload={"ttl": 60}).json["expires_in_seconds"] == 60
+
+
+@pytest.mark.parametrize("path", ["//knock", "///knock"])
+def test_repeated_leading_slashes_reach_knock(service: Service, path: str) -> None:
+    """A base URL with a trailing slash (`http://host/` + `/knock`) still knocks."""
+    response = service.web.post(path, params=b"", headers={"X-Api-Key": USER_KEY},
+                                expect_errors=True)
+    assert response.status_int == 200
+    assert response.json["whitelisted_entry"] == CLIENT
+    assert service.web.get("//verify", expect_errors=True).status_int == 200
+    assert service.web.get("//health").json == {"status": "ok"}
+
+
+def test_slashes_inside_a_path_are_not_folded(service: Service) -> None:
+    """Only leading slashes fold: /knock/ and /kn//ock stay unknown."""
+    for path in ("/knock/", "/kn//ock"):
+        assert service.web.get(path, expect_errors=True).status_int == 404
+
+
 def test_knock_is_on_disk_when_200_is_sent(service: Service) -> None:
     """The entry is in the fsynced journal by the time the 200 arrives (whitelist.json
     follows in the background)."""

@@ -298,3 +298,30 @@ def test_example_config_as_make_run_writes_it_lets_this_machine_knock(tmp_path: 
         status, body = server.knock(keys[0])
         assert (status, body["whitelisted_entry"]) == (200, "127.0.0.1")
         assert server.verify() == 200
+
+
+# The request shapes of the published clients, as they reach the wire when their base URL
+# ends in a slash (base + "/knock"): the Go CLI (net/http) and the Android app (OkHttp).
+_GO_CLIENT = {"User-Agent": "Go-http-client/1.1", "Content-Type": "application/json",
+              "Accept-Encoding": "gzip"}
+_ANDROID_CLIENT = {"User-Agent": "okhttp/4.12.0",
+                   "Content-Type": "application/json; charset=utf-8",
+                   "Accept-Encoding": "gzip", "Connection": "Keep-Alive"}
+
+
+@pytest.mark.parametrize("client", [_GO_CLIENT, _ANDROID_CLIENT], ids=["go", "android"])
+def test_published_clients_knock_through_a_trailing_slash_base_url(
+        tmp_path: Path, client: dict[str, str]) -> None:
+    """`POST //knock` as the Go and Android clients send it is a knock; a re-knock that
+    keeps the longer grant reports the seconds actually left."""
+    with _server(tmp_path, 1) as server:
+        headers = {**client, "X-Api-Key": TEST_KEY}
+        status, _, raw = server.request("POST", "//knock", headers, b'{"ttl":3000}')
+        first = json.loads(raw)
+        assert status == 200 and first["expires_in_seconds"] == 3000
+        assert server.verify() == 200
+        time.sleep(1.1)
+        status, _, raw = server.request("POST", "//knock", headers, b'{"ttl":60}')
+        second = json.loads(raw)
+        assert status == 200 and second["expires_at"] == first["expires_at"]
+        assert 2990 <= second["expires_in_seconds"] <= 2999
