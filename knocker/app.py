@@ -21,7 +21,7 @@ from http import HTTPStatus
 from typing import Any
 
 from . import __version__
-from .addresses import IPAddress, parse_ip
+from .addresses import IPAddress, canonical, parse_ip, parse_network
 from .config import DEFAULT_CONFIG_NAME, ENV_CONFIG_PATH, Config, load_config_text
 from .errors import ConfigError, FirewallError, KnockerError, RequestError, StorageError
 from .firewall import Firewall, create_firewall
@@ -30,6 +30,8 @@ from .policy import MAX_BODY, Verifier, authenticate, authorize, parse_body
 from .proxies import ProxyResolver
 from .ratelimit import Outcome, client_key
 from .store import WhitelistBackend, atomic_write, open_backend
+from .store.grant_format import Grant
+from .whitelist import key_of
 
 log = logging.getLogger("knocker")
 
@@ -110,17 +112,21 @@ class App:
         method = environ.get("REQUEST_METHOD", "GET")
         if path == "/knock":
             if method == "POST":
-                status, headers, body = self._knock(environ)
+                status, headers, body = self._knock(environ, self._reserved_knock)
+            elif method == "DELETE":
+                status, headers, body = self._knock(environ, self._sign_out)
             elif method == "OPTIONS":
                 status, headers, body = HTTPStatus.NO_CONTENT, [
-                    ("Access-Control-Allow-Methods", "POST, OPTIONS"),
+                    ("Access-Control-Allow-Methods", "POST, DELETE, OPTIONS"),
                     ("Access-Control-Allow-Headers", "X-Api-Key, Content-Type"),
                     ("Access-Control-Max-Age", "600")], b""
             else:
                 status, headers, body = _json(HTTPStatus.METHOD_NOT_ALLOWED,
                                               {"error": "Method not allowed"},
-                                              [("Allow", "POST, OPTIONS")])
+                                              [("Allow", "POST, DELETE, OPTIONS")])
             return status, headers + self._cors, body
+        if path == "/grants" or path.startswith("/grants/"):
+            return self._grants_route(path, method, environ)
         if method not in ("GET", "HEAD"):
             known = path in ("/health", "/ready") or path in self._pages or (
                 path == "/openapi.json" and self._openapi is not None)
@@ -150,7 +156,9 @@ class App:
         return _json(HTTPStatus.OK, {"status": "ready"})
 
     # ------------------------------------------------------------------ /knock
-    def _knock(self, environ: dict[str, Any]) -> Response:
+    def _knock(self, environ: dict[str, Any], handler: _Counted) -> Response:
+        """Run `handler` (a knock, a sign-out, an admin request) within the caller's
+        rate-limit budgets (docs/api.md#rate-limiting)."""
         now = self._clock()
         peer = environ.get("REMOTE_ADDR", "")
         client = self._resolver.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
@@ -169,7 +177,7 @@ class App:
                          [("Retry-After", str(window))])
         outcome = Outcome.UNCOUNTED
         try:
-            response, outcome = self._reserved_knock(environ, client, who, now)
+            response, outcome = handler(environ, client, who, now)
         finally:
             self.store.rate_settle(budget_key, outcome, now)
         return response
@@ -188,7 +196,8 @@ class App:
             counted = Outcome.FAILURE if error.status in _COUNTED_FAILURES else Outcome.UNCOUNTED
             return _error(error), counted
         try:
-            result = self.store.knock(grant.key, grant.ttl, now)
+            how = "knock" if body.ip_address is None else "remote"
+            result = self.store.knock(grant.key, grant.ttl, now, key_name=key.name, how=how)
         except (StorageError, FirewallError) as error:
             log.error("knock key=%s client=%s entry=%s ttl=%d result=%d %s", key_name, who,
                       grant.entry, grant.ttl, error.status.value, error.message)
@@ -201,6 +210,84 @@ class App:
         return _json(HTTPStatus.OK, {"whitelisted_entry": result.entry,
                                      "expires_at": result.expires_at,
                                      "expires_in_seconds": left}), Outcome.SUCCESS
+
+    # ------------------------------------------------------------------ grants
+    def _grants_route(self, path: str, method: str, environ: dict[str, Any]) -> Response:
+        """GET /grants and DELETE /grants/{entry} (docs/api.md#grants)."""
+        allowed = "GET, HEAD" if path == "/grants" else "DELETE"
+        if path == "/grants/" or method not in allowed.split(", "):
+            return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "Method not allowed"},
+                         [("Allow", allowed)])
+        return self._knock(environ, self._admin)
+
+    def _admin(self, environ: dict[str, Any], client: IPAddress | None, who: str,
+               now: float) -> tuple[Response, Outcome]:
+        path = "/" + environ.get("PATH_INFO", "").lstrip("/")
+        key_name = "-"
+        try:
+            key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
+            key_name = key.name
+            if not key.admin:
+                raise RequestError("This key may not manage grants", HTTPStatus.FORBIDDEN)
+            if path == "/grants":
+                listed = [grant.as_json(now) for grant in self.store.grants(now)]
+                log.info("grants key=%s client=%s result=200 listed=%d", key_name, who,
+                         len(listed))
+                return _json(HTTPStatus.OK, {"grants": listed}), Outcome.SUCCESS
+            # PATH_INFO arrives percent-decoded: 10.0.0.0%2F24 is 10.0.0.0/24 here.
+            network = parse_network(path[len("/grants/"):])
+            if network is None:
+                raise RequestError("Not an IPv4/IPv6 address or CIDR network")
+            ended = self.store.revoke(key_of(network), None, now)
+        except KnockerError as error:
+            log.info("grants key=%s client=%s result=%d %s", key_name, who,
+                     error.status.value, error.message)
+            return _grant_error(error), _outcome(error)
+        return self._ended("revoke", key_name, who, canonical(network), ended, now)
+
+    def _sign_out(self, environ: dict[str, Any], client: IPAddress | None, who: str,
+                  now: float) -> tuple[Response, Outcome]:
+        """DELETE /knock: end this key's grants of the caller (or of ip_address)."""
+        key_name = "-"
+        try:
+            key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
+            key_name = key.name
+            body = parse_body(_read_body(environ), environ.get("CONTENT_TYPE"))
+            if body.ttl is not None:
+                raise RequestError("ttl has no meaning when signing out")
+            grant = authorize(key, client, body)
+            ended = self.store.revoke(grant.key, key.name, now)
+        except KnockerError as error:
+            log.info("signout key=%s client=%s result=%d %s", key_name, who,
+                     error.status.value, error.message)
+            return _grant_error(error), _outcome(error)
+        return self._ended("signout", key_name, who, grant.entry, ended, now)
+
+    def _ended(self, what: str, key_name: str, who: str, entry: str, ended: list[Grant],
+               now: float) -> tuple[Response, Outcome]:
+        if not ended:
+            log.info("%s key=%s client=%s entry=%s result=404 no such grant", what, key_name,
+                     who, entry)
+            # Probing for grants counts like a failed knock.
+            return _json(HTTPStatus.NOT_FOUND, {"error": f"No grant of {entry} to end"}), \
+                Outcome.FAILURE
+        log.info("%s key=%s client=%s entry=%s result=200 ended=%s", what, key_name, who,
+                 entry, ",".join(grant.key_name or "restored" for grant in ended))
+        return (_json(HTTPStatus.OK, {"removed": [grant.as_json(now) for grant in ended]}),
+                Outcome.SUCCESS)
+
+
+def _grant_error(error: KnockerError) -> Response:
+    if error.status < 500:
+        return _error(error)
+    return _json(error.status, {"error": "The grant could not be ended durably; try again"})
+
+
+def _outcome(error: KnockerError) -> Outcome:
+    return Outcome.FAILURE if error.status in _COUNTED_FAILURES else Outcome.UNCOUNTED
+
+
+_Counted = Callable[[dict[str, Any], IPAddress | None, str, float], tuple[Response, Outcome]]
 
 
 def _error(error: KnockerError) -> Response:

@@ -62,6 +62,7 @@ class ApiKey:
     key: str = field(repr=False)  # a secret: kept out of repr, logs and error messages
     max_ttl: int
     allow_remote_whitelist: bool = False
+    admin: bool = False  # may list and revoke every grant (docs/api.md#grants)
 
 
 @dataclass(frozen=True)
@@ -492,7 +493,7 @@ def _api_keys(raw: object) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-_API_KEY_FIELDS = ("name", "key", "max_ttl", "allow_remote_whitelist")
+_API_KEY_FIELDS = ("name", "key", "max_ttl", "allow_remote_whitelist", "admin")
 
 
 def _api_key(raw: object, index: int) -> ApiKey:
@@ -512,7 +513,9 @@ def _api_key(raw: object, index: int) -> ApiKey:
         MAX_TTL,
     )
     remote = _bool(settings.get("allow_remote_whitelist", False), f"{path}.allow_remote_whitelist")
-    return ApiKey(name=name, key=key, max_ttl=max_ttl, allow_remote_whitelist=remote)
+    admin = _bool(settings.get("admin", False), f"{path}.admin")
+    return ApiKey(name=name, key=key, max_ttl=max_ttl, allow_remote_whitelist=remote,
+                  admin=admin)
 
 
 def _secret(raw: object, path: str) -> str:

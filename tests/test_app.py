@@ -28,6 +28,7 @@ from knocker.firewall import NullFirewall
 NOW = 1_700_000_000.0
 USER_KEY = "user-key-3f9a1c7e5b2d8046"
 ADMIN_KEY = "admin-key-8d2e6b0a4c9f1735"
+OPS_KEY = "ops-key-5c1e9a7d3b6f2048"  # admin: true (the grants API)
 ORIGIN = "https://knock.example.com"
 CLIENT = "203.0.113.7"
 OTHER = "198.51.100.23"
@@ -84,6 +85,10 @@ api_keys:
     key: {ADMIN_KEY}
     max_ttl: 86400
     allow_remote_whitelist: true
+  - name: ops
+    key: {OPS_KEY}
+    max_ttl: 600
+    admin: true
 server:
   trusted_proxies: ["{PROXY}", "fd00::/8"]
 security:
@@ -344,9 +349,9 @@ def test_too_wide_network_is_400(service: Service) -> None:
     assert service.knock(ADMIN_KEY, {"ip_address": "10.0.0.0/16"}).status_int == 200
 
 
-@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH"])
 def test_other_methods_on_knock_are_405_with_allow(service: Service, method: str) -> None:
-    """Methods other than POST and OPTIONS on /knock are 405 with an Allow header."""
+    """Methods other than POST, DELETE and OPTIONS on /knock are 405 with an Allow header."""
     response = service.web.request("/knock", method=method, expect_errors=True)
     assert response.status_int == 405
     assert "POST" in response.headers["Allow"]
@@ -471,7 +476,7 @@ def test_preflight_is_204_with_exact_cors_headers(service: Service) -> None:
     assert response.status_int == 204
     assert response.body == b""
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
-    assert response.headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
+    assert response.headers["Access-Control-Allow-Methods"] == "POST, DELETE, OPTIONS"
     assert response.headers["Access-Control-Allow-Headers"] == "X-Api-Key, Content-Type"
     assert "Content-Length" not in response.headers  # RFC 9110 8.6
 

@@ -35,6 +35,8 @@ from ..whitelist import Key, Whitelist, entry_text, granted_expiry
 from .backend import KnockResult
 from .files import check_directory
 from .formats import REMOVED, decode_journal, encode_whitelist, journal_line, json_pieces
+from .grant_format import Grant, encode_grants, grant_line, revoke_line
+from .grantlog import GrantLog
 from .journal import Journal
 from .shm import SharedMemory
 from .snapshot import SnapshotFile
@@ -71,6 +73,7 @@ class FileStore:
         rate = config.security.knock_rate_limit
         self._rate_layout = layout_for(rate)
         self._snapshot = SnapshotFile(self.location)
+        self._grant_log = GrantLog(self.location + ".grants")
         try:
             os.makedirs(self.directory, exist_ok=True)
             check_directory(self.directory)
@@ -194,10 +197,13 @@ class FileStore:
             self._limiter.settle(client, outcome, now)
 
     # ------------------------------------------------------------------ knocks
-    def knock(self, key: Key, ttl: int, now: float) -> KnockResult:
+    def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
+              how: str = "knock") -> KnockResult:
         """Grant `key` for `ttl` seconds: firewall, then disk, then memory. On any
-        failure nothing stays granted anywhere (SPEC 1.1 step 8)."""
+        failure nothing stays granted anywhere (SPEC 1.1 step 8). With `key_name` the
+        grant is also recorded in the grants log (who, when, how)."""
         entry = entry_text(key)
+        noted: int | None = None
         with self._journal.writing():
             self._catch_up()
             current = self.replica.expiry(key)
@@ -213,17 +219,126 @@ class FileStore:
                 self._undo_grant(entry, live, now)
                 raise StorageError(f"could not persist the whitelist: {error}") from error
             self._publish(changes)
+            if key_name is not None:
+                noted = self._note_grant(entry, key_name, ttl, how, now)
         try:
             self._journal.sync(pending)
         except OSError as error:
             self._revert(key, expiry, live, now)
             raise StorageError(f"could not persist the whitelist: {error}") from error
+        if noted is not None:
+            try:
+                self._grant_log.sync(noted)
+            except StorageError as error:  # the grant stands; only its record may be lost
+                log.error("grant of %s by %s not recorded: %s", entry, key_name, error)
         evicted = tuple(entry_text(victim) for victim in victims)
         if evicted:
             log.warning("whitelist full (%d entries): evicted %s", self._capacity,
                         ", ".join(evicted))
             self._firewall.revoke(evicted)
         return KnockResult(entry=entry, expires_at=expiry, evicted=evicted)
+
+    # ------------------------------------------------------------------ grants
+    def _note_grant(self, entry: str, key_name: str, ttl: int, how: str,
+                    now: float) -> int | None:
+        """Record `key_name`'s grant of `entry` in the grants log (under the writer
+        lock): its own expiry, never shorter than its earlier live grant. The descriptor
+        to sync, or None when it could not be written (logged: the grant itself stands,
+        listed as restored)."""
+        try:
+            if self._grant_log.due():
+                self._compact_grants(now)
+            self._grant_log.refresh()
+            earlier = self._grant_log.of(entry).get(key_name)
+            live = earlier.expires_at if earlier and earlier.expires_at > now else None
+            grant = Grant(entry, key_name, granted_expiry(live, now, ttl), int(now), how)
+            return self._grant_log.append(grant_line(grant))
+        except (OSError, StorageError) as error:
+            log.error("grant of %s by %s not recorded: %s", entry, key_name, error)
+            return None
+
+    def _grants_by_entry(self, now: float) -> dict[str, list[Grant]]:
+        """Every live grant, per entry (under the writer lock, replica caught up). An
+        entry that runs longer than every recorded grant of it (an upstream file, a
+        lost record) has a `restored` grant for the difference."""
+        self._grant_log.refresh()
+        recorded = self._grant_log.all()
+        result: dict[str, list[Grant]] = {}
+        for key, expiry in self.replica.items():
+            if expiry <= now:
+                continue
+            entry = entry_text(key)
+            grants = [g for g in recorded.get(entry, {}).values()
+                      if now < g.expires_at <= expiry]
+            if not grants or expiry > max(g.expires_at for g in grants):
+                grants.append(Grant(entry, None, expiry, None, "restored"))
+            result[entry] = grants
+        return result
+
+    def _grants_of(self, key: Key, now: float) -> list[Grant]:
+        """_grants_by_entry for one entry: a hash lookup, not a pass over all."""
+        expiry = self.replica.expiry(key)
+        if expiry is None or expiry <= now:
+            return []
+        entry = entry_text(key)
+        self._grant_log.refresh()
+        grants = [g for g in self._grant_log.of(entry).values() if now < g.expires_at <= expiry]
+        if not grants or expiry > max(g.expires_at for g in grants):
+            grants.append(Grant(entry, None, expiry, None, "restored"))
+        return grants
+
+    def _compact_grants(self, now: float) -> None:
+        grants = self._grants_by_entry(now)
+        self._grant_log.rewrite(encode_grants(
+            g for entry_grants in grants.values() for g in entry_grants
+            if g.key_name is not None))
+
+    def grants(self, now: float) -> list[Grant]:
+        """Every live grant (GET /grants), ordered by entry then key name."""
+        with self._journal.writing():
+            self._catch_up()
+            by_entry = self._grants_by_entry(now)
+        return sorted((g for grants in by_entry.values() for g in grants),
+                      key=lambda g: (g.entry, g.key_name or ""))
+
+    def revoke(self, key: Key, key_name: str | None, now: float) -> list[Grant]:
+        """End the grants of `key` made by `key_name` (None: every grant of it) in
+        memory, on disk and in the firewall before returning; the grants it ended
+        (empty: there were none). The entry stays for as long as another grant of it
+        runs. Raises StorageError with nothing changed."""
+        entry = entry_text(key)
+        with self._journal.writing():
+            self._catch_up()
+            grants = self._grants_of(key, now)
+            ended = [g for g in grants if key_name is None or g.key_name == key_name]
+            if not ended:
+                return []
+            keep = max((g.expires_at for g in grants if g not in ended), default=None)
+            changes = [(key, REMOVED)] + ([] if keep is None else [(key, keep)])
+            try:
+                pending = self._persist(changes, now)
+            except (OSError, StorageError) as error:
+                raise StorageError(f"could not persist the whitelist: {error}") from error
+            self._publish(changes)
+            try:
+                noted: int | None = self._grant_log.append(revoke_line(entry, key_name))
+            except StorageError as error:
+                noted = None
+                log.error("revocation of %s not recorded in the grants log: %s", entry, error)
+        try:
+            self._journal.sync(pending)
+            if noted is not None:
+                self._grant_log.sync(noted)
+        except (OSError, StorageError) as error:
+            raise StorageError(f"could not persist the whitelist: {error}") from error
+        if keep is None:
+            self._firewall.revoke([entry])
+        else:
+            try:
+                self._firewall.grant(entry, max(1, keep - int(now)))
+            except Exception as error:  # the entry itself is already shortened
+                log.error("could not shorten the firewall grant of %s: %s", entry, error)
+        return ended
 
     def _undo_grant(self, entry: str, previous: int | None, now: float) -> None:
         if previous is None:

@@ -1,0 +1,175 @@
+"""The grants API through WebTest: GET /grants, DELETE /grants/{entry} and DELETE /knock
+(docs/api.md#grants), with the store's grants log (knocker/store/grant_format.py,
+grantlog.py) underneath. The real server with several workers is in test_server.py."""
+
+from __future__ import annotations
+
+import json
+
+from webtest import TestApp, TestResponse
+
+from knocker.app import build_app
+from knocker.store.grant_format import Grant, encode_grants, fold_grants, revoke_line
+from tests.test_app import (ADMIN_KEY, CLIENT, NOW, OPS_KEY, ORIGIN, USER_KEY, Service,
+                            error_body)
+
+__all__ = ["make", "service"]  # fixtures, used by name
+from tests.test_app import make, service  # noqa: E402,F401
+
+
+def listing(service: Service, key: str = OPS_KEY) -> TestResponse:
+    return service.web.get("/grants", headers={"X-Api-Key": key}, expect_errors=True)
+
+
+def revoke(service: Service, entry: str, key: str = OPS_KEY) -> TestResponse:
+    return service.web.delete(f"/grants/{entry}", headers={"X-Api-Key": key},
+                              expect_errors=True)
+
+
+def sign_out(service: Service, key: str = USER_KEY, payload: object = None,
+             peer: str = CLIENT) -> TestResponse:
+    params = json.dumps(payload).encode() if payload is not None else b""
+    headers = {"X-Api-Key": key}
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
+    return service.web.delete("/knock", params=params, headers=headers,
+                              extra_environ={"REMOTE_ADDR": peer}, expect_errors=True)
+
+
+def test_admin_lists_every_live_grant_with_its_key_name_never_the_key(service: Service) -> None:
+    """GET /grants: entry, expiry, seconds left, key name, granted_at and how."""
+    service.knock(payload={"ttl": 100})
+    service.knock(ADMIN_KEY, {"ip_address": "10.1.2.0/24", "ttl": 50})
+    service.clock.now = NOW + 10
+    response = listing(service)
+    assert response.status_int == 200
+    assert response.json == {"grants": [
+        {"entry": "10.1.2.0/24", "key_name": "admin", "expires_at": int(NOW) + 50,
+         "expires_in_seconds": 40, "granted_at": int(NOW), "how": "remote"},
+        {"entry": CLIENT, "key_name": "phone", "expires_at": int(NOW) + 100,
+         "expires_in_seconds": 90, "granted_at": int(NOW), "how": "knock"}]}
+    assert USER_KEY not in response.text and ADMIN_KEY not in response.text
+
+
+def test_expired_grants_are_not_listed(service: Service) -> None:
+    service.knock(payload={"ttl": 5})
+    service.clock.now = NOW + 6
+    assert listing(service).json == {"grants": []}
+
+
+def test_non_admin_key_gets_403_and_bad_key_401(service: Service) -> None:
+    """Only keys with admin: true may list or revoke; a wrong key is 401."""
+    service.knock()
+    for key in (USER_KEY, ADMIN_KEY):
+        assert listing(service, key).status_int == 403
+        assert revoke(service, CLIENT, key).status_int == 403
+    assert listing(service, "nope").status_int == 401
+    assert revoke(service, CLIENT, "nope").status_int == 401
+    assert service.verify().status_int == 200
+
+
+def test_admin_revoke_ends_the_grant_in_memory_disk_and_firewall(service: Service) -> None:
+    """DELETE /grants/{entry}: /verify refuses, whitelist.json and the firewall lose it."""
+    service.knock()
+    service.knock(ADMIN_KEY, {"ip_address": CLIENT, "ttl": 60})
+    response = revoke(service, CLIENT)
+    assert response.status_int == 200
+    assert {g["key_name"] for g in response.json["removed"]} == {"phone", "admin"}
+    assert service.verify().status_int == 401
+    assert service.firewall.revoked == [CLIENT]
+    service.app.store.close()
+    assert CLIENT not in service.file()
+
+
+def test_admin_revokes_a_url_encoded_network(service: Service) -> None:
+    service.knock(ADMIN_KEY, {"ip_address": "10.1.2.0/24"})
+    assert revoke(service, "10.1.2.7%2F24").status_int == 200
+    assert service.verify(peer="10.1.2.9").status_int == 401
+
+
+def test_revoking_what_is_not_granted_is_404_and_bad_entry_400(service: Service) -> None:
+    assert revoke(service, "192.0.2.99").status_int == 404
+    assert error_body(revoke(service, "not-an-address"))
+    assert revoke(service, "not-an-address").status_int == 400
+
+
+def test_grants_methods(service: Service) -> None:
+    """GET /grants and DELETE /grants/{entry} only; 405 names the allowed ones."""
+    response = service.web.post("/grants", headers={"X-Api-Key": OPS_KEY}, expect_errors=True)
+    assert response.status_int == 405 and response.headers["Allow"] == "GET, HEAD"
+    response = service.web.get(f"/grants/{CLIENT}", expect_errors=True)
+    assert response.status_int == 405 and response.headers["Allow"] == "DELETE"
+
+
+def test_sign_out_ends_only_this_keys_grant(service: Service) -> None:
+    """DELETE /knock removes the caller's grant by this key; another key's grant of the
+    same address stays, and the entry runs until that grant's expiry."""
+    service.knock(payload={"ttl": 3000})
+    service.knock(ADMIN_KEY, {"ip_address": CLIENT, "ttl": 60})
+    response = sign_out(service)
+    assert response.status_int == 200
+    assert [(g["entry"], g["key_name"]) for g in response.json["removed"]] == [
+        (CLIENT, "phone")]
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert [g["key_name"] for g in listing(service).json["grants"]] == ["admin"]
+    assert service.verify().status_int == 200
+    service.clock.now = NOW + 61
+    assert service.verify().status_int == 401
+
+
+def test_sign_out_without_a_grant_is_404(service: Service) -> None:
+    service.knock(ADMIN_KEY, {"ip_address": CLIENT})
+    assert sign_out(service).status_int == 404
+    assert service.verify().status_int == 200
+
+
+def test_sign_out_of_a_named_address_needs_remote_whitelisting(service: Service) -> None:
+    """ip_address names another address for keys that may whitelist others; else 403."""
+    service.knock(ADMIN_KEY, {"ip_address": "10.1.2.3"})
+    assert sign_out(service, USER_KEY, {"ip_address": "10.1.2.3"}).status_int == 403
+    response = sign_out(service, ADMIN_KEY, {"ip_address": "10.1.2.3"})
+    assert response.status_int == 200
+    assert service.verify(peer="10.1.2.3").status_int == 401
+
+
+def test_sign_out_with_a_bad_key_is_401(service: Service) -> None:
+    service.knock()
+    assert sign_out(service, "wrong").status_int == 401
+    assert service.verify().status_int == 200
+
+
+def test_preflight_allows_delete(service: Service) -> None:
+    response = service.web.options("/knock")
+    assert "DELETE" in response.headers["Access-Control-Allow-Methods"].split(", ")
+
+
+def test_grant_requests_count_against_the_failure_budget(make: object) -> None:
+    """A client probing with a wrong key is stopped by the failure budget (429)."""
+    service = make(failures=3)  # type: ignore[operator]
+    statuses = [listing(service, "wrong").status_int for _ in range(3)]
+    statuses.append(listing(service).status_int)
+    assert statuses == [401, 401, 401, 429]
+
+
+def test_an_upstream_entry_is_listed_as_restored_and_revocable(service: Service) -> None:
+    """An entry found on disk without a grant record is a `restored` grant (no key)."""
+    service.app.close()
+    (service.directory / "whitelist.json").write_text(json.dumps({"10.9.8.7": int(NOW) + 99}))
+    service.app = build_app(service.config, clock=service.clock)
+    service.web = TestApp(service.app, extra_environ={"REMOTE_ADDR": CLIENT})
+    grants = listing(service).json["grants"]
+    assert grants == [{"entry": "10.9.8.7", "key_name": None, "expires_at": int(NOW) + 99,
+                       "expires_in_seconds": 99, "granted_at": None, "how": "restored"}]
+    assert revoke(service, "10.9.8.7").status_int == 200
+
+
+def test_grants_log_folds_to_the_latest_grant_per_key_and_entry() -> None:
+    """A revoke line ends the named key's grant (or all); a torn line costs itself."""
+    a1 = Grant("1.2.3.4", "a", 100, 1, "knock")
+    a2 = Grant("1.2.3.4", "a", 200, 2, "knock")
+    b = Grant("1.2.3.4", "b", 150, 2, "remote")
+    c = Grant("5.6.7.8", "c", 150, 2, "remote")
+    data = encode_grants([a1, b, c, a2]) + revoke_line("1.2.3.4", "b") + b'{"op":"gr'
+    assert fold_grants(data, 0) == {a2.ident: a2, c.ident: c}
+    assert fold_grants(data + b"\n" + revoke_line("1.2.3.4", None), 0) == {c.ident: c}
+    assert fold_grants(data, 160) == {a2.ident: a2}
