@@ -325,3 +325,56 @@ def test_published_clients_knock_through_a_trailing_slash_base_url(
         second = json.loads(raw)
         assert status == 200 and second["expires_at"] == first["expires_at"]
         assert 2990 <= second["expires_in_seconds"] <= 2999
+
+
+OPS_KEY = "ops-key-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _with_ops_key(tmp_path: Path) -> dict[str, Any]:
+    """base_config plus an `ops` key with admin: true (the grants API)."""
+    config = base_config(tmp_path, security={"knock_rate_limit": UNLIMITED["knock_rate_limit"]})
+    config["api_keys"].append({"name": "ops", "key": OPS_KEY, "max_ttl": 600, "admin": True})
+    return config
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_admin_lists_and_revokes_grants_on_every_worker(tmp_path: Path, workers: int) -> None:
+    """GET /grants shows each key's grant (by name); DELETE /grants/{entry} ends it for
+    every worker before the answer, and whitelist.json loses it."""
+    with KnockerProcess(tmp_path, _with_ops_key(tmp_path), workers=workers) as server:
+        assert server.knock(TEST_KEY, source="127.0.0.81")[0] == 200
+        assert server.knock(ADMIN_KEY, {"ip_address": "127.0.1.0/24"})[0] == 200
+        ops = {"X-Api-Key": OPS_KEY}
+        status, _, raw = server.request("GET", "/grants", ops)
+        assert status == 200
+        listed = {(g["entry"], g["key_name"], g["how"]) for g in json.loads(raw)["grants"]}
+        assert listed == {("127.0.0.81", "phone", "knock"), ("127.0.1.0/24", "admin", "remote")}
+        assert TEST_KEY.encode() not in raw and ADMIN_KEY.encode() not in raw
+        assert server.request("GET", "/grants", {"X-Api-Key": TEST_KEY})[0] == 403
+        status, _, raw = server.request("DELETE", "/grants/127.0.1.0%2F24", ops)
+        assert status == 200 and json.loads(raw)["removed"][0]["entry"] == "127.0.1.0/24"
+        # Every worker refuses at once (fresh connections spread over the workers).
+        assert [server.verify(source="127.0.1.9") for _ in range(12)] == [401] * 12
+        assert server.request("DELETE", "/grants/127.0.1.0%2F24", ops)[0] == 404
+        assert "127.0.1.0/24" not in _file_when(server, lambda f: "127.0.1.0/24" not in f)
+        assert [server.verify(source="127.0.0.81") for _ in range(6)] == [200] * 6
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_sign_out_ends_this_keys_grant_on_every_worker(tmp_path: Path, workers: int) -> None:
+    """DELETE /knock ends the caller's grant by that key; a restart keeps it ended and
+    keeps who granted the rest."""
+    with KnockerProcess(tmp_path, _with_ops_key(tmp_path), workers=workers) as server:
+        assert server.knock(TEST_KEY, source="127.0.0.82")[0] == 200
+        assert server.knock(TEST_KEY, source="127.0.0.83")[0] == 200
+        headers = {"X-Api-Key": TEST_KEY}
+        status, cors, raw = server.request("DELETE", "/knock", headers, source="127.0.0.82")
+        assert status == 200 and "Access-Control-Allow-Origin" in cors
+        assert [g["key_name"] for g in json.loads(raw)["removed"]] == ["phone"]
+        assert [server.verify(source="127.0.0.82") for _ in range(12)] == [401] * 12
+        assert server.request("DELETE", "/knock", headers, source="127.0.0.82")[0] == 404
+    with KnockerProcess(tmp_path, _with_ops_key(tmp_path), workers=workers) as server:
+        assert server.verify(source="127.0.0.82") == 401
+        status, _, raw = server.request("GET", "/grants", {"X-Api-Key": OPS_KEY})
+        assert [(g["entry"], g["key_name"]) for g in json.loads(raw)["grants"]] == [
+            ("127.0.0.83", "phone")]
