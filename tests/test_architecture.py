@@ -37,7 +37,8 @@ STORE_EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "s
                         "store.filestore", "store.grantlog"})
 CLIENT_CORE = frozenset({"client.journal_format"})
 CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.journald",
-                         "client.knock", "client.loop", "client.service", "client.settings"})
+                         "client.knock", "client.loop", "client.service", "client.settings",
+                         "client.grants"})
 CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses",
                   "errors"}) | FIREWALLD_CORE | STORE_CORE | CLIENT_CORE
 EDGE = frozenset({"app", "cli", "firewall", "client", "webpage",

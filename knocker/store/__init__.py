@@ -3,6 +3,8 @@
 Faces: `WhitelistBackend` (backend.py, what the app may ask), `open_backend` (the one
 place that picks an implementation), `FileStore` (filestore.py, whitelist.json + journal
 + shared memory), and `atomic_write` (files.py, how every file Knocker writes is replaced).
+Who granted what lives beside the whitelist: grant_format.py (pure: the Grant value and
+the grants log's lines) and grantlog.py (whitelist.json.grants).
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ from .backend import KnockResult, WhitelistBackend
 from .files import atomic_write
 from .filestore import FileStore, release_free_memory
 
-__all__ = ["FileStore", "KnockResult", "WhitelistBackend", "atomic_write", "open_backend",
-           "release_free_memory"]
+__all__ = [
+    "FileStore",
+    "KnockResult",
+    "WhitelistBackend",
+    "atomic_write",
+    "open_backend",
+    "release_free_memory",
+]
 
 
-def open_backend(config: Config, firewall: Firewall,
-                 clock: Callable[[], float]) -> WhitelistBackend:
+def open_backend(
+    config: Config, firewall: Firewall, clock: Callable[[], float]
+) -> WhitelistBackend:
     """The whitelist backend `config` asks for, open and loaded (StorageError if not)."""
     return FileStore(config, firewall, clock=clock)
