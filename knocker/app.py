@@ -29,6 +29,7 @@ from .openapi import openapi_document
 from .policy import MAX_BODY, Verifier, authenticate, authorize, parse_body
 from .proxies import ProxyResolver
 from .ratelimit import Outcome, client_key
+from .scopes import HostScopes
 from .store import WhitelistBackend, atomic_write, open_backend
 from .store.grant_format import Grant
 from .whitelist import key_of
@@ -62,6 +63,10 @@ class App:
         self._clock = clock
         self._resolver = ProxyResolver(config.server.trusted_proxies)
         self._verifier = Verifier(config, self._resolver)
+        self._scopes = HostScopes(config.api_keys)
+        self._keys_by_name = {key.name: key for key in config.api_keys}
+        # Without host-scoped keys /verify asks exactly what it always did.
+        self._scoped = self._scoped_allows if self._scopes.active else None
         self._cors: Headers = [("Access-Control-Allow-Origin", config.cors.allowed_origin)]
         self._openapi = (json.dumps(openapi_document(__version__)).encode()
                          if config.documentation.enabled else None)
@@ -95,7 +100,7 @@ class App:
             allowed = self._verifier.decide(
                 environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR"),
                 environ.get("HTTP_X_FORWARDED_HOST"), environ.get("HTTP_X_FORWARDED_URI"),
-                self.store.allows, self._clock())
+                self.store.allows, self._clock(), self._scoped)
             status_line, headers = self._verify_answers[allowed]
             start_response(status_line, headers)
             return ()
@@ -197,7 +202,8 @@ class App:
             return _error(error), counted
         try:
             how = "knock" if body.ip_address is None else "remote"
-            result = self.store.knock(grant.key, grant.ttl, now, key_name=key.name, how=how)
+            result = self.store.knock(grant.key, grant.ttl, now, key_name=key.name, how=how,
+                                      scoped=key.scoped)
         except (StorageError, FirewallError) as error:
             log.error("knock key=%s client=%s entry=%s ttl=%d result=%d %s", key_name, who,
                       grant.entry, grant.ttl, error.status.value, error.message)
@@ -230,7 +236,7 @@ class App:
             if not key.admin:
                 raise RequestError("This key may not manage grants", HTTPStatus.FORBIDDEN)
             if path == "/grants":
-                listed = [grant.as_json(now) for grant in self.store.grants(now)]
+                listed = [self._grant_json(grant, now) for grant in self.store.grants(now)]
                 log.info("grants key=%s client=%s result=200 listed=%d", key_name, who,
                          len(listed))
                 return _json(HTTPStatus.OK, {"grants": listed}), Outcome.SUCCESS
@@ -273,8 +279,21 @@ class App:
                 Outcome.FAILURE
         log.info("%s key=%s client=%s entry=%s result=200 ended=%s", what, key_name, who,
                  entry, ",".join(grant.key_name or "restored" for grant in ended))
-        return (_json(HTTPStatus.OK, {"removed": [grant.as_json(now) for grant in ended]}),
+        return (_json(HTTPStatus.OK, {"removed": [self._grant_json(g, now) for g in ended]}),
                 Outcome.SUCCESS)
+
+    def _grant_json(self, grant: Grant, now: float) -> dict[str, object]:
+        """A grant as the API shows it; `scope` is its key's hosts (null: every host)."""
+        shown = grant.as_json(now)
+        key = self._keys_by_name.get(grant.key_name or "")
+        # A scoped grant whose key is gone (or lost its hosts) passes for no host.
+        shown["scope"] = ({"hosts": list(key.hosts if key else ())} if grant.scoped
+                          else None)
+        return shown
+
+    def _scoped_allows(self, client: IPAddress, host: str | None, now: float) -> bool:
+        names = self._scopes.keys_for(host)
+        return bool(names) and self.store.scoped_allows(client, names, now)
 
 
 def _grant_error(error: KnockerError) -> Response:

@@ -39,7 +39,7 @@ CLIENT_CORE = frozenset({"client.journal_format"})
 CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.journald",
                          "client.knock", "client.loop", "client.service", "client.settings",
                          "client.grants"})
-CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses",
+CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses", "scopes",
                   "errors"}) | FIREWALLD_CORE | STORE_CORE | CLIENT_CORE
 EDGE = frozenset({"app", "cli", "firewall", "client", "webpage",
                   "openapi"}) | FIREWALLD_EDGE | STORE_EDGE | CLIENT_EDGE

@@ -5,13 +5,28 @@ grantlog.py) underneath. The real server with several workers is in test_server.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from webtest import TestApp, TestResponse
 
-from knocker.app import build_app
+from knocker.app import App, build_app
+from knocker.config import load_config_text
+from knocker.errors import ConfigError
+from knocker.scopes import HostScopes
 from knocker.store.grant_format import Grant, encode_grants, fold_grants, revoke_line
-from tests.test_app import (ADMIN_KEY, CLIENT, NOW, OPS_KEY, ORIGIN, USER_KEY, Service,
-                            error_body)
+from tests.test_app import (
+    ADMIN_KEY,
+    CLIENT,
+    NOW,
+    OPS_KEY,
+    ORIGIN,
+    USER_KEY,
+    Clock,
+    Service,
+    error_body,
+)
 
 __all__ = ["make", "service"]  # fixtures, used by name
 from tests.test_app import make, service  # noqa: E402,F401
@@ -45,9 +60,9 @@ def test_admin_lists_every_live_grant_with_its_key_name_never_the_key(service: S
     assert response.status_int == 200
     assert response.json == {"grants": [
         {"entry": "10.1.2.0/24", "key_name": "admin", "expires_at": int(NOW) + 50,
-         "expires_in_seconds": 40, "granted_at": int(NOW), "how": "remote"},
+         "expires_in_seconds": 40, "granted_at": int(NOW), "how": "remote", "scope": None},
         {"entry": CLIENT, "key_name": "phone", "expires_at": int(NOW) + 100,
-         "expires_in_seconds": 90, "granted_at": int(NOW), "how": "knock"}]}
+         "expires_in_seconds": 90, "granted_at": int(NOW), "how": "knock", "scope": None}]}
     assert USER_KEY not in response.text and ADMIN_KEY not in response.text
 
 
@@ -159,7 +174,8 @@ def test_an_upstream_entry_is_listed_as_restored_and_revocable(service: Service)
     service.web = TestApp(service.app, extra_environ={"REMOTE_ADDR": CLIENT})
     grants = listing(service).json["grants"]
     assert grants == [{"entry": "10.9.8.7", "key_name": None, "expires_at": int(NOW) + 99,
-                       "expires_in_seconds": 99, "granted_at": None, "how": "restored"}]
+                       "expires_in_seconds": 99, "granted_at": None, "how": "restored",
+                       "scope": None}]
     assert revoke(service, "10.9.8.7").status_int == 200
 
 
@@ -173,3 +189,177 @@ def test_grants_log_folds_to_the_latest_grant_per_key_and_entry() -> None:
     assert fold_grants(data, 0) == {a2.ident: a2, c.ident: c}
     assert fold_grants(data + b"\n" + revoke_line("1.2.3.4", None), 0) == {c.ident: c}
     assert fold_grants(data, 160) == {a2.ident: a2}
+
+
+# --- host-scoped keys ------------------------------------------------------------------
+
+SCOPED_KEY = "scoped-key-7e3b9d1f5a2c8064"
+PROXY = "10.9.9.9"
+
+
+def scoped_app(tmp_path: Path, clock: Clock) -> App:
+    config = load_config_text(f"""
+api_keys:
+  - name: phone
+    key: {USER_KEY}
+    max_ttl: 3600
+  - name: app-phone
+    key: {SCOPED_KEY}
+    max_ttl: 3600
+    hosts: ["app.example.com", "*.apps.example.com"]
+  - name: ops
+    key: {OPS_KEY}
+    max_ttl: 600
+    admin: true
+server:
+  trusted_proxies: ["{PROXY}"]
+security:
+  knock_rate_limit: {{successful_requests: 0, failed_requests: 0}}
+whitelist:
+  storage_path: {tmp_path / "whitelist.json"}
+""")
+    return build_app(config, clock=clock)
+
+
+class Scoped:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.clock = Clock()
+        self.app = scoped_app(tmp_path, self.clock)
+        self.web = TestApp(self.app)
+
+    def reopen(self) -> None:
+        self.app.close()
+        self.app = scoped_app(self.tmp_path, self.clock)
+        self.web = TestApp(self.app)
+
+    def knock(self, key: str, client: str = CLIENT, **body: object) -> TestResponse:
+        return self.web.post("/knock", params=json.dumps(body).encode(),
+                             headers={"X-Api-Key": key, "Content-Type": "application/json",
+                                      "X-Forwarded-For": client},
+                             extra_environ={"REMOTE_ADDR": PROXY}, expect_errors=True)
+
+    def verify(self, host: str | None, client: str = CLIENT, peer: str = PROXY) -> int:
+        headers = {"X-Forwarded-For": client}
+        if host is not None:
+            headers["X-Forwarded-Host"] = host
+        return int(self.web.get("/verify", headers=headers, extra_environ={"REMOTE_ADDR": peer},
+                                expect_errors=True).status_int)
+
+
+@pytest.fixture
+def scoped(tmp_path: Path) -> Iterator[Scoped]:
+    made = Scoped(tmp_path)
+    yield made
+    made.app.close()
+
+
+def test_scoped_grant_passes_only_for_its_hosts(scoped: Scoped) -> None:
+    """A key with hosts: passes at app.example.com and *.apps.example.com, nowhere else;
+    without a host (or from an untrusted peer) it does not pass."""
+    assert scoped.knock(SCOPED_KEY).status_int == 200
+    assert scoped.verify("app.example.com") == 200
+    assert scoped.verify("APP.example.com:443") == 200
+    assert scoped.verify("x.apps.example.com") == 200
+    assert scoped.verify("a.b.apps.example.com") == 200
+    for refused in ("other.example.com", "apps.example.com", "example.com",
+                    "app.example.com.evil.test", None):
+        assert scoped.verify(refused) == 401, refused
+    assert scoped.verify("app.example.com", peer=CLIENT) == 401  # host not trusted
+
+
+def test_unscoped_and_scoped_grants_of_one_address_coexist(scoped: Scoped) -> None:
+    """Any live grant covering the address that allows the host lets it pass; signing
+    out one key leaves the other's grant."""
+    assert scoped.knock(SCOPED_KEY, ttl=3000).status_int == 200
+    assert scoped.knock(USER_KEY, ttl=60).status_int == 200
+    assert scoped.verify("other.example.com") == 200
+    scoped.clock.now = NOW + 61
+    assert scoped.verify("other.example.com") == 401
+    assert scoped.verify("app.example.com") == 200
+    signed_out = scoped.web.delete("/knock", headers={"X-Api-Key": SCOPED_KEY,
+                                                      "X-Forwarded-For": CLIENT},
+                                   extra_environ={"REMOTE_ADDR": PROXY}, expect_errors=True)
+    assert signed_out.status_int == 200
+    assert signed_out.json["removed"][0]["scope"] == {
+        "hosts": ["app.example.com", "*.apps.example.com"]}
+    assert scoped.verify("app.example.com") == 401
+
+
+def test_scoped_grants_stay_out_of_whitelist_json_and_survive_a_restart(
+        scoped: Scoped) -> None:
+    """whitelist.json (the upstream format) never holds a scoped grant; the sidecar
+    does, and a restart restores it, still scoped."""
+    scoped.knock(SCOPED_KEY, client="198.51.100.5")
+    scoped.knock(USER_KEY, client="198.51.100.6")
+    scoped.reopen()
+    upstream = json.loads((scoped.tmp_path / "whitelist.json").read_text())
+    assert upstream == {"198.51.100.6": int(NOW) + 3600}
+    assert b"198.51.100.5" in (scoped.tmp_path / "whitelist.json.grants").read_bytes()
+    assert scoped.verify("app.example.com", client="198.51.100.5") == 200
+    assert scoped.verify("other.example.com", client="198.51.100.5") == 401
+    listed = scoped.web.get("/grants", headers={"X-Api-Key": OPS_KEY}).json["grants"]
+    assert [(g["entry"], g["key_name"], g["scope"]) for g in listed] == [
+        ("198.51.100.5", "app-phone", {"hosts": ["app.example.com", "*.apps.example.com"]}),
+        ("198.51.100.6", "phone", None)]
+
+
+def test_admin_revoke_ends_scoped_and_unscoped_grants(scoped: Scoped) -> None:
+    scoped.knock(SCOPED_KEY)
+    scoped.knock(USER_KEY)
+    response = scoped.web.delete(f"/grants/{CLIENT}", headers={"X-Api-Key": OPS_KEY})
+    assert {g["key_name"] for g in response.json["removed"]} == {"phone", "app-phone"}
+    assert scoped.verify("app.example.com") == 401
+    assert scoped.verify("other.example.com") == 401
+
+
+def test_downgrade_round_trip_through_the_upstream_format(scoped: Scoped) -> None:
+    """Start from an upstream whitelist.json, grant scoped and unscoped, stop: the file is
+    still what upstream reads ({entry: int}), holding only what upstream can honour;
+    upstream rewriting it (and never knowing the sidecar's scoped grants) widens nothing,
+    and coming back keeps the scoped grant scoped."""
+    scoped.app.close()
+    path = scoped.tmp_path / "whitelist.json"
+    path.write_text(json.dumps({"192.0.2.10": int(NOW) + 500, "192.0.2.11": 1.5}))
+    scoped.reopen()
+    scoped.knock(SCOPED_KEY, client="192.0.2.20")
+    scoped.knock(USER_KEY, client="192.0.2.21")
+    scoped.app.close()
+    upstream = json.loads(path.read_text())
+    assert all(type(v) is int for v in upstream.values())
+    assert upstream == {"192.0.2.10": int(NOW) + 500, "192.0.2.21": int(NOW) + 3600}
+    # Upstream rewrites the file its own way (indent=2) and adds a knock of its own.
+    upstream["192.0.2.30"] = int(NOW) + 100
+    path.write_text(json.dumps(upstream, indent=2))
+    scoped.reopen()
+    assert scoped.verify("other.example.com", client="192.0.2.20") == 401
+    assert scoped.verify("app.example.com", client="192.0.2.20") == 200
+    assert scoped.verify("other.example.com", client="192.0.2.30") == 200
+    hows = {g["entry"]: g["how"] for g in
+            scoped.web.get("/grants", headers={"X-Api-Key": OPS_KEY}).json["grants"]}
+    assert hows == {"192.0.2.10": "restored", "192.0.2.20": "knock", "192.0.2.21": "knock",
+                    "192.0.2.30": "restored"}
+
+
+def test_host_scopes_match_names_and_wildcards_by_lookup() -> None:
+    keys = load_config_text(f"""
+api_keys:
+  - {{name: a, key: k1-{USER_KEY}, max_ttl: 60, hosts: ["App.Example.com"]}}
+  - {{name: b, key: k2-{USER_KEY}, max_ttl: 60, hosts: ["*.example.com", "app.example.com"]}}
+  - {{name: c, key: k3-{USER_KEY}, max_ttl: 60}}
+""").api_keys
+    scopes = HostScopes(keys)
+    assert scopes.keys_for("app.example.com") == ("a", "b")
+    assert scopes.keys_for("x.y.example.com") == ("b",)
+    assert scopes.keys_for("example.com") == ()
+    assert scopes.keys_for(None) == ()
+    assert not HostScopes(keys[2:]).active
+
+
+@pytest.mark.parametrize("hosts", ['["app.example.com:443"]', '["*"]', '["a.*.com"]', "[]",
+                                   '["*."]', "[1]"])
+def test_bad_host_scopes_are_config_errors_naming_the_key(hosts: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config_text(f"api_keys: [{{name: a, key: {USER_KEY}, max_ttl: 60, "
+                         f"hosts: {hosts}}}]")
+    assert "api_keys[0].hosts" in str(raised.value)

@@ -44,10 +44,18 @@ class WhitelistBackend(Protocol):
         ...
 
     def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
-              how: str = "knock") -> KnockResult:
+              how: str = "knock", scoped: bool = False) -> KnockResult:
         """Grant `key` for `ttl` seconds (firewall first); raises StorageError or
         FirewallError with nothing granted anywhere. With `key_name`, also record the
-        grant (that key's, `how` = knock or remote) for grants() and revoke()."""
+        grant (that key's, `how` = knock or remote) for grants() and revoke(). A
+        `scoped` grant (a key with hosts:) stays out of the unscoped whitelist, so
+        allows() never sees it: only scoped_allows() does."""
+        ...
+
+    def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...],
+                      now: float) -> bool:
+        """/verify for scoped grants: has a key among `key_names` a live scoped grant
+        covering `address`? Hash lookups, like allows()."""
         ...
 
     def grants(self, now: float) -> list[Grant]:

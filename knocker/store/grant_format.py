@@ -28,6 +28,10 @@ class Grant:
     expires_at: int
     granted_at: int | None
     how: str  # one of HOWS
+    # Made with a host-scoped key: kept only here, never in whitelist.json (an upstream
+    # reader would take it for an unscoped grant), and passes /verify only for the
+    # key's hosts.
+    scoped: bool = False
 
     @property
     def ident(self) -> GrantId:
@@ -43,9 +47,12 @@ class Grant:
 
 def grant_line(grant: Grant) -> bytes:
     """One record: a key's grant of an entry until expires_at (replaces its earlier one)."""
-    return _line({"op": "grant", "entry": grant.entry, "key": grant.key_name,
-                  "expires_at": grant.expires_at, "granted_at": grant.granted_at,
-                  "how": grant.how})
+    record: dict[str, object] = {
+        "op": "grant", "entry": grant.entry, "key": grant.key_name,
+        "expires_at": grant.expires_at, "granted_at": grant.granted_at, "how": grant.how}
+    if grant.scoped:
+        record["scoped"] = True
+    return _line(record)
 
 
 def revoke_line(entry: str, key_name: str | None) -> bytes:
@@ -60,18 +67,22 @@ def _line(record: dict[str, object]) -> bytes:
 GrantIndex = dict[str, dict[str | None, Grant]]  # entry -> granting key's name -> grant
 
 
-def apply_lines(index: GrantIndex, data: bytes) -> None:
+def apply_lines(index: GrantIndex, data: bytes) -> list[GrantId]:
     """Fold log lines into `index`, in order: a grant replaces that key's earlier one of
-    the entry, a revoke drops the key's (or every) grant of it. A damaged or torn line
-    (a crash mid-append) costs that record only."""
+    the entry, a revoke drops the key's (or every, key None) grant of it. Returns what
+    the lines touched. A damaged or torn line (a crash mid-append) costs that record
+    only."""
+    touched: list[GrantId] = []
     for line in data.split(b"\n"):
         record = _parse(line)
         if record is None:
             continue
         if isinstance(record, Grant):
             index.setdefault(record.entry, {})[record.key_name] = record
+            touched.append(record.ident)
             continue
         entry, key_name = record
+        touched.append(record)
         if key_name is None:
             index.pop(entry, None)
         else:
@@ -80,6 +91,7 @@ def apply_lines(index: GrantIndex, data: bytes) -> None:
                 grants.pop(key_name, None)
                 if not grants:
                     del index[entry]
+    return touched
 
 
 def fold_grants(data: bytes, now: float) -> dict[GrantId, Grant]:
@@ -104,10 +116,12 @@ def _parse(line: bytes) -> Grant | tuple[str, str | None] | None:
         return entry, key_name
     expires_at, granted_at, how = (record.get("expires_at"), record.get("granted_at"),
                                    record.get("how"))
+    scoped = record.get("scoped", False)
     if (record.get("op") != "grant" or type(expires_at) is not int or how not in HOWS
-            or not (granted_at is None or type(granted_at) is int)):
+            or not (granted_at is None or type(granted_at) is int)
+            or type(scoped) is not bool):
         return None
-    return Grant(entry, key_name, expires_at, granted_at, how)
+    return Grant(entry, key_name, expires_at, granted_at, how, scoped)
 
 
 def encode_grants(grants: Iterable[Grant]) -> bytes:

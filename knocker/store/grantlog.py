@@ -10,10 +10,11 @@ appends to the current file.
 from __future__ import annotations
 
 import os
+import threading
 
 from ..errors import StorageError
 from .files import atomic_write, open_storage
-from .grant_format import Grant, GrantIndex, apply_lines
+from .grant_format import Grant, GrantId, GrantIndex, apply_lines
 
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_APPEND
 COMPACT_MIN = 1 << 20  # bytes: below this the log is never compacted
@@ -25,6 +26,7 @@ class GrantLog:
         self._compact_at = COMPACT_MIN
         self._index: GrantIndex = {}
         self._seen: tuple[int, int, int] = (-1, -1, 0)  # (device, inode, offset) read
+        self._lock = threading.Lock()  # one refresh at a time in this process
 
     def of(self, entry: str) -> dict[str | None, Grant]:
         """The recorded grants of `entry` (expired ones included), by key name; call
@@ -34,31 +36,48 @@ class GrantLog:
     def all(self) -> GrantIndex:
         return self._index
 
-    def refresh(self) -> None:
-        """Bring the index up to date with the file (under the writer lock)."""
+    def stale(self) -> bool:
+        """True when the file may hold records the index has not seen (one stat)."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return self._seen[0] != -1
+        return (info.st_dev, info.st_ino, info.st_size) != self._seen
+
+    def refresh(self) -> list[GrantId] | None:
+        """Bring the index up to date with the file; what changed, or None when it was
+        read afresh (a compaction, or the file gone)."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> list[GrantId] | None:
         try:
             fd = open_storage(self.path, os.O_RDONLY)
         except StorageError:
             if os.path.exists(self.path):
                 raise
             self._index, self._seen = {}, (-1, -1, 0)
-            return
+            return None
+        touched: list[GrantId] | None = []
         try:
             info = os.fstat(fd)
             device, inode, offset = self._seen
             if (info.st_dev, info.st_ino) != (device, inode) or info.st_size < offset:
-                self._index, offset = {}, 0
+                self._index, offset, touched = {}, 0, None
             if info.st_size > offset:
                 data = os.pread(fd, info.st_size - offset, offset)
                 # Only whole lines: a torn tail is read again once it is complete.
                 data = data[:data.rfind(b"\n") + 1]
-                apply_lines(self._index, data)
+                changed = apply_lines(self._index, data)
+                if touched is not None:
+                    touched.extend(changed)
                 offset += len(data)
             self._seen = (info.st_dev, info.st_ino, offset)
         except OSError as error:
             raise StorageError(f"cannot read {self.path}: {error.strerror}") from error
         finally:
             os.close(fd)
+        return touched
 
     def append(self, lines: bytes) -> int:
         """Append `lines` (under the writer lock); returns the descriptor `sync` takes.
