@@ -378,3 +378,33 @@ def test_sign_out_ends_this_keys_grant_on_every_worker(tmp_path: Path, workers: 
         status, _, raw = server.request("GET", "/grants", {"X-Api-Key": OPS_KEY})
         assert [(g["entry"], g["key_name"]) for g in json.loads(raw)["grants"]] == [
             ("127.0.0.83", "phone")]
+
+
+SCOPED_KEY = "scoped-key-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_host_scoped_grant_passes_only_for_its_host_on_every_worker(
+        tmp_path: Path, workers: int) -> None:
+    """A knock with a key scoped to app.example.com: every worker lets the address
+    through for that host at once, for no other; sign-out withdraws it everywhere."""
+    config = _with_ops_key(tmp_path)
+    config["api_keys"].append({"name": "app-phone", "key": SCOPED_KEY, "max_ttl": 600,
+                               "hosts": ["app.example.com"]})
+    config["server"] = {"trusted_proxies": ["127.0.0.1"]}
+
+    def verify(host: str) -> int:
+        return server.verify(headers={"X-Forwarded-For": "192.0.2.44",
+                                      "X-Forwarded-Host": host})
+
+    with KnockerProcess(tmp_path, config, workers=workers) as server:
+        knocked = server.request("POST", "/knock", {"X-Api-Key": SCOPED_KEY,
+                                                   "X-Forwarded-For": "192.0.2.44"})
+        assert knocked[0] == 200
+        assert [verify("app.example.com") for _ in range(12)] == [200] * 12
+        assert [verify("other.example.com") for _ in range(12)] == [401] * 12
+        assert not server.storage_path.exists() or "192.0.2.44" not in server.whitelist_file()
+        signed_out = server.request("DELETE", "/knock", {"X-Api-Key": SCOPED_KEY,
+                                                        "X-Forwarded-For": "192.0.2.44"})
+        assert signed_out[0] == 200
+        assert [verify("app.example.com") for _ in range(12)] == [401] * 12
