@@ -145,12 +145,17 @@ def _grants_schemas() -> dict[str, Any]:
         "SignOutRequest": {"type": "object", "additionalProperties": False, "properties": {
             "ip_address": {"type": "string", "maxLength": 100, "nullable": True}}},
         "Grant": {"type": "object", "required": [
-            "entry", "key_name", "expires_at", "expires_in_seconds", "granted_at", "how"],
+            "entry", "key_name", "expires_at", "expires_in_seconds", "granted_at", "how",
+            "scope"],
             "properties": {
                 "entry": {"type": "string"},
                 "key_name": {"type": "string", "nullable": True,
                              "description": "The granting key's name (never the key)"},
                 "expires_at": integer, "expires_in_seconds": integer,
                 "granted_at": nullable_int,
-                "how": {"type": "string", "enum": ["knock", "remote", "restored"]}}},
+                "how": {"type": "string", "enum": ["knock", "remote", "restored"]},
+                "scope": {"type": "object", "nullable": True,
+                          "description": "null, or the scoped key's hosts",
+                          "properties": {"hosts": {"type": "array",
+                                                   "items": {"type": "string"}}}}}},
     }

@@ -44,6 +44,7 @@ from tests.serverproc import KnockerProcess
 REPO = Path(__file__).resolve().parents[2]
 LUA = Path(__file__).with_name("load.lua")
 KEY = "bench-key-0123456789abcdefghijklmnopqrstuvwxyz0123"
+SCOPED_KEY_NAME, SCOPED_HOST = "bench-scoped", "app.example.com"
 WORKERS, THREADS = 2, 4  # `knocker serve` defaults (knocker/cli.py)
 CONNECTIONS, WRK_THREADS = 64, 2
 KNOCK_CONNECTIONS = (8, 64)
@@ -53,6 +54,7 @@ KNOCK_POOL = 100  # distinct knocking clients: keeps "10 entries" near 10 (see d
 EXPIRY_AHEAD = 30 * 86400
 
 TARGETS = {
+    "scoped_vs_unscoped": 0.85,  # issue 13: a scoped lookup stays a hash lookup
     "verify_vs_floor": 0.85, "verify_vs_small": 0.95, "caddy_vs_floor": 0.8,
     "knocks_per_s": 1000.0, "knocks_vs_small": 0.5, "startup_s": 1.0, "rss_mb": 60.0,
 }
@@ -158,10 +160,10 @@ def _os_name() -> str:
 
 # ---------------------------------------------------------------------- measuring
 def run_wrk(wrk: str, url: str, method: str, path: str, pool: Path, duration: float,
-            connections: int, key: str = "") -> dict[str, Any]:
+            connections: int, key: str = "", host: str = "") -> dict[str, Any]:
     threads = min(WRK_THREADS, connections)
     command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
-               "-s", str(LUA), url, "--", method, path, str(pool), key]
+               "-s", str(LUA), url, "--", method, path, str(pool), key, host]
     loadavg = os.getloadavg()[0]
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
     line = next((x for x in done.stdout.splitlines() if x.startswith("BENCHJSON ")), None)
@@ -232,21 +234,26 @@ def http_status(port: int, method: str, path: str, headers: dict[str, str]) -> i
         conn.close()
 
 
-def check_verify(port: int, pool: list[str], via: str) -> None:
+def check_verify(port: int, pool: list[str], via: str, host: str = "") -> None:
     """The pool alternates hit, miss: /verify must answer 200, 401, 200, ... (a sample)."""
     for index, address in enumerate(pool[:200]):
         expected = 200 if index % 2 == 0 else 401
-        status = http_status(port, "GET", "/verify", {"X-Forwarded-For": address})
+        headers = {"X-Forwarded-For": address} | ({"X-Forwarded-Host": host} if host else {})
+        status = http_status(port, "GET", "/verify", headers)
         if status != expected:
             raise BenchError(f"{via}: /verify for {address} answered {status}, "
                              f"expected {expected}: the numbers would be meaningless")
 
 
 # ---------------------------------------------------------------------- servers
-def knocker_config(directory: Path, size: int) -> dict[str, Any]:
+def knocker_config(directory: Path, size: int, scoped: bool = False) -> dict[str, Any]:
+    keys: list[dict[str, Any]] = [{"name": "bench", "key": KEY, "max_ttl": 3600}]
+    if scoped:  # host-scoped (docs/api.md#scoped-keys): the scoped /verify point
+        keys.append({"name": SCOPED_KEY_NAME, "key": "scoped-" + KEY, "max_ttl": 3600,
+                     "hosts": [SCOPED_HOST]})
     return {
         "server": {"trusted_proxies": ["127.0.0.1"]},
-        "api_keys": [{"name": "bench", "key": KEY, "max_ttl": 3600}],
+        "api_keys": keys,
         "security": {
             # Room for every knock of the run: eviction is not what is measured here.
             "max_whitelist_entries": max(10_000, 2 * size + 10 * KNOCK_POOL),
@@ -257,11 +264,15 @@ def knocker_config(directory: Path, size: int) -> dict[str, Any]:
     }
 
 
-def new_knocker(root: Path, name: str, size: int, whitelist: Path) -> KnockerProcess:
+def new_knocker(root: Path, name: str, size: int, whitelist: Path,
+                grants: Path | None = None) -> KnockerProcess:
     directory = root / name
     directory.mkdir(parents=True)
     shutil.copyfile(whitelist, directory / "whitelist.json")
-    return KnockerProcess(directory, knocker_config(directory, size), workers=WORKERS,
+    if grants is not None:
+        shutil.copyfile(grants, directory / "whitelist.json.grants")
+    return KnockerProcess(directory, knocker_config(directory, size, grants is not None),
+                          workers=WORKERS,
                           threads=THREADS)
 
 
@@ -312,7 +323,7 @@ class Bench:
 
     def measure(self, point: Point, port: int, method: str, path: str, pool: Path,
                 key: str = "", connections: int = CONNECTIONS, master: int | None = None,
-                proxy: int | None = None) -> None:
+                proxy: int | None = None, host: str = "") -> None:
         """One wrk run; with `master`, also the CPU its workers used (how evenly the
         kernel spread the connections over them, and CPU time per request); with `proxy`,
         the CPU that process (Caddy) used per request."""
@@ -320,7 +331,7 @@ class Bench:
         watched = workers + ([proxy] if proxy is not None else [])
         before, started = cpu_seconds(watched), time.monotonic()
         result = run_wrk(self.wrk, f"http://127.0.0.1:{port}", method, path, pool,
-                         self.duration, connections, key)
+                         self.duration, connections, key, host)
         elapsed = time.monotonic() - started
         used = [b - a for a, b in zip(before, cpu_seconds(watched), strict=True)]
         requests = max(result["requests"], 1)
@@ -336,8 +347,10 @@ class Bench:
                  f"non-2xx {result['status_errors']}  (load {result['loadavg_1m']:.1f}"
                  + (f", worker cores {cores})" if cores else ")"))
 
-    def warm(self, port: int, method: str, path: str, pool: Path, key: str = "") -> None:
-        run_wrk(self.wrk, f"http://127.0.0.1:{port}", method, path, pool, 1.0, CONNECTIONS, key)
+    def warm(self, port: int, method: str, path: str, pool: Path, key: str = "",
+             host: str = "") -> None:
+        run_wrk(self.wrk, f"http://127.0.0.1:{port}", method, path, pool, 1.0, CONNECTIONS, key,
+                host)
 
     def run(self) -> None:
         with self.stack:
@@ -373,21 +386,36 @@ class Bench:
         floor = procs.floor_server(self.workdir / "floor", floor_port, WORKERS, THREADS)
         knockers = {size: new_knocker(self.workdir, f"knocker-{size}", size, whitelists[size])
                     for size in self.sizes}
+        # The 100,000 entries again, all granted by a host-scoped key: only in the grants
+        # sidecar, none in whitelist.json.
+        empty = files / "whitelist-empty.json"
+        empty.write_text("{}")
+        scoped = files / "whitelist-100000.grants"
+        data.write_scoped_grants(scoped, entries_100k, SCOPED_KEY_NAME)
+        scoped_knocker = None
+        if not self.knocks_only:
+            scoped_knocker = new_knocker(self.workdir, "knocker-scoped", big, empty, scoped)
         self.log(f"starting the floor and {len(knockers)} Knocker servers "
                  f"({WORKERS} workers x {THREADS} threads, gthread)")
         if not self.knocks_only:
             floor.start()
             self.stack.callback(floor.stop)
-        for server in knockers.values():
+        servers = [*knockers.values(), *([scoped_knocker] if scoped_knocker else [])]
+        for server in servers:
             server.start(wait=False)
             self.stack.callback(server.stop)
-        for server in knockers.values():
+        for server in servers:
             wait_health(server)
         for size, server in knockers.items():
             check_verify(server.port, pools[size], f"knocker with {size:,} entries")
+        if scoped_knocker is not None:
+            check_verify(scoped_knocker.port, pools[big], "knocker with 100,000 scoped grants",
+                         SCOPED_HOST)
 
         if not self.knocks_only:
             self.verify_and_caddy(knockers, floor, floor_port, pools, pool_files, hits, wide)
+        if scoped_knocker is not None:
+            self.scoped_verify(knockers[big], scoped_knocker, pool_files[big])
         self.knocks(knockers, knock_file)
         if not self.knocks_only:
             self.startup(whitelists[big])
@@ -426,6 +454,22 @@ class Bench:
         # ---- Caddy forward_auth end to end (the bare-WSGI floor as a third auth service)
         self.caddy(knockers[big], hits, floor)
         floor.stop()
+
+    def scoped_verify(self, unscoped: KnockerProcess, scoped: KnockerProcess,
+                      pool: Path) -> None:
+        """/verify at 100,000 entries granted by a host-scoped key (X-Forwarded-Host
+        names its host), interleaved with the unscoped point on the same client list."""
+        self.log("/verify, 100,000 scoped grants vs 100,000 unscoped entries")
+        self.warm(scoped.port, "GET", "/verify", pool, host=SCOPED_HOST)
+        point = self.point("verify-100000-scoped", "/verify, 100,000 scoped grants", "verify",
+                           size=100_000)
+        for _ in range(self.repeat):
+            self.measure(point, scoped.port, "GET", "/verify", pool,
+                         master=master_pid(scoped), host=SCOPED_HOST)
+            self.measure(self.points["verify-100000"], unscoped.port, "GET", "/verify", pool,
+                         master=master_pid(unscoped))
+        record_memory(point, master_pid(scoped))
+        scoped.stop()
 
     def knocks(self, knockers: dict[int, KnockerProcess], knock_file: Path) -> None:
         """Durable knocks at every size: the journal carries durability throughout."""
@@ -558,6 +602,8 @@ def _verdicts(points: dict[str, Point]) -> list[dict[str, Any] | None]:
               TARGETS["verify_vs_small"]),
         cpu_ratio("   (info) CPU/req: floor / /verify@100k", "verify-100000", "floor"),
         cpu_ratio("   (info) CPU/req: /verify@10 / /verify@100k", "verify-100000", "verify-10"),
+        ratio("1c /verify scoped@100k >= 0.85 x unscoped@100k", "verify-100000-scoped",
+              "verify-100000", TARGETS["scoped_vs_unscoped"]),
         ratio("2  Caddy+Knocker >= 0.8 x Caddy+nginx floor", "caddy-knocker", "caddy-floor",
               TARGETS["caddy_vs_floor"]),
     ]
