@@ -196,7 +196,17 @@ class FileStore:
         """entry -> expiry of the whole live whitelist (for the firewall's re-apply)."""
         self._catch_up()
         now = self._clock()
-        return {entry_text(k): e for k, e in self.replica.items() if e > now}
+        live = {entry_text(k): e for k, e in self.replica.items() if e > now}
+        # Scoped grants open the firewall too (they are only kept out of whitelist.json).
+        try:
+            self._refresh_grants()
+        except StorageError as error:
+            log.error("grants log unreadable: %s", error)
+        for entry, grants in self._grant_log.all().items():
+            for grant in grants.values():
+                if grant.scoped and grant.expires_at > max(now, live.get(entry, 0)):
+                    live[entry] = grant.expires_at
+        return live
 
     # ------------------------------------------------------------------ rate limits
     def rate_reserve(self, client: bytes, now: float) -> bool:

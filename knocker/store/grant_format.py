@@ -21,7 +21,7 @@ HOWS = ("knock", "remote", "restored")
 GrantId = tuple[str, str | None]  # (entry, granting key's name; None for restored)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 100,000 of them are held per worker
 class Grant:
     entry: str  # canonical address or network
     key_name: str | None  # the granting key's name, never the key

@@ -461,12 +461,15 @@ class Bench:
         names its host), interleaved with the unscoped point on the same client list."""
         self.log("/verify, 100,000 scoped grants vs 100,000 unscoped entries")
         self.warm(scoped.port, "GET", "/verify", pool, host=SCOPED_HOST)
-        point = self.point("verify-100000-scoped", "/verify, 100,000 scoped grants", "verify",
-                           size=100_000)
+        # size=None: the RSS target (4b) is the unscoped whitelist's; this one is shown
+        # in the table on its own.
+        point = self.point("verify-100000-scoped", "/verify, 100,000 scoped grants", "verify")
+        paired = self.point("verify-100000-paired", "/verify, 100,000 entries (paired)",
+                            "verify")
         for _ in range(self.repeat):
             self.measure(point, scoped.port, "GET", "/verify", pool,
                          master=master_pid(scoped), host=SCOPED_HOST)
-            self.measure(self.points["verify-100000"], unscoped.port, "GET", "/verify", pool,
+            self.measure(paired, unscoped.port, "GET", "/verify", pool,
                          master=master_pid(unscoped))
         record_memory(point, master_pid(scoped))
         scoped.stop()
@@ -603,7 +606,7 @@ def _verdicts(points: dict[str, Point]) -> list[dict[str, Any] | None]:
         cpu_ratio("   (info) CPU/req: floor / /verify@100k", "verify-100000", "floor"),
         cpu_ratio("   (info) CPU/req: /verify@10 / /verify@100k", "verify-100000", "verify-10"),
         ratio("1c /verify scoped@100k >= 0.85 x unscoped@100k", "verify-100000-scoped",
-              "verify-100000", TARGETS["scoped_vs_unscoped"]),
+              "verify-100000-paired", TARGETS["scoped_vs_unscoped"]),
         ratio("2  Caddy+Knocker >= 0.8 x Caddy+nginx floor", "caddy-knocker", "caddy-floor",
               TARGETS["caddy_vs_floor"]),
     ]
