@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from webtest import TestApp, TestResponse
 
+import knocker.app
 from knocker.app import App, build_app
 from knocker.config import load_config_text
 from knocker.errors import ConfigError
@@ -24,6 +25,7 @@ from tests.test_app import (
     ORIGIN,
     USER_KEY,
     Clock,
+    ScriptedFirewall,
     Service,
     error_body,
 )
@@ -363,3 +365,28 @@ def test_bad_host_scopes_are_config_errors_naming_the_key(hosts: str) -> None:
         load_config_text(f"api_keys: [{{name: a, key: {USER_KEY}, max_ttl: 60, "
                          f"hosts: {hosts}}}]")
     assert "api_keys[0].hosts" in str(raised.value)
+
+
+def test_firewall_keeps_an_entry_open_for_its_longest_grant_scoped_included(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scoped grant opens the firewall like any other; a shorter unscoped knock of the
+    same address does not cut it; ending one grant re-grants the rest; ending the last
+    one closes the entry. entries() (restore, re-apply) includes scoped grants."""
+    firewall = ScriptedFirewall()
+    monkeypatch.setattr(knocker.app, "create_firewall", lambda config, state: firewall)
+    made = Scoped(tmp_path)
+    try:
+        assert made.knock(SCOPED_KEY, ttl=3000).status_int == 200
+        assert firewall.granted == [(CLIENT, 3000)]
+        assert made.knock(USER_KEY, ttl=60).status_int == 200
+        assert firewall.granted[-1] == (CLIENT, 3000)
+        assert made.app.store.entries() == {CLIENT: int(NOW) + 3000}
+        made.web.delete("/knock", headers={"X-Api-Key": SCOPED_KEY, "X-Forwarded-For": CLIENT},
+                        extra_environ={"REMOTE_ADDR": PROXY})
+        assert firewall.granted[-1] == (CLIENT, 60) and firewall.revoked == []
+        made.web.delete("/knock", headers={"X-Api-Key": USER_KEY, "X-Forwarded-For": CLIENT},
+                        extra_environ={"REMOTE_ADDR": PROXY})
+        assert firewall.revoked == [CLIENT]
+        assert made.app.store.entries() == {}
+    finally:
+        made.app.close()
