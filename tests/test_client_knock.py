@@ -307,7 +307,7 @@ def test_grants_list_and_revoke(grants_server: KnockerProcess, tmp_path: Path) -
     table = run_cli(["grants", "list", *url], tmp_path, KNOCKER_API_KEY=OPS_KEY)
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.splitlines()
-    assert header.split() == ["ENTRY", "KEY", "HOW", "EXPIRES", "LEFT"]
+    assert header.split() == ["ENTRY", "KEY", "HOW", "EXPIRES", "LEFT", "SCOPE"]
     assert any(row.split()[:3] == ["10.7.0.0/24", "admin", "remote"] for row in rows)
     listed = run_cli(["grants", "list", "--json", *url], tmp_path, KNOCKER_API_KEY=OPS_KEY)
     assert {"entry": "10.7.0.0/24", "key_name": "admin"}.items() <= next(

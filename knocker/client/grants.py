@@ -125,9 +125,17 @@ def _text(value: object) -> str:
     return "-" if value is None else "".join(c if c.isprintable() else " " for c in str(value))
 
 
+def _scope_text(scope: object) -> str:
+    """A grant's scope for the table: its hosts, or "all hosts" when unscoped."""
+    hosts = scope.get("hosts") if isinstance(scope, dict) else None
+    if not isinstance(hosts, list):
+        return "all hosts"
+    return _text(",".join(str(host) for host in hosts) or "none")[:60]
+
+
 def grants_table(grants: list[dict[str, Any]], now: float) -> str:
-    """The grants as an aligned table: entry, key, how, expiry, time left."""
-    rows = [("ENTRY", "KEY", "HOW", "EXPIRES", "LEFT")]
+    """The grants as an aligned table: entry, key, how, expiry, time left, scope."""
+    rows = [("ENTRY", "KEY", "HOW", "EXPIRES", "LEFT", "SCOPE")]
     for grant in grants:
         expires_at = grant.get("expires_at")
         when = left = "-"
@@ -141,6 +149,7 @@ def grants_table(grants: list[dict[str, Any]], now: float) -> str:
                 _text(grant.get("how"))[:10],
                 when,
                 left,
+                _scope_text(grant.get("scope")),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
