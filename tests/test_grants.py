@@ -199,7 +199,7 @@ SCOPED_KEY = "scoped-key-7e3b9d1f5a2c8064"
 PROXY = "10.9.9.9"
 
 
-def scoped_app(tmp_path: Path, clock: Clock) -> App:
+def scoped_app(tmp_path: Path, clock: Clock, capacity: int = 10_000) -> App:
     config = load_config_text(f"""
 api_keys:
   - name: phone
@@ -217,6 +217,7 @@ server:
   trusted_proxies: ["{PROXY}"]
 security:
   knock_rate_limit: {{successful_requests: 0, failed_requests: 0}}
+  max_whitelist_entries: {capacity}
 whitelist:
   storage_path: {tmp_path / "whitelist.json"}
 """)
@@ -224,10 +225,10 @@ whitelist:
 
 
 class Scoped:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, capacity: int = 10_000) -> None:
         self.tmp_path = tmp_path
         self.clock = Clock()
-        self.app = scoped_app(tmp_path, self.clock)
+        self.app = scoped_app(tmp_path, self.clock, capacity)
         self.web = TestApp(self.app)
 
     def reopen(self) -> None:
@@ -388,5 +389,27 @@ def test_firewall_keeps_an_entry_open_for_its_longest_grant_scoped_included(
                         extra_environ={"REMOTE_ADDR": PROXY})
         assert firewall.revoked == [CLIENT]
         assert made.app.store.entries() == {}
+    finally:
+        made.app.close()
+
+
+def test_scoped_grants_are_capped_like_the_whitelist(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At max_whitelist_entries scoped grants, a new one evicts the soonest-expiring
+    scoped grant (and closes its firewall entry); expired ones make room first."""
+    firewall = ScriptedFirewall()
+    monkeypatch.setattr(knocker.app, "create_firewall", lambda config, state: firewall)
+    made = Scoped(tmp_path, capacity=2)
+    try:
+        made.knock(SCOPED_KEY, client="192.0.2.1", ttl=100)
+        made.knock(SCOPED_KEY, client="192.0.2.2", ttl=200)
+        made.knock(SCOPED_KEY, client="192.0.2.3", ttl=300)
+        assert firewall.revoked == ["192.0.2.1"]
+        assert [made.verify("app.example.com", client=f"192.0.2.{n}") for n in (1, 2, 3)] == [
+            401, 200, 200]
+        made.clock.now = NOW + 250  # 192.0.2.2 expires: room without evicting 192.0.2.3
+        made.knock(SCOPED_KEY, client="192.0.2.4", ttl=300)
+        assert made.verify("app.example.com", client="192.0.2.3") == 200
+        assert made.verify("app.example.com", client="192.0.2.4") == 200
     finally:
         made.app.close()

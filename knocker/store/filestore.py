@@ -276,22 +276,55 @@ class FileStore:
         entry = entry_text(key)
         with self._journal.writing():
             self._catch_up()
+            if self._grant_log.due():
+                self._compact_grants(now)
             self._refresh_grants()
+            victims = self._scoped_victims(entry, key_name, now)
             earlier = self._grant_log.of(entry).get(key_name)
             live = (earlier.expires_at if earlier and earlier.scoped
                     and earlier.expires_at > now else None)
             expiry = granted_expiry(live, now, ttl)
             before = max(self._scoped_left(entry, now), self._unscoped_left(key, now))
             self._firewall.grant(entry, max(1, -int((now - expiry) // 1), before))
+            lines = b"".join(revoke_line(v.entry, v.key_name) for v in victims)
             try:
-                noted = self._grant_log.append(
-                    grant_line(Grant(entry, key_name, expiry, int(now), how, scoped=True)))
+                noted = self._grant_log.append(lines + grant_line(
+                    Grant(entry, key_name, expiry, int(now), how, scoped=True)))
                 self._grant_log.sync(noted)
             except StorageError:
                 self._undo_grant(entry, int(now) + before if before else None, now)
                 raise
             self._refresh_grants()
-        return KnockResult(entry=entry, expires_at=expiry, evicted=())
+            closed = [v.entry for v in victims if not self._left_anywhere(v.entry, now)]
+        evicted = tuple(f"{v.entry} ({v.key_name})" for v in victims)
+        if evicted:
+            log.warning("scoped grants full (%d): evicted %s", self._capacity,
+                        ", ".join(evicted))
+            self._firewall.revoke(closed)
+        return KnockResult(entry=entry, expires_at=expiry,
+                           evicted=tuple(v.entry for v in victims))
+
+    def _left_anywhere(self, entry: str, now: float) -> bool:
+        """Has `entry` any live grant, scoped or not (may the firewall keep it open)?"""
+        key = parse_entry(entry)
+        return bool(self._scoped_left(entry, now)
+                    or (key is not None and self._unscoped_left(key, now)))
+
+    def _scoped_victims(self, entry: str, key_name: str, now: float) -> list[Grant]:
+        """Scoped grants to evict so that this one keeps them within
+        security.max_whitelist_entries: the soonest-expiring first. A cheap count
+        first; the O(n) pass only when the scoped grants are full."""
+        if (self._grant_log.of(entry).get(key_name) is not None
+                or sum(map(len, self._scoped.values())) < self._capacity):
+            return []
+        with self._scoped_lock:  # the count included expired grants: drop them now
+            for table in self._scoped.values():
+                for gone in table.expired(now):
+                    table.remove(gone)
+        live = sorted((g for grants in self._grant_log.all().values()
+                       for g in grants.values() if g.scoped and g.expires_at > now),
+                      key=lambda g: g.expires_at)
+        return live[:max(0, len(live) - self._capacity + 1)]
 
     def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...],
                       now: float) -> bool:
