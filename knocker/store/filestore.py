@@ -172,7 +172,7 @@ class FileStore:
             return "whitelist storage is closed"
         if not os.access(self.directory, os.W_OK):
             return f"{self.directory} is not writable"
-        for path in (self.location, self._journal.path):
+        for path in (self.location, self._journal.path, self._grant_log.path):
             if os.path.exists(path) and not os.access(path, os.W_OK):
                 return f"{path} is not writable"
         try:
