@@ -413,3 +413,32 @@ def test_scoped_grants_are_capped_like_the_whitelist(
         assert made.verify("app.example.com", client="192.0.2.4") == 200
     finally:
         made.app.close()
+
+
+def test_grants_log_index_follows_appends_and_another_processs_compaction(
+        tmp_path: Path) -> None:
+    """Two GrantLog views of one file (two workers): appends are seen incrementally, a
+    compaction (atomic rename) by one is read afresh by the other, and a torn append is
+    kept whole by the next append."""
+    from knocker.store.grantlog import GrantLog
+
+    path = str(tmp_path / "whitelist.json.grants")
+    one, two = GrantLog(path), GrantLog(path)
+    a = Grant("192.0.2.1", "a", 200, 1, "knock", scoped=True)
+    b = Grant("192.0.2.2", "b", 300, 1, "remote")
+    one.sync(one.append(encode_grants([a, b])))
+    assert two.stale() and two.refresh() is None  # first read: afresh
+    assert two.of("192.0.2.1") == {"a": a}
+    one.sync(one.append(revoke_line("192.0.2.2", "b")))
+    assert two.refresh() == [("192.0.2.2", "b")]
+    assert two.of("192.0.2.2") == {} and not two.stale()
+    one.rewrite(encode_grants([a]))  # another worker compacts
+    assert two.stale() and two.refresh() is None
+    assert two.all() == {"192.0.2.1": {"a": a}}
+    with open(path, "ab") as handle:
+        handle.write(b'{"op":"grant","entry":"192.0')  # a crash mid-append
+    two.refresh()
+    c = Grant("192.0.2.3", "c", 400, 2, "knock")
+    one.sync(one.append(encode_grants([c])))
+    two.refresh()
+    assert set(two.all()) == {"192.0.2.1", "192.0.2.3"}
