@@ -23,7 +23,7 @@ from http import HTTPStatus
 from typing import Any
 
 from . import __version__
-from .addresses import IPAddress, parse_ip
+from .addresses import IPAddress, canonical, parse_ip, parse_network
 from .audit import AuditLog, Event, Record
 from .config import DEFAULT_CONFIG_NAME, ENV_CONFIG_PATH, Config, load_config_text
 from .errors import ConfigError, FirewallError, KnockerError, RequestError, StorageError
@@ -33,7 +33,10 @@ from .openapi import OPENAPI_TITLE, openapi_document
 from .policy import MAX_BODY, KnockBody, Verifier, authenticate, authorize, parse_body
 from .proxies import ProxyResolver
 from .ratelimit import Outcome, client_key
+from .scopes import HostScopes
 from .store import WhitelistBackend, atomic_write, open_backend
+from .store.grant_format import Grant
+from .whitelist import key_of
 
 log = logging.getLogger("knocker")
 
@@ -71,6 +74,10 @@ class App:
                                if metrics is not None else None)
         self._resolver = ProxyResolver(config.server.trusted_proxies)
         self._verifier = Verifier(config, self._resolver)
+        self._scopes = HostScopes(config.api_keys)
+        self._keys_by_name = {key.name: key for key in config.api_keys}
+        # Without host-scoped keys /verify asks exactly what it always did.
+        self._scoped = self._scoped_allows if self._scopes.active else None
         self._cors: Headers = [("Access-Control-Allow-Origin", config.cors.allowed_origin)]
         self._openapi = (json.dumps(openapi_document(__version__)).encode()
                          if config.documentation.enabled else None)
@@ -117,11 +124,15 @@ class App:
 
     def _answer(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
+        if path[:2] == "//":
+            # A base URL with a trailing slash makes the Go and Android clients ask for
+            # `//knock`: repeated leading slashes name the same route as one.
+            path = "/" + path.lstrip("/")
         if path == "/verify":  # the hot path: every request to every protected service
             allowed = self._verifier.decide(
                 environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR"),
                 environ.get("HTTP_X_FORWARDED_HOST"), environ.get("HTTP_X_FORWARDED_URI"),
-                self.store.allows, self._clock())
+                self.store.allows, self._clock(), self._scoped)
             if self._verify_counts is not None:
                 self._verify_counts[allowed]()
             status_line, headers = self._verify_answers[allowed]
@@ -140,17 +151,21 @@ class App:
         method = environ.get("REQUEST_METHOD", "GET")
         if path == "/knock":
             if method == "POST":
-                status, headers, body = self._knock(environ)
+                status, headers, body = self._knock(environ, self._reserved_knock)
+            elif method == "DELETE":
+                status, headers, body = self._knock(environ, self._sign_out)
             elif method == "OPTIONS":
                 status, headers, body = HTTPStatus.NO_CONTENT, [
-                    ("Access-Control-Allow-Methods", "POST, OPTIONS"),
+                    ("Access-Control-Allow-Methods", "POST, DELETE, OPTIONS"),
                     ("Access-Control-Allow-Headers", "X-Api-Key, Content-Type"),
                     ("Access-Control-Max-Age", "600")], b""
             else:
                 status, headers, body = _json(HTTPStatus.METHOD_NOT_ALLOWED,
                                               {"error": "Method not allowed"},
-                                              [("Allow", "POST, OPTIONS")])
+                                              [("Allow", "POST, DELETE, OPTIONS")])
             return status, headers + self._cors, body
+        if path == "/grants" or path.startswith("/grants/"):
+            return self._grants_route(path, method, environ)
         if method not in ("GET", "HEAD"):
             known = path in ("/health", "/ready") or path in self._pages or (
                 path == "/openapi.json" and self._openapi is not None) or (
@@ -205,7 +220,9 @@ class App:
                                ("Cache-Control", "no-store")], metrics.exposition()
 
     # ------------------------------------------------------------------ /knock
-    def _knock(self, environ: dict[str, Any]) -> Response:
+    def _knock(self, environ: dict[str, Any], handler: _Counted) -> Response:
+        """Run `handler` (a knock, a sign-out, an admin request) within the caller's
+        rate-limit budgets (docs/api.md#rate-limiting)."""
         now = self._clock()
         peer = environ.get("REMOTE_ADDR", "")
         client = self._resolver.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
@@ -227,7 +244,7 @@ class App:
                          [("Retry-After", str(window))])
         outcome = Outcome.UNCOUNTED
         try:
-            response, outcome = self._reserved_knock(environ, client, who, via, now)
+            response, outcome = handler(environ, client, who, via, now)
         finally:
             self.store.rate_settle(budget_key, outcome, now)
         return response
@@ -246,7 +263,9 @@ class App:
             counted = Outcome.FAILURE if error.status in _COUNTED_FAILURES else Outcome.UNCOUNTED
             return _error(error), counted
         try:
-            result = self.store.knock(grant.key, grant.ttl, now)
+            how = "knock" if body.ip_address is None else "remote"
+            result = self.store.knock(grant.key, grant.ttl, now, key_name=key.name, how=how,
+                                      scoped=key.scoped)
         except (StorageError, FirewallError) as error:
             self.observer.knock(Record(Event.KNOCK_ERROR, who, key_name, grant.entry,
                                        grant.ttl, error.status.value, error.message,
@@ -257,9 +276,105 @@ class App:
                                    expires_at=result.expires_at, peer=via), now)
         if result.evicted:
             self.observer.evicted(result.evicted, now)
+        # The time actually left: a knock that keeps a longer grant reports that grant's
+        # remaining seconds, which every client shows next to expires_at.
+        left = max(grant.ttl, int(result.expires_at - now))
         return _json(HTTPStatus.OK, {"whitelisted_entry": result.entry,
                                      "expires_at": result.expires_at,
-                                     "expires_in_seconds": grant.ttl}), Outcome.SUCCESS
+                                     "expires_in_seconds": left}), Outcome.SUCCESS
+
+    # ------------------------------------------------------------------ grants
+    def _grants_route(self, path: str, method: str, environ: dict[str, Any]) -> Response:
+        """GET /grants and DELETE /grants/{entry} (docs/api.md#grants)."""
+        allowed = "GET, HEAD" if path == "/grants" else "DELETE"
+        if path == "/grants/" or method not in allowed.split(", "):
+            return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "Method not allowed"},
+                         [("Allow", allowed)])
+        return self._knock(environ, self._admin)
+
+    def _admin(self, environ: dict[str, Any], client: IPAddress | None, who: str,
+               via: str | None, now: float) -> tuple[Response, Outcome]:
+        path = "/" + environ.get("PATH_INFO", "").lstrip("/")
+        key_name = "-"
+        try:
+            key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
+            key_name = key.name
+            if not key.admin:
+                raise RequestError("This key may not manage grants", HTTPStatus.FORBIDDEN)
+            if path == "/grants":
+                listed = [self._grant_json(grant, now) for grant in self.store.grants(now)]
+                log.info("grants key=%s client=%s result=200 listed=%d", key_name, who,
+                         len(listed))
+                return _json(HTTPStatus.OK, {"grants": listed}), Outcome.SUCCESS
+            # PATH_INFO arrives percent-decoded: 10.0.0.0%2F24 is 10.0.0.0/24 here.
+            network = parse_network(path[len("/grants/"):])
+            if network is None:
+                raise RequestError("Not an IPv4/IPv6 address or CIDR network")
+            ended = self.store.revoke(key_of(network), None, now)
+        except KnockerError as error:
+            log.info("grants key=%s client=%s result=%d %s", key_name, who,
+                     error.status.value, error.message)
+            return _grant_error(error), _outcome(error)
+        return self._ended("revoke", key_name, who, canonical(network), ended, now)
+
+    def _sign_out(self, environ: dict[str, Any], client: IPAddress | None, who: str,
+                  via: str | None, now: float) -> tuple[Response, Outcome]:
+        """DELETE /knock: end this key's grants of the caller (or of ip_address)."""
+        key_name = "-"
+        try:
+            key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
+            key_name = key.name
+            body = parse_body(_read_body(environ), environ.get("CONTENT_TYPE"))
+            if body.ttl is not None:
+                raise RequestError("ttl has no meaning when signing out")
+            grant = authorize(key, client, body)
+            ended = self.store.revoke(grant.key, key.name, now)
+        except KnockerError as error:
+            log.info("signout key=%s client=%s result=%d %s", key_name, who,
+                     error.status.value, error.message)
+            return _grant_error(error), _outcome(error)
+        return self._ended("signout", key_name, who, grant.entry, ended, now)
+
+    def _ended(self, what: str, key_name: str, who: str, entry: str, ended: list[Grant],
+               now: float) -> tuple[Response, Outcome]:
+        if not ended:
+            log.info("%s key=%s client=%s entry=%s result=404 no such grant", what, key_name,
+                     who, entry)
+            # Probing for grants counts like a failed knock.
+            return _json(HTTPStatus.NOT_FOUND, {"error": f"No grant of {entry} to end"}), \
+                Outcome.FAILURE
+        log.info("%s key=%s client=%s entry=%s result=200 ended=%s", what, key_name, who,
+                 entry, ",".join(grant.key_name or "restored" for grant in ended))
+        return (_json(HTTPStatus.OK, {"removed": [self._grant_json(g, now) for g in ended]}),
+                Outcome.SUCCESS)
+
+    def _grant_json(self, grant: Grant, now: float) -> dict[str, object]:
+        """A grant as the API shows it; `scope` is its key's hosts (null: every host)."""
+        shown = grant.as_json(now)
+        key = self._keys_by_name.get(grant.key_name or "")
+        # A scoped grant whose key is gone (or lost its hosts) passes for no host.
+        shown["scope"] = ({"hosts": list(key.hosts if key else ())} if grant.scoped
+                          else None)
+        return shown
+
+    def _scoped_allows(self, client: IPAddress, host: str | None, now: float) -> bool:
+        names = self._scopes.keys_for(host)
+        return bool(names) and self.store.scoped_allows(client, names, now)
+
+
+def _grant_error(error: KnockerError) -> Response:
+    if error.status < 500:
+        return _error(error)
+    return _json(error.status, {"error": "The grant could not be ended durably; try again"})
+
+
+def _outcome(error: KnockerError) -> Outcome:
+    return Outcome.FAILURE if error.status in _COUNTED_FAILURES else Outcome.UNCOUNTED
+
+
+# (environ, client, who, via, now) -> (response, what it counts as)
+_Counted = Callable[[dict[str, Any], IPAddress | None, str, str | None, float],
+                    tuple[Response, Outcome]]
 
 
 def _error(error: KnockerError) -> Response:

@@ -62,6 +62,13 @@ class ApiKey:
     key: str = field(repr=False)  # a secret: kept out of repr, logs and error messages
     max_ttl: int
     allow_remote_whitelist: bool = False
+    admin: bool = False  # may list and revoke every grant (docs/api.md#grants)
+    # A host scope (docs/api.md#scoped-keys): empty = every host, as upstream.
+    hosts: tuple[str, ...] = ()  # lower-case names; "*.example.com" = any subdomain
+
+    @property
+    def scoped(self) -> bool:
+        return bool(self.hosts)
 
 
 @dataclass(frozen=True)
@@ -529,7 +536,7 @@ def _api_keys(raw: object) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-_API_KEY_FIELDS = ("name", "key", "max_ttl", "allow_remote_whitelist")
+_API_KEY_FIELDS = ("name", "key", "max_ttl", "allow_remote_whitelist", "admin", "hosts")
 
 
 def _api_key(raw: object, index: int) -> ApiKey:
@@ -549,7 +556,27 @@ def _api_key(raw: object, index: int) -> ApiKey:
         MAX_TTL,
     )
     remote = _bool(settings.get("allow_remote_whitelist", False), f"{path}.allow_remote_whitelist")
-    return ApiKey(name=name, key=key, max_ttl=max_ttl, allow_remote_whitelist=remote)
+    admin = _bool(settings.get("admin", False), f"{path}.admin")
+    hosts = _scope_hosts(settings.get("hosts"), f"{path}.hosts")
+    return ApiKey(name=name, key=key, max_ttl=max_ttl, allow_remote_whitelist=remote,
+                  admin=admin, hosts=hosts)
+
+
+def _scope_hosts(raw: object, path: str) -> tuple[str, ...]:
+    """Host names a key's grants pass /verify for: compared with the forwarded host as
+    normalize_host gives it; a leading "*." matches any name below the rest."""
+    hosts: list[str] = []
+    for index, item in enumerate(_list(raw, path, "host names")):
+        text = _str(item, f"{path}[{index}]", "a host name")
+        wildcard = text.startswith("*.")
+        name = normalize_host_key(text[2:] if wildcard else text)
+        if name is None or name == "*" or "*" in name or (wildcard and ":" in name):
+            _fail(f"{path}[{index}]", f"must be a host name (optionally starting with "
+                  f"\"*.\"), without a port, got {_show(text)}")
+        hosts.append(f"*.{name}" if wildcard else name)
+    if raw is not None and not hosts:
+        _fail(path, "must list at least one host name (leave it out for every host)")
+    return tuple(dict.fromkeys(hosts))
 
 
 def _secret(raw: object, path: str) -> str:

@@ -50,9 +50,11 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "503": _error("Firewall unavailable; nothing was granted"),
                     },
                 },
+                "delete": _sign_out_operation(),
                 "options": {"summary": "CORS preflight",
                             "responses": {"204": {"description": "CORS headers"}}},
             },
+            **_grants_paths(),
             # Any method: Traefik's forwardAuth, for one, keeps the original request's.
             "/verify": {method: verify for method in (
                 "get", "head", "post", "put", "delete", "patch", "options")},
@@ -89,5 +91,86 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "expires_in_seconds": {"type": "integer"}}},
             "Error": {"type": "object", "required": ["error"],
                       "properties": {"error": {"type": "string"}}},
+            **_grants_schemas(),
         }},
+    }
+
+
+# ---------------------------------------------------------------------- grants (docs/api.md#grants)
+
+_API_KEY = {"name": "X-Api-Key", "in": "header", "required": True, "schema": {"type": "string"}}
+
+
+def _grant_list(member: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "required": [member], "properties": {member: {
+            "type": "array", "items": {"$ref": "#/components/schemas/Grant"}}}}}}}
+
+
+def _sign_out_operation() -> dict[str, Any]:
+    return {
+        "summary": "Sign out: end this key's grants of the caller (or of ip_address)",
+        "parameters": [_API_KEY],
+        "requestBody": {"required": False, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/SignOutRequest"}}}},
+        "responses": {
+            "200": _grant_list("removed", "The grants that ended"),
+            "400": _error("Invalid body or address, or unknown client"),
+            "401": _error("Missing or unknown API key"),
+            "403": _error("Key may not name other addresses"),
+            "404": _error("This key had no live grant of the address"),
+            "413": _error(f"Body larger than {MAX_BODY} bytes"),
+            "415": _error("Body is not application/json"),
+            "429": _error("Too many requests from this client"),
+            "500": _error("The grant could not be ended durably"),
+        },
+    }
+
+
+def _admin_responses() -> dict[str, Any]:
+    return {"401": _error("Missing or unknown API key"),
+            "403": _error("Key is not an admin key (admin: true)"),
+            "429": _error("Too many requests from this client")}
+
+
+def _grants_paths() -> dict[str, Any]:
+    return {
+        "/grants": {"get": {
+            "summary": "Every live grant (admin keys)",
+            "parameters": [_API_KEY],
+            "responses": {"200": _grant_list("grants", "Every live grant"),
+                          **_admin_responses()}}},
+        "/grants/{entry}": {"delete": {
+            "summary": "End every grant of an entry: memory, disk and firewall (admin keys)",
+            "parameters": [_API_KEY, {
+                "name": "entry", "in": "path", "required": True,
+                "description": "An address or CIDR network, URL-encoded (10.0.0.0%2F24)",
+                "schema": {"type": "string"}}],
+            "responses": {"200": _grant_list("removed", "The grants that ended"),
+                          "400": _error("Not an address or network"),
+                          "404": _error("No live grant of this entry"),
+                          "500": _error("The grant could not be ended durably"),
+                          **_admin_responses()}}},
+    }
+
+
+def _grants_schemas() -> dict[str, Any]:
+    integer, nullable_int = {"type": "integer"}, {"type": "integer", "nullable": True}
+    return {
+        "SignOutRequest": {"type": "object", "additionalProperties": False, "properties": {
+            "ip_address": {"type": "string", "maxLength": 100, "nullable": True}}},
+        "Grant": {"type": "object", "required": [
+            "entry", "key_name", "expires_at", "expires_in_seconds", "granted_at", "how",
+            "scope"],
+            "properties": {
+                "entry": {"type": "string"},
+                "key_name": {"type": "string", "nullable": True,
+                             "description": "The granting key's name (never the key)"},
+                "expires_at": integer, "expires_in_seconds": integer,
+                "granted_at": nullable_int,
+                "how": {"type": "string", "enum": ["knock", "remote", "restored"]},
+                "scope": {"type": "object", "nullable": True,
+                          "description": "null, or the scoped key's hosts",
+                          "properties": {"hosts": {"type": "array",
+                                                   "items": {"type": "string"}}}}}},
     }

@@ -128,7 +128,8 @@ class Verifier:
 
     def decide(self, peer: str, forwarded_for: str | None, forwarded_host: str | None,
                forwarded_uri: str | None, allows: Callable[[IPAddress, float], bool],
-               now: float) -> bool:
+               now: float,
+               scoped: Callable[[IPAddress, str | None, float], bool] | None = None) -> bool:
         resolver = self._resolver
         trusted = resolver.is_trusted(peer)
         if trusted and self._exclusions.active:
@@ -139,4 +140,9 @@ class Verifier:
         client = resolver.client_ip(peer, forwarded_for)
         if client is None:
             return False
-        return self._always.allows(client, now) or allows(client, now)
+        if self._always.allows(client, now) or allows(client, now):
+            return True
+        if scoped is None:  # no key is scoped: the upstream decision, unchanged
+            return False
+        # A scoped grant needs the original host, and only a trusted proxy tells it.
+        return scoped(client, resolver.original_host(trusted, forwarded_host), now)

@@ -28,6 +28,7 @@ from knocker.firewall import NullFirewall
 NOW = 1_700_000_000.0
 USER_KEY = "user-key-3f9a1c7e5b2d8046"
 ADMIN_KEY = "admin-key-8d2e6b0a4c9f1735"
+OPS_KEY = "ops-key-5c1e9a7d3b6f2048"  # admin: true (the grants API)
 ORIGIN = "https://knock.example.com"
 CLIENT = "203.0.113.7"
 OTHER = "198.51.100.23"
@@ -84,6 +85,10 @@ api_keys:
     key: {ADMIN_KEY}
     max_ttl: 86400
     allow_remote_whitelist: true
+  - name: ops
+    key: {OPS_KEY}
+    max_ttl: 600
+    admin: true
 server:
   trusted_proxies: ["{PROXY}", "fd00::/8"]
 security:
@@ -212,6 +217,40 @@ def test_re_knock_reports_the_actual_longer_expiry(service: Service) -> None:
     assert second["expires_at"] == first["expires_at"]
 
 
+def test_re_knock_that_keeps_a_longer_grant_reports_the_time_actually_left(
+        service: Service) -> None:
+    """expires_in_seconds is expires_at minus now when the knock keeps a longer grant
+    (the published clients show it next to expires_at)."""
+    first = service.knock(payload={"ttl": 3000}).json
+    service.clock.now = NOW + 100.5
+    second = service.knock(payload={"ttl": 10}).json
+    assert second["expires_at"] == first["expires_at"] == int(NOW) + 3000
+    assert second["expires_in_seconds"] == 2899  # whole seconds left, never overstated
+
+
+def test_fresh_knock_at_a_fractional_second_reports_its_ttl(service: Service) -> None:
+    """A knock that sets the expiry reports its effective TTL, not the rounding second."""
+    service.clock.now = NOW + 0.4
+    assert service.knock(payload={"ttl": 60}).json["expires_in_seconds"] == 60
+
+
+@pytest.mark.parametrize("path", ["//knock", "///knock"])
+def test_repeated_leading_slashes_reach_knock(service: Service, path: str) -> None:
+    """A base URL with a trailing slash (`http://host/` + `/knock`) still knocks."""
+    response = service.web.post(path, params=b"", headers={"X-Api-Key": USER_KEY},
+                                expect_errors=True)
+    assert response.status_int == 200
+    assert response.json["whitelisted_entry"] == CLIENT
+    assert service.web.get("//verify", expect_errors=True).status_int == 200
+    assert service.web.get("//health").json == {"status": "ok"}
+
+
+def test_slashes_inside_a_path_are_not_folded(service: Service) -> None:
+    """Only leading slashes fold: /knock/ and /kn//ock stay unknown."""
+    for path in ("/knock/", "/kn//ock"):
+        assert service.web.get(path, expect_errors=True).status_int == 404
+
+
 def test_knock_is_on_disk_when_200_is_sent(service: Service) -> None:
     """The entry is in the fsynced journal by the time the 200 arrives (whitelist.json
     follows in the background)."""
@@ -310,9 +349,9 @@ def test_too_wide_network_is_400(service: Service) -> None:
     assert service.knock(ADMIN_KEY, {"ip_address": "10.0.0.0/16"}).status_int == 200
 
 
-@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH"])
 def test_other_methods_on_knock_are_405_with_allow(service: Service, method: str) -> None:
-    """Methods other than POST and OPTIONS on /knock are 405 with an Allow header."""
+    """Methods other than POST, DELETE and OPTIONS on /knock are 405 with an Allow header."""
     response = service.web.request("/knock", method=method, expect_errors=True)
     assert response.status_int == 405
     assert "POST" in response.headers["Allow"]
@@ -437,7 +476,7 @@ def test_preflight_is_204_with_exact_cors_headers(service: Service) -> None:
     assert response.status_int == 204
     assert response.body == b""
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
-    assert response.headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
+    assert response.headers["Access-Control-Allow-Methods"] == "POST, DELETE, OPTIONS"
     assert response.headers["Access-Control-Allow-Headers"] == "X-Api-Key, Content-Type"
     assert "Content-Length" not in response.headers  # RFC 9110 8.6
 

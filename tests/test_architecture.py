@@ -32,16 +32,17 @@ FIREWALLD_CORE = frozenset({"firewalld.rules", "firewalld.messages", "firewalld.
                             "firewalld.schedule"})
 FIREWALLD_EDGE = frozenset({"firewalld", "firewalld.backend", "firewalld.bus", "firewalld.calls",
                             "firewalld.coordination", "firewalld.docker", "firewalld.watcher"})
+STORE_CORE = frozenset({"store.formats", "store.backend", "store.grant_format"})
+STORE_EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "store.snapshot",
+                        "store.filestore", "store.grantlog"})
 CLIENT_CORE = frozenset({"client.journal_format"})
 CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.journald",
-                         "client.knock", "client.loop", "client.service", "client.settings"})
-STORE_CORE = frozenset({"store.formats", "store.backend"})
-STORE_EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "store.snapshot",
-                        "store.filestore"})
-CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses",
-                  "errors"}) | FIREWALLD_CORE | CLIENT_CORE | STORE_CORE
+                         "client.knock", "client.loop", "client.service", "client.settings",
+                         "client.grants"})
+CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses", "scopes",
+                  "errors"}) | FIREWALLD_CORE | STORE_CORE | CLIENT_CORE
 EDGE = frozenset({"app", "cli", "firewall", "client", "webpage", "openapi", "audit", "events",
-                  "metrics", "apidocs", "worker"}) | FIREWALLD_EDGE | CLIENT_EDGE | STORE_EDGE
+                  "metrics", "apidocs", "worker"}) | FIREWALLD_EDGE | STORE_EDGE | CLIENT_EDGE
 FORBIDDEN_MODULES = frozenset({
     "os", "sys", "time", "datetime", "io", "pathlib", "shutil", "tempfile", "glob", "mmap",
     "fcntl", "select", "selectors", "signal", "subprocess", "threading", "multiprocessing",

@@ -7,7 +7,7 @@ import argparse
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from tests.clientsupport import (
     Stub,
     assert_secret_absent,
     grant_body,
+    lenient_limits,
     run_cli,
     server,
     stubs,
@@ -47,9 +48,18 @@ def test_knock_prints_entry_and_expiry_in_human_form(
     assert_secret_absent(result, TEST_KEY)
 
 
+def signed_out(server: KnockerProcess) -> None:
+    """End every key's grant of 127.0.0.1 (earlier tests' longer grants would otherwise
+    be what expires_in_seconds reports: the time actually left)."""
+    for key in (TEST_KEY, ADMIN_KEY):
+        assert server.request("DELETE", "/knock", {"X-Api-Key": key})[0] in (200, 404)
+    assert server.verify() == 401
+
+
 @pytest.mark.server
 def test_knock_json_prints_the_server_body(server: KnockerProcess, tmp_path: Path) -> None:
     """--json prints the server's three members, with the requested TTL honoured."""
+    signed_out(server)
     before = time.time()
     result = run_cli(
         ["knock", "--url", server.url, "--key", TEST_KEY, "--ttl", "60", "--json"], tmp_path
@@ -161,6 +171,7 @@ def test_settings_precedence_flags_then_env_then_file(
 
     def ttl_of(result: subprocess.CompletedProcess[str]) -> int:
         assert result.returncode == 0, result.stderr
+        signed_out(server)  # the next knock's answer is its own TTL
         assert_secret_absent(result, TEST_KEY, WRONG_KEY)
         return int(json.loads(result.stdout)["expires_in_seconds"])
 
@@ -170,6 +181,7 @@ def test_settings_precedence_flags_then_env_then_file(
     assert_secret_absent(only_file, WRONG_KEY)
     # The environment's key and ttl beat the file's; the file still supplies the URL.
     env = {"KNOCKER_API_KEY": TEST_KEY}
+    signed_out(server)
     assert ttl_of(run_cli(["knock", "--json"], tmp_path, **env)) == 120
     assert ttl_of(run_cli(["knock", "--json"], tmp_path, KNOCKER_TTL="90", **env)) == 90
     # Flags beat the environment.
@@ -250,3 +262,64 @@ def test_settings_accept_legacy_interval_and_unquoted_digit_keys(tmp_path: Path)
     assert settings.check_interval_minutes == 2
     assert settings.knock_url == "https://knocker.example.test/knock"
     assert "123456" not in repr(settings)
+
+
+# ---------------------------------------------------------------------------------------
+# sign-out and the grants API (knocker/client/grants.py) against a real server
+
+OPS_KEY = "ops-key-client-0123456789abcdefghijklmnopqrstuv"
+
+
+@pytest.fixture(scope="module")
+def grants_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnockerProcess]:
+    directory = tmp_path_factory.mktemp("grants-server")
+    config = base_config(directory, security=lenient_limits())
+    config["api_keys"].append({"name": "ops", "key": OPS_KEY, "max_ttl": 600, "admin": True})
+    with KnockerProcess(directory, config) as process:
+        yield process
+
+
+@pytest.mark.server
+def test_knock_revoke_signs_this_machine_out(grants_server: KnockerProcess, tmp_path: Path) -> None:
+    """`knocker knock --revoke` ends this key's grant of this machine; /verify refuses."""
+    key_file = tmp_path / "key"
+    key_file.write_text(TEST_KEY + "\n")
+    common = ["--url", grants_server.url + "/", "--key-file", str(key_file)]
+    assert run_cli(["knock", *common], tmp_path).returncode == 0
+    assert grants_server.verify() == 200
+    result = run_cli(["knock", "--revoke", *common], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "127.0.0.1 (by phone)" in result.stdout
+    assert grants_server.verify() == 401
+    again = run_cli(["knock", "--revoke", "--json", *common], tmp_path)
+    assert again.returncode == 7 and json.loads(again.stdout)["status"] == 404
+    assert_secret_absent(result, TEST_KEY)
+    assert_secret_absent(again, TEST_KEY)
+
+
+@pytest.mark.server
+def test_grants_list_and_revoke(grants_server: KnockerProcess, tmp_path: Path) -> None:
+    """`knocker grants list` shows a table (or --json) and `grants revoke` ends a grant,
+    with the key from the environment; a non-admin key exits 5 (403)."""
+    url = ["--url", grants_server.url]
+    assert run_cli(["knock", *url, "--key", ADMIN_KEY, "--ip", "10.7.0.0/24"],
+                   tmp_path).returncode == 0
+    table = run_cli(["grants", "list", *url], tmp_path, KNOCKER_API_KEY=OPS_KEY)
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["ENTRY", "KEY", "HOW", "EXPIRES", "LEFT", "SCOPE"]
+    assert any(row.split()[:3] == ["10.7.0.0/24", "admin", "remote"] for row in rows)
+    listed = run_cli(["grants", "list", "--json", *url], tmp_path, KNOCKER_API_KEY=OPS_KEY)
+    assert {"entry": "10.7.0.0/24", "key_name": "admin"}.items() <= next(
+        g for g in json.loads(listed.stdout)["grants"] if g["entry"] == "10.7.0.0/24").items()
+    revoked = run_cli(["grants", "revoke", "10.7.0.0/24", *url], tmp_path,
+                      KNOCKER_API_KEY=OPS_KEY)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "Ended 10.7.0.0/24 (by admin)." in revoked.stdout
+    gone = run_cli(["grants", "revoke", "10.7.0.0/24", *url], tmp_path,
+                   KNOCKER_API_KEY=OPS_KEY)
+    assert gone.returncode == 7
+    refused = run_cli(["grants", "list", *url], tmp_path, KNOCKER_API_KEY=TEST_KEY)
+    assert refused.returncode == 5 and "admin: true" in refused.stderr
+    for result in (table, listed, revoked, gone, refused):
+        assert_secret_absent(result, OPS_KEY, TEST_KEY)

@@ -37,6 +37,9 @@ OTHER_HOST = "other.example.com"
 KEY = "e2e-" + secrets.token_urlsafe(24)
 SHORT_KEY = "e2e-short-" + secrets.token_urlsafe(24)
 SHORT_TTL = 2
+# Host-scoped keys (docs/api.md#scoped-keys): one for the protected site, one elsewhere.
+APP_SCOPED_KEY = "e2e-app-" + secrets.token_urlsafe(24)
+OTHER_SCOPED_KEY = "e2e-other-" + secrets.token_urlsafe(24)
 
 # Fresh client addresses: each test takes its own, so no test sees another's grant and
 # per-client rate limits never interfere. All of 127.0.0.0/8 is local on Linux; the
@@ -56,6 +59,9 @@ def knocker_config(directory: Path) -> dict[str, object]:
         api_keys=[
             {"name": "e2e", "key": KEY, "max_ttl": 3600},
             {"name": "e2e-short", "key": SHORT_KEY, "max_ttl": SHORT_TTL},
+            {"name": "e2e-app", "key": APP_SCOPED_KEY, "max_ttl": 3600, "hosts": [APP]},
+            {"name": "e2e-other", "key": OTHER_SCOPED_KEY, "max_ttl": 3600,
+             "hosts": [OTHER_HOST]},
         ],
         security={
             "excluded_paths": ["/excluded"],
@@ -390,3 +396,29 @@ def test_proxy_fails_closed_when_knocker_is_down(name: str, tmp_path: Path) -> N
                 assert response.status in (401, 500, 502, 503), (response.status, proxy.log())
                 assert MARKER not in response.body
             assert upstream.seen_paths() == []
+
+
+# --------------------------------------------------------------------------- host scopes
+
+
+def test_host_scoped_key_passes_at_its_host_and_is_refused_at_another(stack: Stack) -> None:
+    """A key scoped to app.example.com opens app.example.com through the real proxy (its
+    X-Forwarded-Host reaches Knocker); a grant scoped to other.example.com does not open
+    app.example.com, nor does the app key's grant give anything at other.example.com."""
+    phone, stranger = stack.client(), stack.client()
+    knocked = stack.knock(phone, APP_SCOPED_KEY)
+    assert knocked.status == 200, (knocked.body, stack.diagnostics())
+    assert knocked.json()["whitelisted_entry"] == phone.source
+    path = unique("/protected")
+    assert_allowed(stack, phone.get(APP, path), path)
+    elsewhere = unique("/protected")
+    response = phone.get(OTHER_HOST, elsewhere)
+    assert MARKER not in response.body and not stack.reached_upstream(elsewhere), (
+        response.status, stack.diagnostics())
+    assert stack.knock(stranger, OTHER_SCOPED_KEY).status == 200
+    path = unique("/protected")
+    assert_denied(stack, stranger.get(APP, path), path)
+    # Forging the host from the client side changes nothing: only the proxy's counts.
+    path = unique("/protected")
+    forged = stranger.get(APP, path, headers=[("X-Forwarded-Host", OTHER_HOST)])
+    assert_denied(stack, forged, path)

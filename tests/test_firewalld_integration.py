@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from urllib.parse import quote
 
 import pytest
 
@@ -27,7 +28,8 @@ from knocker.firewalld.coordination import STATUS_FILE
 from knocker.firewalld.rules import accept_rule, block_rules, parse_version
 from tests.fwlab import Lab, cleanup_stale_namespaces, fetch_v2_if_possible, missing_prerequisites
 from tests.fwlab.lab import client4, client6
-from tests.fwlab.service import NetnsKnocker, firewalld_section
+from tests.fwlab.service import OPS_KEY, NetnsKnocker, firewalld_section
+from tests.support.config import TEST_KEY
 
 pytestmark = pytest.mark.firewalld
 
@@ -178,6 +180,29 @@ def test_grant_stays_open_until_its_ttl_and_closes_after_it(
     time.sleep(max(0.0, started + ttl + 3 - time.monotonic()))
     for source in sources:
         assert not opened(lab, source, timeout=1.0), f"{source} still open after ttl+3 s"
+
+
+def test_sign_out_and_admin_revoke_close_the_port_within_1_s(
+    lab: Lab, knocker: NetnsKnocker
+) -> None:
+    """DELETE /knock (the key's own grant of the caller) and DELETE /grants/{entry} (an
+    admin key) remove the rich rules before answering: the revoked address's TCP probe
+    is refused again within 1 s, while another address's grant stays open."""
+    for source in (client4(5), client4(6), client6(5)):
+        knock(knocker, source, 600)
+        assert opened(lab, source)
+    status, _, raw = knocker.request("DELETE", "/knock", {"X-Api-Key": TEST_KEY},
+                                     source=client4(5))
+    assert status == 200, raw
+    closed = wait_for(lambda: not opened(lab, client4(5), timeout=0.3), 1.0, interval=0.05)
+    assert closed is not None, "the signed-out address still connects after 1 s"
+    status, _, raw = knocker.request("DELETE", "/grants/" + quote(client6(5), safe=""),
+                                     {"X-Api-Key": OPS_KEY}, source=client4(6))
+    assert status == 200, raw
+    closed = wait_for(lambda: not opened(lab, client6(5), timeout=0.3), 1.0, interval=0.05)
+    assert closed is not None, "the revoked address still connects after 1 s"
+    assert not lab.probe.query_rich_rule("knocker", grant_rule(client6(5)))
+    assert opened(lab, client4(6))
 
 
 # ---------------------------------------------------------------------- firewalld changes

@@ -309,3 +309,113 @@ def test_example_config_as_make_run_writes_it_lets_this_machine_knock(tmp_path: 
         status, body = server.knock(keys[0])
         assert (status, body["whitelisted_entry"]) == (200, "127.0.0.1")
         assert server.verify() == 200
+
+
+# The request shapes of the published clients, as they reach the wire when their base URL
+# ends in a slash (base + "/knock"): the Go CLI (net/http) and the Android app (OkHttp).
+_GO_CLIENT = {"User-Agent": "Go-http-client/1.1", "Content-Type": "application/json",
+              "Accept-Encoding": "gzip"}
+_ANDROID_CLIENT = {"User-Agent": "okhttp/4.12.0",
+                   "Content-Type": "application/json; charset=utf-8",
+                   "Accept-Encoding": "gzip", "Connection": "Keep-Alive"}
+
+
+@pytest.mark.parametrize("client", [_GO_CLIENT, _ANDROID_CLIENT], ids=["go", "android"])
+def test_published_clients_knock_through_a_trailing_slash_base_url(
+        tmp_path: Path, client: dict[str, str]) -> None:
+    """`POST //knock` as the Go and Android clients send it is a knock; a re-knock that
+    keeps the longer grant reports the seconds actually left."""
+    with _server(tmp_path, 1) as server:
+        headers = {**client, "X-Api-Key": TEST_KEY}
+        status, _, raw = server.request("POST", "//knock", headers, b'{"ttl":3000}')
+        first = json.loads(raw)
+        assert status == 200 and first["expires_in_seconds"] == 3000
+        assert server.verify() == 200
+        time.sleep(1.1)
+        status, _, raw = server.request("POST", "//knock", headers, b'{"ttl":60}')
+        second = json.loads(raw)
+        assert status == 200 and second["expires_at"] == first["expires_at"]
+        assert 2990 <= second["expires_in_seconds"] <= 2999
+
+
+OPS_KEY = "ops-key-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _with_ops_key(tmp_path: Path) -> dict[str, Any]:
+    """base_config plus an `ops` key with admin: true (the grants API)."""
+    config = base_config(tmp_path, security={"knock_rate_limit": UNLIMITED["knock_rate_limit"]})
+    config["api_keys"].append({"name": "ops", "key": OPS_KEY, "max_ttl": 600, "admin": True})
+    return config
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_admin_lists_and_revokes_grants_on_every_worker(tmp_path: Path, workers: int) -> None:
+    """GET /grants shows each key's grant (by name); DELETE /grants/{entry} ends it for
+    every worker before the answer, and whitelist.json loses it."""
+    with KnockerProcess(tmp_path, _with_ops_key(tmp_path), workers=workers) as server:
+        assert server.knock(TEST_KEY, source="127.0.0.81")[0] == 200
+        assert server.knock(ADMIN_KEY, {"ip_address": "127.0.1.0/24"})[0] == 200
+        ops = {"X-Api-Key": OPS_KEY}
+        status, _, raw = server.request("GET", "/grants", ops)
+        assert status == 200
+        listed = {(g["entry"], g["key_name"], g["how"]) for g in json.loads(raw)["grants"]}
+        assert listed == {("127.0.0.81", "phone", "knock"), ("127.0.1.0/24", "admin", "remote")}
+        assert TEST_KEY.encode() not in raw and ADMIN_KEY.encode() not in raw
+        assert server.request("GET", "/grants", {"X-Api-Key": TEST_KEY})[0] == 403
+        status, _, raw = server.request("DELETE", "/grants/127.0.1.0%2F24", ops)
+        assert status == 200 and json.loads(raw)["removed"][0]["entry"] == "127.0.1.0/24"
+        # Every worker refuses at once (fresh connections spread over the workers).
+        assert [server.verify(source="127.0.1.9") for _ in range(12)] == [401] * 12
+        assert server.request("DELETE", "/grants/127.0.1.0%2F24", ops)[0] == 404
+        assert "127.0.1.0/24" not in _file_when(server, lambda f: "127.0.1.0/24" not in f)
+        assert [server.verify(source="127.0.0.81") for _ in range(6)] == [200] * 6
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_sign_out_ends_this_keys_grant_on_every_worker(tmp_path: Path, workers: int) -> None:
+    """DELETE /knock ends the caller's grant by that key; a restart keeps it ended and
+    keeps who granted the rest."""
+    with KnockerProcess(tmp_path, _with_ops_key(tmp_path), workers=workers) as server:
+        assert server.knock(TEST_KEY, source="127.0.0.82")[0] == 200
+        assert server.knock(TEST_KEY, source="127.0.0.83")[0] == 200
+        headers = {"X-Api-Key": TEST_KEY}
+        status, cors, raw = server.request("DELETE", "/knock", headers, source="127.0.0.82")
+        assert status == 200 and "Access-Control-Allow-Origin" in cors
+        assert [g["key_name"] for g in json.loads(raw)["removed"]] == ["phone"]
+        assert [server.verify(source="127.0.0.82") for _ in range(12)] == [401] * 12
+        assert server.request("DELETE", "/knock", headers, source="127.0.0.82")[0] == 404
+    with KnockerProcess(tmp_path, _with_ops_key(tmp_path), workers=workers) as server:
+        assert server.verify(source="127.0.0.82") == 401
+        status, _, raw = server.request("GET", "/grants", {"X-Api-Key": OPS_KEY})
+        assert [(g["entry"], g["key_name"]) for g in json.loads(raw)["grants"]] == [
+            ("127.0.0.83", "phone")]
+
+
+SCOPED_KEY = "scoped-key-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_host_scoped_grant_passes_only_for_its_host_on_every_worker(
+        tmp_path: Path, workers: int) -> None:
+    """A knock with a key scoped to app.example.com: every worker lets the address
+    through for that host at once, for no other; sign-out withdraws it everywhere."""
+    config = _with_ops_key(tmp_path)
+    config["api_keys"].append({"name": "app-phone", "key": SCOPED_KEY, "max_ttl": 600,
+                               "hosts": ["app.example.com"]})
+    config["server"] = {"trusted_proxies": ["127.0.0.1"]}
+
+    def verify(host: str) -> int:
+        return server.verify(headers={"X-Forwarded-For": "192.0.2.44",
+                                      "X-Forwarded-Host": host})
+
+    with KnockerProcess(tmp_path, config, workers=workers) as server:
+        knocked = server.request("POST", "/knock", {"X-Api-Key": SCOPED_KEY,
+                                                   "X-Forwarded-For": "192.0.2.44"})
+        assert knocked[0] == 200
+        assert [verify("app.example.com") for _ in range(12)] == [200] * 12
+        assert [verify("other.example.com") for _ in range(12)] == [401] * 12
+        assert not server.storage_path.exists() or "192.0.2.44" not in server.whitelist_file()
+        signed_out = server.request("DELETE", "/knock", {"X-Api-Key": SCOPED_KEY,
+                                                        "X-Forwarded-For": "192.0.2.44"})
+        assert signed_out[0] == 200
+        assert [verify("app.example.com") for _ in range(12)] == [401] * 12

@@ -531,3 +531,23 @@ def test_open_page_knocks_again_before_the_entry_expires(
     assert countdown_seconds(browser.text("#countdown")) >= 1
     assert "Access granted" in browser.text("#status")
     assert csp_violations(browser) == []
+
+
+@pytest.mark.browser
+@pytest.mark.server
+def test_sign_out_button_ends_this_devices_grant(
+    browser: Browser, page_server: KnockerProcess
+) -> None:
+    """"Sign out this device" sends DELETE ./knock: the grant ends at the server, the page
+    says so and schedules no knock that would undo it; a second press finds nothing."""
+    knock_with_key(browser, page_server)
+    browser.wait_until(lambda: "Access granted" in browser.text("#status"), what="knock")
+    assert page_server.verify() == 200
+    browser.click("#sign-out")
+    browser.wait_until(lambda: "Signed out" in browser.text("#status"), what="sign-out")
+    assert page_server.verify() == 401
+    assert not browser.visible("#grant") and not browser.visible("#error")
+    browser.click("#sign-out")
+    browser.wait_until(lambda: "Nothing to sign out" in browser.text("#status"), what="404")
+    assert page_server.verify() == 401
+    assert csp_violations(browser) == []

@@ -21,7 +21,7 @@ from types import FrameType
 from typing import TextIO, TypeVar
 
 from ..config import MAX_TTL
-from . import service
+from . import grants, service
 from .events import EventLog, JournalWriter, LineWriter, Writer
 from .journald import JournalSocket, journal_attached
 from .knock import (
@@ -114,7 +114,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common_arguments(knock_parser)
+    knock_parser.add_argument(
+        "--revoke",
+        action="store_true",
+        help="sign out instead: end the grants this key made for this machine (or --ip)",
+    )
     knock_parser.set_defaults(func=run_knock)
+    _register_grants(subparsers)
 
     watch_parser = subparsers.add_parser(
         "watch",
@@ -209,6 +215,8 @@ def run_knock(
     out, err, settings = _start(args, environ, home, out, err)
     if settings is None:
         return EXIT_USAGE
+    if getattr(args, "revoke", False):
+        return _run_sign_out(args, settings, transport, out, err)
     requested = settings.ttl
     try:
         result = knock(settings, transport, ttl=requested, ip=args.ip)
@@ -224,6 +232,79 @@ def run_knock(
         print(json.dumps(result.as_json()), file=out)
     else:
         print(describe_result(result, clock()), file=out)
+    return EXIT_OK
+
+
+def _run_sign_out(
+    args: argparse.Namespace, settings: Settings, transport: Transport, out: TextIO, err: TextIO
+) -> int:
+    try:
+        removed = grants.sign_out(settings, transport, ip=args.ip)
+    except KnockFailed as failure:
+        return _failed("sign-out", failure, args.json, out, err)
+    print(json.dumps({"removed": removed}) if args.json else grants.describe_removed(removed),
+          file=out)
+    return EXIT_OK
+
+
+def _failed(what: str, failure: KnockFailed, as_json: bool, out: TextIO, err: TextIO) -> int:
+    print(f"knocker: {what} failed: {failure.message}", file=err)
+    if as_json:
+        print(json.dumps({"error": failure.message, "status": failure.status}), file=out)
+    return failure.exit_code
+
+
+def _register_grants(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "grants",
+        help="list or end the server's grants (needs a key with admin: true)",
+        description="List every live grant, or end the grants of one entry, through the\n"
+        "grants API. Same settings as `knocker knock` (URL, key from a file or the\n"
+        "environment).",
+        epilog=_SETTINGS_HELP + "\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    listing = verbs.add_parser("list", help="every live grant: a table, or --json")
+    revoke = verbs.add_parser("revoke", help="end every grant of ENTRY (an address or CIDR)")
+    revoke.add_argument("entry", metavar="ENTRY")
+    for verb in (listing, revoke):
+        verb.add_argument("--url", metavar="URL", help="Knocker base URL (api_url)")
+        keys = verb.add_mutually_exclusive_group()
+        keys.add_argument("--key", metavar="KEY", help="API key (prefer --key-file)")
+        keys.add_argument("--key-file", metavar="FILE", help="read the API key from FILE")
+        verb.add_argument("--config", metavar="FILE", help="client settings file")
+        verb.add_argument("--json", action="store_true", help="machine-readable JSON output")
+        verb.set_defaults(func=run_grants)
+
+
+def run_grants(
+    args: argparse.Namespace,
+    transport: Transport = urllib_transport,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+    clock: Callable[[], float] = time.time,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """`knocker grants list|revoke`: the admin side of the grants API."""
+    out, err, settings = _start(args, environ, home, out, err)
+    if settings is None:
+        return EXIT_USAGE
+    try:
+        if args.verb == "list":
+            listed = grants.list_grants(settings, transport)
+        else:
+            removed = grants.revoke_grant(settings, transport, args.entry)
+    except KnockFailed as failure:
+        return _failed(f"grants {args.verb}", failure, args.json, out, err)
+    if args.verb == "list":
+        print(json.dumps({"grants": listed}) if args.json
+              else grants.grants_table(listed, clock()), file=out)
+    else:
+        print(json.dumps({"removed": removed}) if args.json
+              else grants.describe_removed(removed).replace("Signed out: ended", "Ended"),
+              file=out)
     return EXIT_OK
 
 

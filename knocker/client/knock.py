@@ -39,6 +39,7 @@ exit status:
   4  401: the API key was not accepted
   5  403: the key may not whitelist other addresses (--ip)
   6  429: too many knocks from this address; wait and retry
+  7  404: nothing to end (knock --revoke, grants revoke)
 """
 
 

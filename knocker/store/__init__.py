@@ -3,6 +3,8 @@
 Faces: `WhitelistBackend` (backend.py, what the app may ask), `open_backend` (the one
 place that picks an implementation), `FileStore` (filestore.py, whitelist.json + journal
 + shared memory), and `atomic_write` (files.py, how every file Knocker writes is replaced).
+Who granted what lives beside the whitelist: grant_format.py (pure: the Grant value and
+the grants log's lines) and grantlog.py (whitelist.json.grants).
 """
 
 from __future__ import annotations

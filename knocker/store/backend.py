@@ -13,6 +13,7 @@ from typing import Protocol
 from ..addresses import IPAddress
 from ..ratelimit import Outcome
 from ..whitelist import Key
+from .grant_format import Grant
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,29 @@ class WhitelistBackend(Protocol):
         """entry -> expiry of the whole live whitelist (the firewall's re-apply)."""
         ...
 
-    def knock(self, key: Key, ttl: int, now: float) -> KnockResult:
+    def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
+              how: str = "knock", scoped: bool = False) -> KnockResult:
         """Grant `key` for `ttl` seconds (firewall first); raises StorageError or
-        FirewallError with nothing granted anywhere."""
+        FirewallError with nothing granted anywhere. With `key_name`, also record the
+        grant (that key's, `how` = knock or remote) for grants() and revoke(). A
+        `scoped` grant (a key with hosts:) stays out of the unscoped whitelist, so
+        allows() never sees it: only scoped_allows() does."""
+        ...
+
+    def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...],
+                      now: float) -> bool:
+        """/verify for scoped grants: has a key among `key_names` a live scoped grant
+        covering `address`? Hash lookups, like allows()."""
+        ...
+
+    def grants(self, now: float) -> list[Grant]:
+        """Every live grant, one per (entry, granting key); an entry's time not covered
+        by a recorded grant is a `restored` grant (docs/whitelist.md#grants)."""
+        ...
+
+    def revoke(self, key: Key, key_name: str | None, now: float) -> list[Grant]:
+        """End `key_name`'s grants of `key` (None: all of them) in memory, durably and
+        in the firewall before returning; what was ended, empty when nothing was."""
         ...
 
     def rate_reserve(self, client: bytes, now: float) -> bool:

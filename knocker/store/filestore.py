@@ -32,10 +32,12 @@ from ..config import Config
 from ..errors import StorageError
 from ..firewall import Firewall
 from ..ratelimit import Outcome, RateLimiter, layout_for
-from ..whitelist import Key, Whitelist, entry_text, granted_expiry
+from ..whitelist import Key, Whitelist, entry_text, granted_expiry, parse_entry
 from .backend import KnockResult
 from .files import check_directory
 from .formats import REMOVED, decode_journal, encode_whitelist, journal_line, json_pieces
+from .grant_format import Grant, encode_grants, grant_line, revoke_line
+from .grantlog import GrantLog
 from .journal import Journal
 from .shm import SharedMemory
 from .snapshot import SnapshotFile
@@ -77,6 +79,11 @@ class FileStore:
         rate = config.security.knock_rate_limit
         self._rate_layout = layout_for(rate)
         self._snapshot = SnapshotFile(self.location)
+        self._grant_log = GrantLog(self.location + ".grants")
+        # key name -> that key's scoped grants, indexed like the whitelist; rebuilt from
+        # the grants log (scoped grants never enter the replica or whitelist.json)
+        self._scoped: dict[str, Whitelist] = {}
+        self._scoped_lock = threading.Lock()
         try:
             os.makedirs(self.directory, exist_ok=True)
             check_directory(self.directory)
@@ -166,7 +173,7 @@ class FileStore:
             return "whitelist storage is closed"
         if not os.access(self.directory, os.W_OK):
             return f"{self.directory} is not writable"
-        for path in (self.location, self._journal.path):
+        for path in (self.location, self._journal.path, self._grant_log.path):
             if os.path.exists(path) and not os.access(path, os.W_OK):
                 return f"{path} is not writable"
         try:
@@ -190,7 +197,17 @@ class FileStore:
         """entry -> expiry of the whole live whitelist (for the firewall's re-apply)."""
         self._catch_up()
         now = self._clock()
-        return {entry_text(k): e for k, e in self.replica.items() if e > now}
+        live = {entry_text(k): e for k, e in self.replica.items() if e > now}
+        # Scoped grants open the firewall too (they are only kept out of whitelist.json).
+        try:
+            self._refresh_grants()
+        except StorageError as error:
+            log.error("grants log unreadable: %s", error)
+        for entry, grants in self._grant_log.all().items():
+            for grant in grants.values():
+                if grant.scoped and grant.expires_at > max(now, live.get(entry, 0)):
+                    live[entry] = grant.expires_at
+        return live
 
     # ------------------------------------------------------------------ rate limits
     def rate_reserve(self, client: bytes, now: float) -> bool:
@@ -206,17 +223,24 @@ class FileStore:
             self._limiter.settle(client, outcome, now)
 
     # ------------------------------------------------------------------ knocks
-    def knock(self, key: Key, ttl: int, now: float) -> KnockResult:
+    def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
+              how: str = "knock", scoped: bool = False) -> KnockResult:
         """Grant `key` for `ttl` seconds: firewall, then disk, then memory. On any
-        failure nothing stays granted anywhere (docs/api.md#order-of-checks)."""
+        failure nothing stays granted anywhere (docs/api.md#order-of-checks). With
+        `key_name` the grant is also recorded in the grants log (who, when, how); a
+        `scoped` grant is recorded there only."""
+        if scoped and key_name is not None:
+            return self._knock_scoped(key, ttl, now, key_name, how)
         entry = entry_text(key)
+        noted: int | None = None
         with self._journal.writing():
             self._catch_up()
             current = self.replica.expiry(key)
             live = current if current is not None and current > now else None
             expiry = granted_expiry(live, now, ttl)
             victims = self.replica.victims(key, self._capacity, now)
-            remaining = max(1, math.ceil(expiry - now))  # whole seconds, rounded up
+            # The firewall keeps an entry open for its longest grant, scoped ones included.
+            remaining = max(1, math.ceil(expiry - now), self._scoped_left(entry, now))
             self._firewall.grant(entry, remaining)  # raises: nothing was changed
             changes = [(victim, REMOVED) for victim in victims] + [(key, expiry)]
             try:
@@ -225,11 +249,18 @@ class FileStore:
                 self._undo_grant(entry, live, now)
                 raise StorageError(f"could not persist the whitelist: {error}") from error
             self._publish(changes)
+            if key_name is not None:
+                noted = self._note_grant(entry, key_name, ttl, how, now)
         try:
             self._journal.sync(pending)
         except OSError as error:
             self._revert(key, expiry, live, now)
             raise StorageError(f"could not persist the whitelist: {error}") from error
+        if noted is not None:
+            try:
+                self._grant_log.sync(noted)
+            except StorageError as error:  # the grant stands; only its record may be lost
+                log.error("grant of %s by %s not recorded: %s", entry, key_name, error)
         evicted = tuple(entry_text(victim) for victim in victims)
         if evicted:
             log.warning(
@@ -238,6 +269,235 @@ class FileStore:
             self._firewall.revoke(evicted)
         return KnockResult(entry=entry, expires_at=expiry, evicted=evicted,
                            extended=live is not None)
+
+    # ------------------------------------------------------------------ grants
+    def _knock_scoped(self, key: Key, ttl: int, now: float, key_name: str,
+                      how: str) -> KnockResult:
+        """A host-scoped key's grant: firewall, then the grants log (fsynced), then this
+        process's scoped index; other processes see it at their next scoped lookup."""
+        entry = entry_text(key)
+        with self._journal.writing():
+            self._catch_up()
+            if self._grant_log.due():
+                self._compact_grants(now)
+            self._refresh_grants()
+            victims = self._scoped_victims(entry, key_name, now)
+            earlier = self._grant_log.of(entry).get(key_name)
+            live = (earlier.expires_at if earlier and earlier.scoped
+                    and earlier.expires_at > now else None)
+            expiry = granted_expiry(live, now, ttl)
+            before = max(self._scoped_left(entry, now), self._unscoped_left(key, now))
+            self._firewall.grant(entry, max(1, math.ceil(expiry - now), before))
+            lines = b"".join(revoke_line(v.entry, v.key_name) for v in victims)
+            try:
+                noted = self._grant_log.append(lines + grant_line(
+                    Grant(entry, key_name, expiry, int(now), how, scoped=True)))
+                self._grant_log.sync(noted)
+            except StorageError:
+                self._undo_grant(entry, int(now) + before if before else None, now)
+                raise
+            self._refresh_grants()
+            closed = [v.entry for v in victims if not self._left_anywhere(v.entry, now)]
+        evicted = tuple(f"{v.entry} ({v.key_name})" for v in victims)
+        if evicted:
+            log.warning("scoped grants full (%d): evicted %s", self._capacity,
+                        ", ".join(evicted))
+            self._firewall.revoke(closed)
+        return KnockResult(entry=entry, expires_at=expiry,
+                           evicted=tuple(v.entry for v in victims))
+
+    def _left_anywhere(self, entry: str, now: float) -> bool:
+        """Has `entry` any live grant, scoped or not (may the firewall keep it open)?"""
+        key = parse_entry(entry)
+        return bool(self._scoped_left(entry, now)
+                    or (key is not None and self._unscoped_left(key, now)))
+
+    def _scoped_victims(self, entry: str, key_name: str, now: float) -> list[Grant]:
+        """Scoped grants to evict so that this one keeps them within
+        security.max_whitelist_entries: the soonest-expiring first. A cheap count
+        first; the O(n) pass only when the scoped grants are full."""
+        if (self._grant_log.of(entry).get(key_name) is not None
+                or sum(map(len, self._scoped.values())) < self._capacity):
+            return []
+        with self._scoped_lock:  # the count included expired grants: drop them now
+            for table in self._scoped.values():
+                for gone in table.expired(now):
+                    table.remove(gone)
+        live = sorted((g for grants in self._grant_log.all().values()
+                       for g in grants.values() if g.scoped and g.expires_at > now),
+                      key=lambda g: g.expires_at)
+        return live[:max(0, len(live) - self._capacity + 1)]
+
+    def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...],
+                      now: float) -> bool:
+        """/verify for host-scoped grants: has one of `key_names` a live grant covering
+        `address`? One stat of the grants log, then hash lookups."""
+        if self._grant_log.stale():
+            try:
+                self._refresh_grants()
+            except StorageError as error:  # fail closed: only what is already known
+                log.error("grants log unreadable: %s", error)
+        scoped = self._scoped
+        for name in key_names:
+            grants = scoped.get(name)
+            if grants is not None and grants.allows(address, now):
+                return True
+        return False
+
+    def _refresh_grants(self) -> None:
+        """Bring the grants log's index and the scoped grants up to date."""
+        with self._scoped_lock:
+            touched = self._grant_log.refresh()
+            if touched is None:
+                rebuilt: dict[str, Whitelist] = {}
+                for grants in self._grant_log.all().values():
+                    for grant in grants.values():
+                        self._index_scoped(rebuilt, grant)
+                self._scoped = rebuilt  # one reference swap: readers never see it half-built
+                return
+            for entry, name in touched:
+                key = parse_entry(entry)
+                if key is None:
+                    continue
+                for holder in [name] if name is not None else list(self._scoped):
+                    table = self._scoped.get(holder)
+                    if table is not None:
+                        table.remove(key)
+                current = self._grant_log.of(entry).get(name) if name is not None else None
+                if current is not None:
+                    self._index_scoped(self._scoped, current)
+
+    @staticmethod
+    def _index_scoped(into: dict[str, Whitelist], grant: Grant) -> None:
+        key = parse_entry(grant.entry)
+        if grant.scoped and grant.key_name is not None and key is not None:
+            into.setdefault(grant.key_name, Whitelist()).set(key, grant.expires_at)
+
+    def _scoped_left(self, entry: str, now: float) -> int:
+        """Whole seconds the longest live scoped grant of `entry` has left (0: none)."""
+        if not self._scoped and not self._grant_log.stale():
+            return 0
+        self._refresh_grants()
+        until = max((g.expires_at for g in self._grant_log.of(entry).values()
+                     if g.scoped and g.expires_at > now), default=None)
+        return 0 if until is None else max(1, math.ceil(until - now))
+
+    def _unscoped_left(self, key: Key, now: float) -> int:
+        expiry = self.replica.expiry(key)
+        return 0 if expiry is None or expiry <= now else max(1, math.ceil(expiry - now))
+
+    def _note_grant(self, entry: str, key_name: str, ttl: int, how: str,
+                    now: float) -> int | None:
+        """Record `key_name`'s grant of `entry` in the grants log (under the writer
+        lock): its own expiry, never shorter than its earlier live grant. The descriptor
+        to sync, or None when it could not be written (logged: the grant itself stands,
+        listed as restored)."""
+        try:
+            if self._grant_log.due():
+                self._compact_grants(now)
+            self._refresh_grants()
+            earlier = self._grant_log.of(entry).get(key_name)
+            live = (earlier.expires_at if earlier and not earlier.scoped
+                    and earlier.expires_at > now else None)
+            grant = Grant(entry, key_name, granted_expiry(live, now, ttl), int(now), how)
+            return self._grant_log.append(grant_line(grant))
+        except (OSError, StorageError) as error:
+            log.error("grant of %s by %s not recorded: %s", entry, key_name, error)
+            return None
+
+    def _grants_by_entry(self, now: float) -> dict[str, list[Grant]]:
+        """Every live grant, per entry (under the writer lock, replica caught up). An
+        entry that runs longer than every recorded grant of it (an upstream file, a
+        lost record) has a `restored` grant for the difference."""
+        self._refresh_grants()
+        result: dict[str, list[Grant]] = {}
+        for key, expiry in self.replica.items():
+            if expiry > now:
+                entry = entry_text(key)
+                result[entry] = self._unscoped_grants(entry, expiry, now)
+        for entry, grants in self._grant_log.all().items():
+            scoped = [g for g in grants.values() if g.scoped and g.expires_at > now]
+            if scoped:
+                result.setdefault(entry, []).extend(scoped)
+        return result
+
+    def _unscoped_grants(self, entry: str, expiry: int, now: float) -> list[Grant]:
+        grants = [g for g in self._grant_log.of(entry).values()
+                  if not g.scoped and now < g.expires_at <= expiry]
+        if not grants or expiry > max(g.expires_at for g in grants):
+            grants.append(Grant(entry, None, expiry, None, "restored"))
+        return grants
+
+    def _grants_of(self, key: Key, now: float) -> list[Grant]:
+        """_grants_by_entry for one entry: hash lookups, not a pass over all."""
+        entry = entry_text(key)
+        self._refresh_grants()
+        expiry = self.replica.expiry(key)
+        grants = [] if expiry is None or expiry <= now else self._unscoped_grants(
+            entry, expiry, now)
+        return grants + [g for g in self._grant_log.of(entry).values()
+                         if g.scoped and g.expires_at > now]
+
+    def _compact_grants(self, now: float) -> None:
+        grants = self._grants_by_entry(now)
+        self._grant_log.rewrite(encode_grants(
+            g for entry_grants in grants.values() for g in entry_grants
+            if g.key_name is not None))
+
+    def grants(self, now: float) -> list[Grant]:
+        """Every live grant (GET /grants), ordered by entry then key name."""
+        with self._journal.writing():
+            self._catch_up()
+            by_entry = self._grants_by_entry(now)
+        return sorted((g for grants in by_entry.values() for g in grants),
+                      key=lambda g: (g.entry, g.key_name or "", g.scoped))
+
+    def revoke(self, key: Key, key_name: str | None, now: float) -> list[Grant]:
+        """End the grants of `key` made by `key_name` (None: every grant of it) in
+        memory, on disk and in the firewall before returning; the grants it ended
+        (empty: there were none). The entry stays for as long as another grant of it
+        runs. Raises StorageError with nothing changed."""
+        entry = entry_text(key)
+        pending: tuple[int, int] | None = None
+        with self._journal.writing():
+            self._catch_up()
+            grants = self._grants_of(key, now)
+            ended = [g for g in grants if key_name is None or g.key_name == key_name]
+            if not ended:
+                return []
+            others = [g for g in grants if g not in ended]
+            if any(not g.scoped for g in ended):
+                keep = max((g.expires_at for g in others if not g.scoped), default=None)
+                changes = [(key, REMOVED)] + ([] if keep is None else [(key, keep)])
+                try:
+                    pending = self._persist(changes, now)
+                except (OSError, StorageError) as error:
+                    raise StorageError(f"could not persist the whitelist: {error}") from error
+                self._publish(changes)
+            try:
+                noted: int | None = self._grant_log.append(revoke_line(entry, key_name))
+            except StorageError as error:
+                if pending is None:  # a scoped grant lives in the log alone
+                    raise
+                noted = None
+                log.error("revocation of %s not recorded in the grants log: %s", entry, error)
+            self._refresh_grants()
+        try:
+            if pending is not None:
+                self._journal.sync(pending)
+            if noted is not None:
+                self._grant_log.sync(noted)
+        except (OSError, StorageError) as error:
+            raise StorageError(f"could not persist the whitelist: {error}") from error
+        keep = max((g.expires_at for g in others), default=None)
+        if keep is None:
+            self._firewall.revoke([entry])
+        else:
+            try:
+                self._firewall.grant(entry, max(1, keep - int(now)))
+            except Exception as error:  # the entry itself is already shortened
+                log.error("could not shorten the firewall grant of %s: %s", entry, error)
+        return ended
 
     def _undo_grant(self, entry: str, previous: int | None, now: float) -> None:
         if previous is None:
@@ -406,7 +666,9 @@ class FileStore:
                 # The process that purged the file closes the firewall holes (their
                 # firewalld timeouts have normally closed them already).
                 log.info("purged %d expired entries", len(gone))
-                self._firewall.revoke([entry_text(key) for key in gone])
+                # ... except where a scoped grant of the entry still runs.
+                self._firewall.revoke([entry for entry in map(entry_text, gone)
+                                       if not self._scoped_left(entry, now)])
         if self._snapshot_due(now):
             self._snapshot_now(purge=False)
 

@@ -1,5 +1,6 @@
 "use strict";
-// Knocker knock page. Talks only to this origin's POST ./knock (the Content-Security-Policy
+// Knocker knock page. Talks only to this origin's ./knock: POST to knock, DELETE to sign
+// out (docs/api.md#grants). (The Content-Security-Policy
 // allows nothing else) and keeps the key, the auto-knock choice and the options in
 // localStorage of this browser.
 (() => {
@@ -33,6 +34,7 @@
     ip: el("ip"),
     auto: el("auto"),
     button: el("knock"),
+    signOut: el("sign-out"),
   };
 
   // localStorage throws in some private modes; the page then works without memory.
@@ -275,6 +277,56 @@
     }
   }
 
+  // DELETE ./knock: end the grants this key made for this device (or the address field's).
+  async function signOut() {
+    if (busy) return;
+    const key = store.get(STORE_KEY) || ui.key.value.trim();
+    if (!key) {
+      showError("Enter your API key first.");
+      ui.key.focus();
+      return;
+    }
+    const ip = ui.ip.value.trim();
+    busy = true;
+    cancelSchedule(); // no automatic knock may undo the sign-out
+    ui.signOut.disabled = true;
+    setStatus("Signing out…");
+    let response = null;
+    let data = null;
+    try {
+      response = await fetch("knock", {
+        method: "DELETE",
+        headers: { "X-Api-Key": key, "Content-Type": "application/json" },
+        body: JSON.stringify(ip ? { ip_address: ip } : {}),
+        cache: "no-store",
+        credentials: "omit",
+        redirect: "error",
+        referrerPolicy: "no-referrer",
+      });
+      try { data = await response.json(); } catch (e) { data = null; }
+    } catch (e) {
+      response = null;
+    } finally {
+      busy = false;
+      ui.signOut.disabled = false;
+    }
+    if (response !== null && (response.ok || response.status === 404)) {
+      clearInterval(tickTimer);
+      tickTimer = 0;
+      deadline = 0;
+      ui.grant.hidden = true;
+      showError("");
+      showCap("");
+      setStatus(response.ok
+        ? "Signed out: this key no longer whitelists this device."
+        : "Nothing to sign out: this key had no grant for this device.");
+      return;
+    }
+    const reason = data && typeof data.error === "string" ? data.error.slice(0, 200) : null;
+    showError(explain(response === null ? 0 : response.status, reason));
+    setStatus(deadline ? "Still whitelisted: signing out failed." : "Not whitelisted.");
+  }
+
   function forget() {
     store.remove(STORE_KEY);
     cancelSchedule();
@@ -300,6 +352,7 @@
       knock("manual");
     });
     ui.forget.addEventListener("click", forget);
+    ui.signOut.addEventListener("click", signOut);
     // Background tabs throttle timers and phones freeze them: catch up when shown again.
     document.addEventListener("visibilitychange", () => {
       if (document.visibilityState !== "visible") return;

@@ -88,3 +88,14 @@ def write_whitelist(path: Path, entries: dict[str, int]) -> None:
 def write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("".join(f"{line}\n" for line in lines))
     return path
+
+
+def write_scoped_grants(path: Path, entries: dict[str, int], key_name: str) -> Path:
+    """whitelist.json.grants holding `entries` as grants of the host-scoped `key_name`."""
+    from knocker.store.grant_format import Grant, encode_grants
+
+    path.write_bytes(encode_grants(
+        Grant(entry, key_name, expiry, expiry - 3600, "knock", scoped=True)
+        for entry, expiry in entries.items()))
+    path.chmod(0o600)
+    return path

@@ -3,7 +3,7 @@
 -- trusted proxy. Requests are formatted once in init(): request() only picks one, which
 -- keeps wrk's own CPU cost (it shares the machine with the server) small and equal for
 -- every server measured.
--- Arguments after "--": METHOD PATH ADDRESS_FILE [API_KEY]
+-- Arguments after "--": METHOD PATH ADDRESS_FILE [API_KEY [FORWARDED_HOST]]
 -- done() prints one line "BENCHJSON {...}" with the counts and latency percentiles.
 
 local threads = {}
@@ -20,11 +20,14 @@ local count = 0
 local position = 0
 
 function init(args)
-  local method, path, file, key = args[1], args[2], args[3], args[4]
+  local method, path, file, key, host = args[1], args[2], args[3], args[4], args[5]
   for line in io.lines(file) do
     local headers = { ["X-Forwarded-For"] = line }
     if key ~= nil and key ~= "" then
       headers["X-Api-Key"] = key
+    end
+    if host ~= nil and host ~= "" then
+      headers["X-Forwarded-Host"] = host
     end
     count = count + 1
     requests[count] = wrk.format(method, path, headers)

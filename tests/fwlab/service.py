@@ -35,6 +35,9 @@ def firewalld_section(version: str, **overrides: Any) -> dict[str, Any]:
     return section
 
 
+OPS_KEY = "ops-key-fwlab-0123456789abcdefghijklmnopqrstuv"
+
+
 class NetnsKnocker(KnockerProcess):
     def __init__(
         self,
@@ -55,6 +58,8 @@ class NetnsKnocker(KnockerProcess):
             },
             logging={"level": "INFO"},
         )
+        # An admin key for the grants API (DELETE /grants/{entry}).
+        config["api_keys"].append({"name": "ops", "key": OPS_KEY, "max_ttl": 600, "admin": True})
         super().__init__(
             directory,
             config,

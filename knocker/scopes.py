@@ -1,0 +1,43 @@
+"""Pure: which keys' scoped grants a request's original host may use (docs/api.md#scoped-keys).
+
+Owns the matching of a forwarded host against the keys' `hosts:` (exact names and
+leading `*.` wildcards) as hash lookups: one for the name and one per dot in it, never a
+pass over the keys or the grants. No I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .config import ApiKey
+
+
+class HostScopes:
+    """Host name -> the names of the scoped keys whose grants may pass for it."""
+
+    def __init__(self, keys: Iterable[ApiKey]) -> None:
+        exact: dict[str, list[str]] = {}
+        below: dict[str, list[str]] = {}  # "example.com" for "*.example.com"
+        for key in keys:
+            for host in key.hosts:
+                if host.startswith("*."):
+                    below.setdefault(host[2:], []).append(key.name)
+                else:
+                    exact.setdefault(host, []).append(key.name)
+        self._exact = {host: tuple(dict.fromkeys(names)) for host, names in exact.items()}
+        self._below = {host: tuple(dict.fromkeys(names)) for host, names in below.items()}
+        self.active = bool(exact or below)
+
+    def keys_for(self, host: str | None) -> tuple[str, ...]:
+        """Names of the keys scoped to `host` (a name as normalize_host gives it); none
+        when there is no host: a scoped grant needs one to pass."""
+        if not host or not self.active:
+            return ()
+        found = self._exact.get(host, ())
+        dot = host.find(".")
+        while dot >= 0:
+            more = self._below.get(host[dot + 1:])
+            if more:
+                found = found + tuple(name for name in more if name not in found)
+            dot = host.find(".", dot + 1)
+        return found
