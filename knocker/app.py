@@ -312,10 +312,10 @@ class App:
                 raise RequestError("Not an IPv4/IPv6 address or CIDR network")
             ended = self.store.revoke(key_of(network), None, now)
         except KnockerError as error:
-            log.info("grants key=%s client=%s result=%d %s", key_name, who,
-                     error.status.value, error.message)
+            self.observer.knock(Record(Event.KNOCK_FAILED, who, key_name, peer=via,
+                                       result=error.status.value, reason=error.message), now)
             return _grant_error(error), _outcome(error)
-        return self._ended("revoke", key_name, who, canonical(network), ended, now)
+        return self._ended(Event.REVOKE, key_name, who, via, canonical(network), ended, now)
 
     def _sign_out(self, environ: dict[str, Any], client: IPAddress | None, who: str,
                   via: str | None, now: float) -> tuple[Response, Outcome]:
@@ -330,21 +330,22 @@ class App:
             grant = authorize(key, client, body)
             ended = self.store.revoke(grant.key, key.name, now)
         except KnockerError as error:
-            log.info("signout key=%s client=%s result=%d %s", key_name, who,
-                     error.status.value, error.message)
+            self.observer.knock(Record(Event.KNOCK_FAILED, who, key_name, peer=via,
+                                       result=error.status.value, reason=error.message), now)
             return _grant_error(error), _outcome(error)
-        return self._ended("signout", key_name, who, grant.entry, ended, now)
+        return self._ended(Event.SIGN_OUT, key_name, who, via, grant.entry, ended, now)
 
-    def _ended(self, what: str, key_name: str, who: str, entry: str, ended: list[Grant],
-               now: float) -> tuple[Response, Outcome]:
+    def _ended(self, event: Event, key_name: str, who: str, via: str | None, entry: str,
+               ended: list[Grant], now: float) -> tuple[Response, Outcome]:
         if not ended:
-            log.info("%s key=%s client=%s entry=%s result=404 no such grant", what, key_name,
-                     who, entry)
+            self.observer.ended(Record(event, who, key_name, entry, result=404, peer=via,
+                                       reason="no such grant"), now)
             # Probing for grants counts like a failed knock.
             return _json(HTTPStatus.NOT_FOUND, {"error": f"No grant of {entry} to end"}), \
                 Outcome.FAILURE
-        log.info("%s key=%s client=%s entry=%s result=200 ended=%s", what, key_name, who,
-                 entry, ",".join(grant.key_name or "restored" for grant in ended))
+        self.observer.ended(Record(event, who, key_name, entry, result=200, peer=via,
+                                   reason="ended " + ",".join(grant.key_name or "restored"
+                                                              for grant in ended)), now)
         return (_json(HTTPStatus.OK, {"removed": [self._grant_json(g, now) for g in ended]}),
                 Outcome.SUCCESS)
 

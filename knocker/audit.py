@@ -20,7 +20,7 @@ log = logging.getLogger("knocker.audit")
 
 
 class Event(enum.StrEnum):
-    """What happened. Grants issue events (revoke, sign_out) join here when they exist."""
+    """What happened."""
 
     GRANT = "grant"  # a knock whitelisted an entry that was not live
     EXTEND = "extend"  # a knock for an entry that was live (a re-knock)
@@ -29,6 +29,8 @@ class Event(enum.StrEnum):
     KNOCK_FAILED = "knock_failed"  # a refused knock the client is to blame for (fail2ban)
     KNOCK_RATE_LIMITED = "knock_rate_limited"  # 429: the client's budget is spent
     KNOCK_ERROR = "knock_error"  # nothing granted because storage or firewall failed
+    REVOKE = "revoke"  # an admin key ended grants of an entry (DELETE /grants/{entry})
+    SIGN_OUT = "sign_out"  # a key ended its own grants of a device (DELETE /knock)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,12 @@ class Observer:
         if self.metrics is not None:
             self.metrics.knock(_KNOCK_RESULT[record.event], record.key)
 
+    def ended(self, record: Record, now: float) -> None:
+        """A revoke or sign-out that ended grants: audited and counted."""
+        self.audit.emit(record, now)
+        if self.metrics is not None:
+            self.metrics.grants_ended(record.event.value)
+
     def evicted(self, entries: Sequence[str], now: float) -> None:
         for entry in entries:
             self.audit.emit(Record(Event.EVICT, entry=entry), now)

@@ -64,6 +64,12 @@ class Metrics:
         self._evictions = Counter(
             "knocker_evictions", "Entries evicted by a full whitelist", registry=self._registry
         )
+        self._ended = Counter(
+            "knocker_grants_ended",
+            "Grants ended before their expiry, by how (revoke, sign_out)",
+            ("how",),
+            registry=self._registry,
+        )
         # Created on first use, so a scrape shows only what is really measured.
         self._lazy: dict[str, Counter | Histogram] = {}
         self._lazy_lock = threading.Lock()
@@ -73,6 +79,10 @@ class Metrics:
 
     def evicted(self, count: int) -> None:
         self._evictions.inc(count)
+
+    def grants_ended(self, how: str) -> None:
+        """`how`: revoke (an admin) or sign_out (the granting key itself)."""
+        self._ended.labels(how).inc()
 
     def expired(self, count: int) -> None:
         self._counter("knocker_expirations", "Entries purged after their TTL").inc(count)

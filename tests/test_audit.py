@@ -215,3 +215,42 @@ def test_audit_file_rotated_under_a_running_service(tmp_path: Path) -> None:
     assert [e["event"] for e in before] == ["grant"] + ["extend"] * 3
     assert [e["event"] for e in after] == ["knock_failed"] * 4
     assert TEST_KEY not in path.read_text() + server.log()
+
+
+def test_sign_out_and_admin_revoke_are_audited_and_a_miss_is_recorded_too(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """DELETE /knock is a sign_out event, DELETE /grants/{entry} a revoke event, each
+    naming the key and the entry; ending nothing is recorded with result 404."""
+    config = load_config_text(f"""
+api_keys:
+  - name: phone
+    key: {KEY}
+    max_ttl: 3600
+  - name: ops
+    key: {KEY}-admin
+    max_ttl: 3600
+    admin: true
+whitelist:
+  storage_path: {tmp_path / "whitelist.json"}
+audit:
+  path: {tmp_path / "audit.jsonl"}
+""")
+    app = build_app(config, clock=clock)
+    try:
+        web = TestApp(app, extra_environ={"REMOTE_ADDR": CLIENT})
+        assert knock(web) == 200
+        assert web.delete("/knock", headers={"X-Api-Key": KEY}).status_int == 200
+        assert web.delete("/knock", headers={"X-Api-Key": KEY}, expect_errors=True
+                          ).status_int == 404
+        assert knock(web) == 200
+        assert web.delete(f"/grants/{CLIENT}", headers={"X-Api-Key": f"{KEY}-admin"}
+                          ).status_int == 200
+    finally:
+        app.close()
+    events = file_events(tmp_path / "audit.jsonl")
+    ended = [(e["event"], e["key"], e["entry"], e["result"]) for e in events
+             if e["event"] in ("sign_out", "revoke")]
+    assert ended == [("sign_out", "phone", CLIENT, 200), ("sign_out", "phone", CLIENT, 404),
+                     ("revoke", "ops", CLIENT, 200)]
+    assert all(KEY not in json.dumps(e) for e in events)

@@ -111,19 +111,20 @@ class FirewalldFirewall:
         connect: Callable[[], Connection] = BusConnection,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
         self._connect = connect
         self._clock = clock
         self._monotonic = monotonic
-        self._sleep = sleep
+        # looked up now, not at import: under gevent, time.sleep is the patched one
+        self._sleep = sleep or time.sleep
         self._conn: Connection | None = None
         self._conn_pid = 0
-        self._admission = Admission(QUEUE_LIMIT, monotonic, sleep)
+        self._admission = Admission(QUEUE_LIMIT, monotonic, self._sleep)
         self._thread_lock = threading.Lock()
-        self._mutation = FileLock(os.path.join(state_dir, MUTATION_LOCK), monotonic, sleep)
+        self._mutation = FileLock(os.path.join(state_dir, MUTATION_LOCK), monotonic, self._sleep)
         self._status_path = os.path.join(state_dir, STATUS_FILE)
         self._current: Callable[[], Entries] | None = None
         self._unsettled: dict[str, str] = {}  # rule -> entry, left by failed grants

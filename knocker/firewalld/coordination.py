@@ -38,11 +38,12 @@ class FileLock:
         self,
         path: str,
         monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.path = path
         self._monotonic = monotonic
-        self._sleep = sleep
+        # looked up now, not at import: under gevent, time.sleep is the patched one
+        self._sleep = sleep or time.sleep
         self._fd = -1
         self._pid = 0
 

@@ -63,7 +63,7 @@ class FileStore:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         ring_capacity: int = RING_CAPACITY,
         snapshot_delay: float = SNAPSHOT_DELAY,
         tick: float = TICK,
@@ -73,7 +73,8 @@ class FileStore:
         self._capacity = config.security.max_whitelist_entries
         self._cleanup = config.whitelist.cleanup_interval_seconds
         self._firewall = firewall
-        self._clock, self._monotonic, self._sleep = clock, monotonic, sleep
+        # time.sleep looked up now, not at import: under gevent it is the patched one
+        self._clock, self._monotonic, self._sleep = clock, monotonic, sleep or time.sleep
         self._snapshot_delay = snapshot_delay
         self._tick = tick
         rate = config.security.knock_rate_limit
