@@ -179,10 +179,11 @@ def test_expired_entries_are_purged_from_memory_and_file(tmp_path: Path) -> None
     config = base_config(tmp_path, whitelist={"storage_path": str(tmp_path / "whitelist.json"),
                                               "cleanup_interval_seconds": 1})
     with KnockerProcess(tmp_path, config, workers=3) as server:
-        assert server.knock(TEST_KEY, {"ttl": 1}, source="127.0.0.71")[0] == 200
+        # 3 s: long enough to be in whitelist.json first (it trails the journal by ~1 s)
+        assert server.knock(TEST_KEY, {"ttl": 3}, source="127.0.0.71")[0] == 200
         assert server.knock(TEST_KEY, {"ttl": 3600}, source="127.0.0.72")[0] == 200
         assert "127.0.0.71" in _file_when(server, lambda f: "127.0.0.71" in f)
-        wait_until(lambda: "127.0.0.71" not in server.whitelist_file(), 6, interval=0.2,
+        wait_until(lambda: "127.0.0.71" not in server.whitelist_file(), 8, interval=0.2,
                    what="the purge of the expired entry")
         assert set(server.whitelist_file()) == {"127.0.0.72"}
         assert [server.verify(source="127.0.0.71") for _ in range(10)] == [401] * 10
