@@ -20,6 +20,7 @@ declare -A wanted=(
     [chromedriver]=chromium-driver
     [systemd-analyze]=systemd
     [kill]=procps
+    [redis-server]=redis-server
 )
 missing=()
 for command in "${!wanted[@]}"; do
