@@ -23,7 +23,14 @@ from typing import Any
 from . import __version__
 from .addresses import IPAddress, parse_ip
 from .config import DEFAULT_CONFIG_NAME, ENV_CONFIG_PATH, Config, load_config_text
-from .errors import ConfigError, FirewallError, KnockerError, RequestError, StorageError
+from .errors import (
+    ConfigError,
+    FirewallError,
+    KnockerError,
+    RequestError,
+    StorageError,
+    StorageUnavailable,
+)
 from .firewall import Firewall, create_firewall
 from .openapi import openapi_document
 from .policy import MAX_BODY, Verifier, authenticate, authorize, parse_body
@@ -194,6 +201,8 @@ def _error(error: KnockerError) -> Response:
         return _json(error.status, {"error": error.message})
     message = {HTTPStatus.SERVICE_UNAVAILABLE: "Firewall unavailable; nothing was granted"}.get(
         error.status, "Knock could not be completed; nothing was granted")
+    if isinstance(error, StorageUnavailable):
+        message = "Whitelist storage unavailable; nothing was granted"
     return _json(error.status, {"error": message})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..config import Config
+from ..errors import StorageError
 from ..firewall import Firewall
 from .backend import KnockResult, WhitelistBackend
 from .files import atomic_write
@@ -22,4 +23,12 @@ __all__ = ["FileStore", "KnockResult", "WhitelistBackend", "atomic_write", "open
 def open_backend(config: Config, firewall: Firewall,
                  clock: Callable[[], float]) -> WhitelistBackend:
     """The whitelist backend `config` asks for, open and loaded (StorageError if not)."""
+    if config.whitelist.backend == "redis":
+        try:
+            from .redisstore import RedisStore  # needs the optional redis client
+        except ImportError as error:
+            raise StorageError("whitelist.backend is 'redis' but the redis client is "
+                               "missing: pip install 'knocker[redis]'") from error
+
+        return RedisStore(config, firewall, clock=clock)
     return FileStore(config, firewall, clock=clock)

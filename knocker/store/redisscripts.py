@@ -1,0 +1,125 @@
+"""Pure: the Lua scripts the redis backend runs on the server, and the names of its keys.
+
+Owns the key layout and every server-side rule (docs/redis.md#keys): a change to the
+whitelist or a knock budget is one script, so it is atomic on the server and no
+instance ever reads, decides and writes back (no read-modify-write across instances).
+
+    {prefix}whitelist       sorted set: entry text -> expiry (Unix seconds). The whitelist.
+    {prefix}changes         stream of changes: s=sequence, e=entry, x=expiry (-1: removed),
+                            o=origin (which host made it). Trimmed to about STREAM_MAXLEN.
+    {prefix}seq             counter: the s of the last change (a gap means "resynchronise")
+    {prefix}rate:s:{client} sorted set of success times of one client, expiring on its own
+    {prefix}rate:f:{client} the same for failed knocks
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STREAM_MAXLEN = 10_000  # changes kept; a replica further behind resynchronises in full
+REMOVED = -1
+
+
+@dataclass(frozen=True)
+class Keys:
+    whitelist: str
+    changes: str
+    seq: str
+    rate: str  # prefix of the rate-limit keys
+
+    @classmethod
+    def under(cls, prefix: str) -> Keys:
+        return cls(whitelist=f"{prefix}whitelist", changes=f"{prefix}changes",
+                   seq=f"{prefix}seq", rate=f"{prefix}rate:")
+
+    def budget(self, client: bytes, success: bool) -> str:
+        return f"{self.rate}{'s' if success else 'f'}:{client.hex()}"
+
+
+# KEYS: whitelist, changes, seq
+# ARGV: entry, now, wanted expiry, capacity, stream maxlen, origin, deadline (server ms)
+# -> {-1} when the server ran it after the deadline (the caller has given up: store
+#    nothing), else {expiry, {evicted entries...}}
+#
+# Expired entries are purged here, by the server, before anything is counted: an expired
+# entry is never held against the capacity nor evicted in place of a live one. Readers
+# filter by score (> now), so an entry is gone at its expiry even before a purge.
+KNOCK = """
+local clock = redis.call('TIME')
+local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if server_ms > tonumber(ARGV[7]) then
+  return {-1}
+end
+local entry, now = ARGV[1], tonumber(ARGV[2])
+local expiry, capacity = tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local current = redis.call('ZSCORE', KEYS[1], entry)
+if current and tonumber(current) > expiry then
+  expiry = tonumber(current)  -- a re-knock never shortens a grant
+end
+local evicted = {}
+if not current then
+  local excess = redis.call('ZCARD', KEYS[1]) - capacity + 1
+  if excess > 0 then
+    -- the soonest-expiring entries; `entry` is not in the set, so never itself
+    evicted = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+    for _, victim in ipairs(evicted) do
+      redis.call('ZREM', KEYS[1], victim)
+      local seq = redis.call('INCR', KEYS[3])
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+                 's', seq, 'e', victim, 'x', -1, 'o', ARGV[6])
+    end
+  end
+end
+redis.call('ZADD', KEYS[1], expiry, entry)
+local seq = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+           's', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', ARGV[6])
+return {string.format('%d', expiry), evicted}
+"""
+
+# KEYS: whitelist, changes, seq
+# ARGV: now, stream maxlen, origin, then entry, expiry pairs (migration: a whole whitelist)
+# -> number of entries stored. Keeps the later expiry of an entry already present.
+LOAD = """
+local now, stored = tonumber(ARGV[1]), 0
+for i = 4, #ARGV, 2 do
+  local entry, expiry = ARGV[i], tonumber(ARGV[i + 1])
+  local current = redis.call('ZSCORE', KEYS[1], entry)
+  if expiry > now and not (current and tonumber(current) >= expiry) then
+    redis.call('ZADD', KEYS[1], expiry, entry)
+    local seq = redis.call('INCR', KEYS[3])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
+               's', seq, 'e', entry, 'x', ARGV[i + 1], 'o', ARGV[3])
+    stored = stored + 1
+  end
+end
+return stored
+"""
+
+# KEYS: success times, failure times of one client
+# ARGV: window start (exclusive), success budget, failure budget (0: unlimited)
+# -> 1 when either budget is used up within the window (docs/api.md#rate-limiting)
+RATE_BLOCKED = """
+local since = '(' .. ARGV[1]
+local successes, failures = tonumber(ARGV[2]), tonumber(ARGV[3])
+if successes > 0 and redis.call('ZCOUNT', KEYS[1], since, '+inf') >= successes then
+  return 1
+end
+if failures > 0 and redis.call('ZCOUNT', KEYS[2], since, '+inf') >= failures then
+  return 1
+end
+return 0
+"""
+
+# KEYS: the times of one budget of one client
+# ARGV: now, window start, budget, unique member, key lifetime in ms
+# Keeps at most `budget` times, none older than the window; the key expires by itself
+# once the window has passed without knocks (bounded memory, no sweeper).
+RATE_RECORD = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 0
+"""
