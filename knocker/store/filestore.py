@@ -97,6 +97,10 @@ class FileStore:
         try:
             with self._journal.writing():
                 self._reload(repair=True)
+        except OSError as error:
+            self._release()
+            raise StorageError(f"cannot load the whitelist in {self.directory}: "
+                               f"{error.strerror}") from error
         except BaseException:
             self._release()
             raise
