@@ -76,8 +76,13 @@ def layout_for(config: RateLimitConfig, max_bytes: int = 32 << 20) -> Layout:
 
 
 class RateLimiter:
-    def __init__(self, config: RateLimitConfig, buffer: memoryview | bytearray, salt: bytes,
-                 layout: Layout | None = None) -> None:
+    def __init__(
+        self,
+        config: RateLimitConfig,
+        buffer: memoryview | bytearray,
+        salt: bytes,
+        layout: Layout | None = None,
+    ) -> None:
         self._window = config.window_seconds
         self._layout = layout or layout_for(config)
         if len(buffer) < self._layout.size:
@@ -102,9 +107,19 @@ class RateLimiter:
         if self._over(offset, now):
             return False
         key, _, _, s_head, f_head, s_held, f_held, s_count, f_count = self._head(offset, now)
-        _HEAD.pack_into(self._buffer, offset, key, now, now, s_head, f_head,
-                        s_held + bool(layout.successes), f_held + bool(layout.failures),
-                        s_count, f_count)
+        _HEAD.pack_into(
+            self._buffer,
+            offset,
+            key,
+            now,
+            now,
+            s_head,
+            f_head,
+            s_held + bool(layout.successes),
+            f_held + bool(layout.failures),
+            s_count,
+            f_count,
+        )
         return True
 
     def settle(self, client: bytes, outcome: Outcome, now: float) -> None:
@@ -115,10 +130,20 @@ class RateLimiter:
         offset = self._find(client, create=False)
         if offset is None:
             return  # forgotten meanwhile (table full): nothing held any more
-        key, seen, since, s_head, f_head, s_held, f_held, s_count, f_count = self._head(
-            offset, now)
-        _HEAD.pack_into(self._buffer, offset, key, seen, since, s_head, f_head,
-                        max(0, s_held - 1), max(0, f_held - 1), s_count, f_count)
+        key, seen, since, s_head, f_head, s_held, f_held, s_count, f_count = self._head(offset, now)
+        _HEAD.pack_into(
+            self._buffer,
+            offset,
+            key,
+            seen,
+            since,
+            s_head,
+            f_head,
+            max(0, s_held - 1),
+            max(0, f_held - 1),
+            s_count,
+            f_count,
+        )
         if outcome is not Outcome.UNCOUNTED:
             self.record(client, outcome is Outcome.SUCCESS, now)
 
@@ -131,7 +156,8 @@ class RateLimiter:
         offset = self._find(client, create=True)
         assert offset is not None
         key, _, since, s_head, f_head, s_held, f_held, s_count, f_count = _HEAD.unpack_from(
-            self._buffer, offset)
+            self._buffer, offset
+        )
         batch = layout.success_batch if success else layout.failure_batch
         count = (s_count if success else f_count) + 1
         head = s_head if success else f_head
@@ -144,14 +170,17 @@ class RateLimiter:
             s_head, s_count = head, count
         else:
             f_head, f_count = head, count
-        _HEAD.pack_into(self._buffer, offset, key, now, since, s_head, f_head, s_held, f_held,
-                        s_count, f_count)
+        _HEAD.pack_into(
+            self._buffer, offset, key, now, since, s_head, f_head, s_held, f_held, s_count, f_count
+        )
 
-    def _head(self, offset: int, now: float) -> tuple[bytes, float, float, int, int, int, int,
-                                                       int, int]:
+    def _head(
+        self, offset: int, now: float
+    ) -> tuple[bytes, float, float, int, int, int, int, int, int]:
         """The slot's header, with reservations older than RESERVATION_SECONDS dropped."""
         fields: tuple[bytes, float, float, int, int, int, int, int, int] = _HEAD.unpack_from(
-            self._buffer, offset)
+            self._buffer, offset
+        )
         key, seen, since, s_head, f_head, s_held, f_held, s_count, f_count = fields
         if (s_held or f_held) and now - since > RESERVATION_SECONDS:
             return key, seen, since, s_head, f_head, 0, 0, s_count, f_count
@@ -162,13 +191,18 @@ class RateLimiter:
         _, _, _, s_head, f_head, s_held, f_held, s_count, f_count = self._head(offset, now)
         ring = offset + _HEAD.size
         since = now - self._window
-        return (self._spent(ring, layout.successes, layout.success_batch, s_head,
-                            s_held + s_count, since)
-                or self._spent(ring + 8 * layout.successes, layout.failures,
-                               layout.failure_batch, f_head, f_held + f_count, since))
+        return self._spent(
+            ring, layout.successes, layout.success_batch, s_head, s_held + s_count, since
+        ) or self._spent(
+            ring + 8 * layout.successes,
+            layout.failures,
+            layout.failure_batch,
+            f_head,
+            f_held + f_count,
+            since,
+        )
 
-    def _spent(self, ring: int, size: int, batch: int, head: int, extra: int,
-               since: float) -> bool:
+    def _spent(self, ring: int, size: int, batch: int, head: int, extra: int, since: float) -> bool:
         """Is the budget of `size` x `batch` knocks used up, given `extra` knocks not in
         the ring (reserved, or in the current batch)? The ring is oldest-first from
         `head`; the newest j stamps are all in the window iff the oldest of them is."""
@@ -179,8 +213,9 @@ class RateLimiter:
             return True
         if needed > size:
             return False
-        stamp: float = _STAMP.unpack_from(self._buffer, ring + 8 * ((head + size - needed)
-                                                                      % size))[0]
+        stamp: float = _STAMP.unpack_from(self._buffer, ring + 8 * ((head + size - needed) % size))[
+            0
+        ]
         return stamp > since
 
     def _find(self, client: bytes, create: bool) -> int | None:
@@ -199,7 +234,7 @@ class RateLimiter:
         if not create or stalest is None:
             return None
         # Forget the stalest neighbour: its budgets start afresh if it comes back.
-        self._buffer[stalest:stalest + self._layout.slot_size] = bytes(self._layout.slot_size)
+        self._buffer[stalest : stalest + self._layout.slot_size] = bytes(self._layout.slot_size)
         _HEAD.pack_into(self._buffer, stalest, key, 0.0, 0.0, 0, 0, 0, 0, 0, 0)
         return stalest
 

@@ -53,13 +53,18 @@ class FileStore:
     """The whitelist of one service, shared by its processes through the files above.
     Fully open once built; `start()` in each serving process, `close()` once."""
 
-    def __init__(self, config: Config, firewall: Firewall, *,
-                 clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep,
-                 ring_capacity: int = RING_CAPACITY,
-                 snapshot_delay: float = SNAPSHOT_DELAY,
-                 tick: float = TICK) -> None:
+    def __init__(
+        self,
+        config: Config,
+        firewall: Firewall,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        ring_capacity: int = RING_CAPACITY,
+        snapshot_delay: float = SNAPSHOT_DELAY,
+        tick: float = TICK,
+    ) -> None:
         self.location = os.path.abspath(config.whitelist.storage_path)
         self.directory = os.path.dirname(self.location)
         self._capacity = config.security.max_whitelist_entries
@@ -74,18 +79,19 @@ class FileStore:
         try:
             os.makedirs(self.directory, exist_ok=True)
             check_directory(self.directory)
-            self._shm = SharedMemory(self.location + ".shm", ring_capacity, self._rate_layout,
-                                     rate.window_seconds)
+            self._shm = SharedMemory(
+                self.location + ".shm", ring_capacity, self._rate_layout, rate.window_seconds
+            )
         except OSError as error:
-            raise StorageError(f"cannot open whitelist storage in {self.directory}: "
-                               f"{error.strerror}") from error
+            raise StorageError(
+                f"cannot open whitelist storage in {self.directory}: {error.strerror}"
+            ) from error
         try:
             self._journal = Journal(self.location + ".journal", self._shm)
         except BaseException:
             self._shm.close()
             raise
-        self._limiter = RateLimiter(rate, self._shm.rate_table, self._shm.salt,
-                                    self._rate_layout)
+        self._limiter = RateLimiter(rate, self._shm.rate_table, self._shm.salt, self._rate_layout)
         self.replica = Whitelist()
         self._seq = 0
         self._replica_lock = threading.Lock()  # one thread applies ring records at a time
@@ -99,8 +105,9 @@ class FileStore:
                 self._reload(repair=True)
         except OSError as error:
             self._release()
-            raise StorageError(f"cannot load the whitelist in {self.directory}: "
-                               f"{error.strerror}") from error
+            raise StorageError(
+                f"cannot load the whitelist in {self.directory}: {error.strerror}"
+            ) from error
         except BaseException:
             self._release()
             raise
@@ -125,8 +132,9 @@ class FileStore:
             self._stop = threading.Event()
             self._thread = None
         if self._thread is None and not self._closed:
-            self._thread = threading.Thread(target=self._maintain, name="knocker-store",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._maintain, name="knocker-store", daemon=True
+            )
             self._thread.start()
 
     def close(self) -> None:
@@ -141,8 +149,7 @@ class FileStore:
             if self._dirty_since() is not None:
                 self._snapshot_now(purge=False, final=True)
         except (OSError, StorageError) as error:
-            log.error("final snapshot failed (the journal still holds every knock): %s",
-                      error)
+            log.error("final snapshot failed (the journal still holds every knock): %s", error)
         self._release()
 
     def _release(self) -> None:
@@ -224,8 +231,9 @@ class FileStore:
             raise StorageError(f"could not persist the whitelist: {error}") from error
         evicted = tuple(entry_text(victim) for victim in victims)
         if evicted:
-            log.warning("whitelist full (%d entries): evicted %s", self._capacity,
-                        ", ".join(evicted))
+            log.warning(
+                "whitelist full (%d entries): evicted %s", self._capacity, ", ".join(evicted)
+            )
             self._firewall.revoke(evicted)
         return KnockResult(entry=entry, expires_at=expiry, evicted=evicted)
 
@@ -327,8 +335,11 @@ class FileStore:
         replica, dropped = self._snapshot.load(now, repair)
         journal = decode_journal(self._journal.read())
         if journal.damaged:
-            log.error("journal %s: damaged line(s) %s skipped", self._journal.path,
-                      ", ".join(map(str, journal.damaged[:20])))
+            log.error(
+                "journal %s: damaged line(s) %s skipped",
+                self._journal.path,
+                ", ".join(map(str, journal.damaged[:20])),
+            )
         for key, expiry in journal.records:
             if expiry < 0:
                 replica.remove(key)
@@ -341,8 +352,9 @@ class FileStore:
             return
         if journal.damaged:
             aside = self._journal.keep_aside(str(int(now)))
-            log.error("journal %s needed repair; its old content is kept in %s",
-                      self._journal.path, aside)
+            log.error(
+                "journal %s needed repair; its old content is kept in %s", self._journal.path, aside
+            )
         if journal.records or journal.needs_repair or dropped:
             # Fold the journal into a fresh snapshot, without the expired and invalid
             # entries, so every process starts from one clean file.
@@ -400,8 +412,9 @@ class FileStore:
         # A big snapshot holds the writer lock for its whole cost (hundreds of ms at
         # 100,000 entries): space them so knocks wait behind one at most ~5 % of the time.
         dirty = self._dirty_since()
-        return dirty is not None and now - dirty >= max(self._snapshot_delay,
-                                                         SNAPSHOT_SPACING * self._snapshot_cost)
+        return dirty is not None and now - dirty >= max(
+            self._snapshot_delay, SNAPSHOT_SPACING * self._snapshot_cost
+        )
 
     def _snapshot_now(self, purge: bool, final: bool = False) -> bool:
         """Rewrite whitelist.json if still due; False when another process did it.

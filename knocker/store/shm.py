@@ -77,8 +77,16 @@ class SharedMemory:
         self.ring_capacity = ring_capacity
         self._thread_lock = threading.Lock()
         size = file_size(ring_capacity, rate)
-        wanted = (MAGIC, ring_capacity, rate.slots, rate.successes, rate.failures, window,
-                  rate.success_batch, rate.failure_batch)
+        wanted = (
+            MAGIC,
+            ring_capacity,
+            rate.slots,
+            rate.successes,
+            rate.failures,
+            window,
+            rate.success_batch,
+            rate.failure_batch,
+        )
         self._fd = open_storage(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -96,15 +104,21 @@ class SharedMemory:
         self.rate_table = memoryview(self._map)[ring_end:]
         self.salt = bytes(self.header.salt)
 
-    def _prepare(self, size: int, wanted: tuple[bytes, int, int, int, int, int, int, int]
-                 ) -> None:
+    def _prepare(self, size: int, wanted: tuple[bytes, int, int, int, int, int, int, int]) -> None:
         """Under flock: keep a file that matches our layout, else start it afresh."""
         raw = os.pread(self._fd, ctypes.sizeof(Header), 0)
         if len(raw) == ctypes.sizeof(Header) and os.fstat(self._fd).st_size == size:
             found = Header.from_buffer_copy(raw)
-            if (found.magic, found.ring_capacity, found.rate_slots, found.rate_successes,
-                    found.rate_failures, found.rate_window, found.rate_success_batch,
-                    found.rate_failure_batch) == wanted:
+            if (
+                found.magic,
+                found.ring_capacity,
+                found.rate_slots,
+                found.rate_successes,
+                found.rate_failures,
+                found.rate_window,
+                found.rate_success_batch,
+                found.rate_failure_batch,
+            ) == wanted:
                 return
         os.ftruncate(self._fd, 0)
         _allocate(self._fd, size, self.path)
@@ -165,5 +179,5 @@ def _allocate(fd: int, size: int, path: str) -> None:
             raise
     zeros = bytes(1 << 20)  # a filesystem without fallocate: write the zeros ourselves
     for offset in range(0, size, len(zeros)):
-        os.pwrite(fd, zeros[:size - offset], offset)
+        os.pwrite(fd, zeros[: size - offset], offset)
     os.fsync(fd)
