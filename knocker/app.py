@@ -35,7 +35,7 @@ from .firewall import Firewall, create_firewall
 from .openapi import openapi_document
 from .policy import MAX_BODY, Verifier, authenticate, authorize, parse_body
 from .proxies import ProxyResolver
-from .ratelimit import client_key
+from .ratelimit import Outcome, client_key
 from .store import WhitelistBackend, atomic_write, open_backend
 
 log = logging.getLogger("knocker")
@@ -162,12 +162,23 @@ class App:
         counted: IPAddress | None = client or parse_ip(peer)
         budget_key = client_key(counted) if counted is not None else bytes(16)
         who = str(client) if client is not None else f"unresolved via {peer or '?'}"
-        if self.store.rate_blocked(budget_key, now):
+        # Check and hold this knock's place in the budgets in one step, so concurrent
+        # knocks of one client can never get past a budget together.
+        if not self.store.rate_reserve(budget_key, now):
             log.info("knock key=- client=%s entry=- ttl=- result=429 rate limited", who)
             window = self.config.security.knock_rate_limit.window_seconds
             return _json(HTTPStatus.TOO_MANY_REQUESTS,
                          {"error": "Too many knocks; try again later"},
                          [("Retry-After", str(window))])
+        outcome = Outcome.UNCOUNTED
+        try:
+            response, outcome = self._reserved_knock(environ, client, who, now)
+        finally:
+            self.store.rate_settle(budget_key, outcome, now)
+        return response
+
+    def _reserved_knock(self, environ: dict[str, Any], client: IPAddress | None, who: str,
+                        now: float) -> tuple[Response, Outcome]:
         key_name = "-"
         try:
             key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
@@ -175,23 +186,21 @@ class App:
             body = parse_body(_read_body(environ), environ.get("CONTENT_TYPE"))
             grant = authorize(key, client, body)
         except RequestError as error:
-            if error.status in _COUNTED_FAILURES:
-                self.store.rate_record(budget_key, False, now)
             log.info("knock key=%s client=%s entry=- ttl=- result=%d %s", key_name, who,
                      error.status.value, error.message)
-            return _error(error)
+            counted = Outcome.FAILURE if error.status in _COUNTED_FAILURES else Outcome.UNCOUNTED
+            return _error(error), counted
         try:
             result = self.store.knock(grant.key, grant.ttl, now)
         except (StorageError, FirewallError) as error:
             log.error("knock key=%s client=%s entry=%s ttl=%d result=%d %s", key_name, who,
                       grant.entry, grant.ttl, error.status.value, error.message)
-            return _error(error)
-        self.store.rate_record(budget_key, True, now)
+            return _error(error), Outcome.UNCOUNTED
         log.info("knock key=%s client=%s entry=%s ttl=%d result=200 expires_at=%d", key_name,
                  who, result.entry, grant.ttl, result.expires_at)
         return _json(HTTPStatus.OK, {"whitelisted_entry": result.entry,
                                      "expires_at": result.expires_at,
-                                     "expires_in_seconds": grant.ttl})
+                                     "expires_in_seconds": grant.ttl}), Outcome.SUCCESS
 
 
 def _error(error: KnockerError) -> Response:

@@ -36,8 +36,9 @@ DEFAULT_CONFIG_NAME = "knocker.yaml"
 ENV_CONFIG_PATH = "KNOCKER_CONFIG_PATH"
 
 MAX_TTL = 315_360_000  # seconds, ten years, the upstream ceiling: the one definition
-# The shared rate limiter keeps one timestamp per counted request, so these bound its memory.
-MAX_RATE_LIMIT_REQUESTS = 100_000
+# Any budget upstream accepts; the shared table's size is capped by knocker.ratelimit,
+# which counts budgets above its EXACT_MAX in batches.
+MAX_RATE_LIMIT_REQUESTS = 2**62
 ZONE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,17}")  # firewalld refuses longer zone names
 ZONE_TARGETS = ("default", "ACCEPT", "REJECT", "DROP")
 DEFAULT_ACTIONS = ("drop", "reject")
@@ -635,7 +636,7 @@ def _rate_limit(raw: object) -> RateLimitConfig:
     path = "security.knock_rate_limit"
     fields = tuple(f.name for f in dataclasses.fields(RateLimitConfig))
     settings = _section(raw, path, fields)
-    budget = f"an integer from 0 to {MAX_RATE_LIMIT_REQUESTS} (at most 100000; 0 means unlimited)"
+    budget = "an integer of at least 0 (0 means unlimited)"
     values: dict[str, int] = {}
     for name, value in settings.items():
         if name == "window_seconds":

@@ -4,8 +4,8 @@ Owns: the index that answers "is this address whitelisted now?" with one hash lo
 prefix length in use (never a scan), and the pure rules of granting (a grant never
 shortens an entry; at capacity the soonest-expiring other entry is evicted). Entries are
 keyed by (version, prefix length, network as int); `entry_text` gives the canonical
-spelling. No I/O, no clock: `now` is always an argument. The on-disk spelling of a
-whitelist (whitelist.json, the journal) is knocker.store.formats'.
+spelling. No I/O, no clock: `now` is always an argument. How a whitelist is written on
+disk (whitelist.json, the journal) lives in knocker.store.formats.
 """
 
 from __future__ import annotations

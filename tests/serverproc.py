@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from knocker.store.formats import decode_journal
+from knocker.whitelist import entry_text
 from tests.support.config import ADMIN_KEY, TEST_KEY, base_config
 from tests.support.net import free_port
 from tests.support.polling import wait_until
@@ -59,7 +61,16 @@ class KnockerProcess:
         return Path(self.config["whitelist"]["storage_path"])
 
     def whitelist_file(self) -> dict[str, int]:
+        """The whitelist as a restart would load it: whitelist.json, which follows the
+        journal about a second behind, with the journal's records applied on top."""
         data: dict[str, int] = json.loads(self.storage_path.read_text())
+        journal = Path(f"{self.storage_path}.journal")
+        if journal.exists():
+            for key, expiry in decode_journal(journal.read_bytes()).records:
+                if expiry < 0:
+                    data.pop(entry_text(key), None)
+                else:
+                    data[entry_text(key)] = max(expiry, data.get(entry_text(key), 0))
         return data
 
     @property

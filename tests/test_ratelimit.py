@@ -7,7 +7,15 @@ import ipaddress
 import pytest
 
 from knocker.config import RateLimitConfig
-from knocker.ratelimit import Layout, RateLimiter, client_key, layout_for
+from knocker.ratelimit import (
+    EXACT_MAX,
+    RESERVATION_SECONDS,
+    Layout,
+    Outcome,
+    RateLimiter,
+    client_key,
+    layout_for,
+)
 
 NOW = 1_700_000_000.0
 SALT = b"0123456789abcdef"
@@ -160,7 +168,8 @@ def test_buffer_smaller_than_layout_is_refused() -> None:
         RateLimiter(config, bytearray(layout.size - 1), SALT, layout)
 
 
-@pytest.mark.parametrize(("successes", "failures"), [(0, 0), (20, 30), (100_000, 100_000)])
+@pytest.mark.parametrize(("successes", "failures"),
+                         [(0, 0), (20, 30), (100_000, 100_000), (10**9, 10**9)])
 def test_layout_is_bounded_and_bucket_aligned(successes: int, failures: int) -> None:
     """Between 64 and 4096 slots, a multiple of the bucket size, within the byte budget."""
     layout = layout_for(RateLimitConfig(60, successes, failures))
@@ -177,3 +186,79 @@ def test_client_keys_are_16_bytes_and_distinct_across_families() -> None:
     assert len(v4) == len(v6) == 16
     assert v4 == ipaddress.IPv6Address("::ffff:192.0.2.1").packed
     assert len({v4, v6, low_v6}) == 3
+
+
+# --- reservations: exact budgets under concurrency --------------------------------------
+
+
+@pytest.mark.parametrize(("successes", "failures", "allowed"), [(3, 30, 3), (30, 5, 5)])
+def test_concurrent_reservations_never_exceed_a_budget(successes: int, failures: int,
+                                                       allowed: int) -> None:
+    """16 knocks in flight at once (reserved, none settled yet): exactly as many get a
+    place as the smaller budget has, since each might end either way."""
+    rl = limiter(successes=successes, failures=failures)
+    assert [rl.reserve(A, NOW) for _ in range(16)].count(True) == allowed
+
+
+def test_settled_successes_spend_the_budget_and_uncounted_ones_release_it() -> None:
+    """A settled success counts; an uncounted outcome (server error) gives the place back."""
+    rl = limiter(successes=2, failures=10)
+    assert rl.reserve(A, NOW) and rl.reserve(A, NOW)
+    assert not rl.reserve(A, NOW)
+    rl.settle(A, Outcome.UNCOUNTED, NOW)
+    rl.settle(A, Outcome.SUCCESS, NOW)
+    assert rl.reserve(A, NOW)
+    rl.settle(A, Outcome.SUCCESS, NOW)
+    assert not rl.reserve(A, NOW)
+    assert rl.reserve(A, NOW + 61)  # the window frees them exactly as before
+
+
+def test_settled_failure_counts_against_the_failure_budget_only() -> None:
+    """A failure settles into the failure ring; the success budget is untouched."""
+    rl = limiter(successes=5, failures=1)
+    assert rl.reserve(A, NOW)
+    rl.settle(A, Outcome.FAILURE, NOW)
+    assert not rl.reserve(A, NOW)
+    assert rl.reserve(B, NOW)
+
+
+def test_a_reservation_never_settled_stops_counting() -> None:
+    """A worker that died mid-knock cannot block its client for ever."""
+    rl = limiter(successes=1, failures=1)
+    assert rl.reserve(A, NOW)
+    assert not rl.reserve(A, NOW + 1)
+    assert rl.reserve(A, NOW + RESERVATION_SECONDS + 1)
+
+
+def test_unlimited_budgets_reserve_without_a_table() -> None:
+    """Both budgets 0: every reservation succeeds and settling counts nothing."""
+    rl = limiter(successes=0, failures=0)
+    assert all(rl.reserve(A, NOW) for _ in range(100))
+    rl.settle(A, Outcome.FAILURE, NOW)
+
+
+# --- budgets above EXACT_MAX: the table is capped, not the budget ------------------------
+
+
+def test_huge_budget_keeps_the_table_capped() -> None:
+    """An upstream budget of 10^9 per window fits the same bounded table."""
+    layout = layout_for(RateLimitConfig(60, 10**9, 10**9))
+    assert layout.successes <= EXACT_MAX and layout.failures <= EXACT_MAX
+    assert layout.successes * layout.success_batch <= 10**9
+    assert layout.successes * layout.success_batch > 10**9 - layout.success_batch
+    assert layout.size <= 32 << 20
+
+
+def test_budget_counted_in_batches_blocks_at_the_budget() -> None:
+    """2,000 successes per window (two knocks per timestamp): the 2,000th blocks, the
+    1,999th does not, and the window frees them."""
+    config = RateLimitConfig(60, 2000, 0)
+    layout = layout_for(config, max_bytes=1 << 20)
+    assert (layout.successes, layout.success_batch) == (1000, 2)
+    rl = RateLimiter(config, bytearray(layout.size), SALT, layout)
+    for _ in range(1999):
+        rl.record(A, True, NOW)
+    assert not rl.blocked(A, NOW)
+    rl.record(A, True, NOW)
+    assert rl.blocked(A, NOW)
+    assert not rl.blocked(A, NOW + 61)

@@ -15,6 +15,7 @@ import pytest
 from knocker.config import Config
 from knocker.errors import StorageUnavailable
 from knocker.firewall import NullFirewall
+from knocker.ratelimit import Outcome
 from knocker.store import open_backend
 from knocker.store.redisstore import RedisStore
 from tests.support.clock import FakeClock
@@ -147,11 +148,25 @@ def test_rate_limit_budget_is_shared_and_exact(instances: Instances) -> None:
     a, b, c = (instances.open(security=security) for _ in range(3))
     client = bytes(16)
     for store, t in ((a, 0), (b, 1), (c, 2)):
-        assert not store.rate_blocked(client, NOW + t)
-        store.rate_record(client, True, NOW + t)
-    assert a.rate_blocked(client, NOW + 3) and b.rate_blocked(client, NOW + 3)
-    assert not c.rate_blocked(client, NOW + 60.5)  # the first success left the window
-    assert not a.rate_blocked(b"\x01" * 16, NOW + 3)  # another client
+        assert store.rate_reserve(client, NOW + t)
+        store.rate_settle(client, Outcome.SUCCESS, NOW + t)
+    assert not a.rate_reserve(client, NOW + 3) and not b.rate_reserve(client, NOW + 3)
+    assert c.rate_reserve(client, NOW + 60.5)  # the first success left the window
+    assert a.rate_reserve(b"\x01" * 16, NOW + 3)  # another client
+
+
+def test_reservations_hold_places_so_concurrent_knocks_never_overrun(
+        instances: Instances) -> None:
+    """Three knocks in flight on three instances fill a budget of three: a fourth is
+    refused before any of them settles; an uncounted outcome gives the place back."""
+    security = {"knock_rate_limit": {"successful_requests": 3, "failed_requests": 5,
+                                     "window_seconds": 60}}
+    a, b, c = (instances.open(security=security) for _ in range(3))
+    client = bytes(16)
+    assert all(store.rate_reserve(client, NOW + t / 10) for t, store in enumerate((a, b, c)))
+    assert not a.rate_reserve(client, NOW + 1)
+    b.rate_settle(client, Outcome.UNCOUNTED, NOW + 0.1)
+    assert a.rate_reserve(client, NOW + 1)
 
 
 def test_failed_knocks_have_their_own_budget(instances: Instances) -> None:
@@ -159,10 +174,11 @@ def test_failed_knocks_have_their_own_budget(instances: Instances) -> None:
     security = {"knock_rate_limit": {"successful_requests": 3, "failed_requests": 2,
                                      "window_seconds": 60}}
     a, b = instances.open(security=security), instances.open(security=security)
-    a.rate_record(bytes(16), False, NOW)
-    assert not b.rate_blocked(bytes(16), NOW)
-    b.rate_record(bytes(16), False, NOW)
-    assert a.rate_blocked(bytes(16), NOW + 1)
+    assert a.rate_reserve(bytes(16), NOW)
+    a.rate_settle(bytes(16), Outcome.FAILURE, NOW)
+    assert b.rate_reserve(bytes(16), NOW + 0.5)
+    b.rate_settle(bytes(16), Outcome.FAILURE, NOW + 0.5)
+    assert not a.rate_reserve(bytes(16), NOW + 1)
 
 
 def test_new_instance_starts_from_the_whole_shared_whitelist(instances: Instances) -> None:

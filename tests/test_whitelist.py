@@ -386,3 +386,16 @@ def test_json_pieces_are_exactly_the_snapshot_json(per_piece: int) -> None:
     assert soonest == [1_800_000_001]
     empty = [0.0]
     assert b"".join(json_pieces(Whitelist(), NOW, empty)) == b"{}"
+
+
+def test_load_entries_skips_non_finite_and_out_of_range_expiries_one_by_one() -> None:
+    """NaN, infinities and expiries past MAX_EXPIRY are complaints about their entry only;
+    the other entries load."""
+    table = Whitelist()
+    data = {"1.2.3.4": float("nan"), "1.2.3.5": float("inf"), "1.2.3.6": float("-inf"),
+            "1.2.3.7": 2**63, "1.2.3.8": 1e300, "5.6.7.8": 1_700_000_100}
+    seen, problems = load_entries(data.items(), NOW, table)
+    assert seen == 6
+    assert table.as_dict() == {"5.6.7.8": 1_700_000_100}
+    assert len(problems) == 5
+    assert all(p.startswith("'1.2.3.") for p in problems)

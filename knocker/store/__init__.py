@@ -16,12 +16,19 @@ from .backend import KnockResult, WhitelistBackend
 from .files import atomic_write
 from .filestore import FileStore, release_free_memory
 
-__all__ = ["FileStore", "KnockResult", "WhitelistBackend", "atomic_write", "open_backend",
-           "release_free_memory"]
+__all__ = [
+    "FileStore",
+    "KnockResult",
+    "WhitelistBackend",
+    "atomic_write",
+    "open_backend",
+    "release_free_memory",
+]
 
 
-def open_backend(config: Config, firewall: Firewall,
-                 clock: Callable[[], float]) -> WhitelistBackend:
+def open_backend(
+    config: Config, firewall: Firewall, clock: Callable[[], float]
+) -> WhitelistBackend:
     """The whitelist backend `config` asks for, open and loaded (StorageError if not)."""
     if config.whitelist.backend == "redis":
         try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..addresses import IPAddress
+from ..ratelimit import Outcome
 from ..whitelist import Key
 
 
@@ -46,12 +47,13 @@ class WhitelistBackend(Protocol):
         FirewallError with nothing granted anywhere."""
         ...
 
-    def rate_blocked(self, client: bytes, now: float) -> bool:
-        """True when `client` has used up a knock budget within the window."""
+    def rate_reserve(self, client: bytes, now: float) -> bool:
+        """Check `client`'s knock budgets and hold one knock's place in them, atomically
+        across every worker; False (nothing held) when a budget is used up."""
         ...
 
-    def rate_record(self, client: bytes, success: bool, now: float) -> None:
-        """Count one knock of `client` against its budgets."""
+    def rate_settle(self, client: bytes, outcome: Outcome, now: float) -> None:
+        """Release a reservation, counting the knock as what it turned out to be."""
         ...
 
     def ready(self) -> str | None:

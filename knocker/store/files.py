@@ -27,14 +27,13 @@ def atomic_write(path: str, pieces: Iterable[bytes], mode: int = PRIVATE) -> Non
     never outlives a failure."""
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 mode)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
             for piece in pieces:
                 view = memoryview(piece)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             os.fchmod(fd, mode)  # the umask may have narrowed it
             os.fsync(fd)
         finally:
@@ -99,8 +98,10 @@ def check_directory(directory: str) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise StorageError(f"refusing storage directory {directory}: not a directory")
     if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
-        raise StorageError(f"refusing storage directory {directory}: writable by every "
-                           "user and not sticky (chmod o-w or +t)")
+        raise StorageError(
+            f"refusing storage directory {directory}: writable by every "
+            "user and not sticky (chmod o-w or +t)"
+        )
 
 
 def _private_problem(info: os.stat_result) -> str | None:

@@ -8,7 +8,8 @@ that is what makes it durable. It is also written to the shared ring and the seq
 number bumped, so /verify in any worker compares one integer in memory and, when it
 moved, applies the new records to its replica: /verify never parses a file, and a knock
 answered by one worker is seen by every worker on its very next request. whitelist.json
-is rewritten from the replica later, in the background, which then empties the journal.
+is rewritten from the replica in the background (about a second behind; for a big
+whitelist 20 times what one snapshot costs), which then empties the journal.
 Writers (knocks, evictions, snapshots) serialise on the journal's writer lock; /verify
 takes no lock unless it has records to apply. firewall.grant runs under the writer lock,
 which /verify never needs.
@@ -29,7 +30,7 @@ from ..addresses import IPAddress
 from ..config import Config
 from ..errors import StorageError
 from ..firewall import Firewall
-from ..ratelimit import RateLimiter, layout_for
+from ..ratelimit import Outcome, RateLimiter, layout_for
 from ..whitelist import Key, Whitelist, entry_text, granted_expiry
 from .backend import KnockResult
 from .files import check_directory
@@ -41,9 +42,10 @@ from .snapshot import SnapshotFile
 log = logging.getLogger("knocker.store")
 
 RING_CAPACITY = 65536  # changes a replica may fall behind before it reloads from disk
-INLINE_SNAPSHOT_MAX = 2000
 SNAPSHOT_DELAY = 1.0  # seconds whitelist.json may lag behind the journal (small lists)
 SNAPSHOT_SPACING = 20  # a big snapshot waits this many times its own cost, at least
+MIN_FREE_BYTES = 64 << 10  # below this much free space (plus a snapshot's), not ready
+TRIM_ABOVE = 2000  # entries above which a snapshot gives its memory back (malloc_trim)
 TICK = 0.25  # maintenance period: keeps replicas well inside the ring
 
 
@@ -51,21 +53,24 @@ class FileStore:
     """The whitelist of one service, shared by its processes through the files above.
     Fully open once built; `start()` in each serving process, `close()` once."""
 
-    def __init__(self, config: Config, firewall: Firewall, *,
-                 clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep,
-                 ring_capacity: int = RING_CAPACITY,
-                 inline_snapshot_max: int = INLINE_SNAPSHOT_MAX,
-                 snapshot_delay: float = SNAPSHOT_DELAY,
-                 tick: float = TICK) -> None:
+    def __init__(
+        self,
+        config: Config,
+        firewall: Firewall,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        ring_capacity: int = RING_CAPACITY,
+        snapshot_delay: float = SNAPSHOT_DELAY,
+        tick: float = TICK,
+    ) -> None:
         self.location = os.path.abspath(config.whitelist.storage_path)
         self.directory = os.path.dirname(self.location)
         self._capacity = config.security.max_whitelist_entries
         self._cleanup = config.whitelist.cleanup_interval_seconds
         self._firewall = firewall
         self._clock, self._monotonic, self._sleep = clock, monotonic, sleep
-        self._inline_max = inline_snapshot_max
         self._snapshot_delay = snapshot_delay
         self._tick = tick
         rate = config.security.knock_rate_limit
@@ -74,18 +79,19 @@ class FileStore:
         try:
             os.makedirs(self.directory, exist_ok=True)
             check_directory(self.directory)
-            self._shm = SharedMemory(self.location + ".shm", ring_capacity, self._rate_layout,
-                                     rate.window_seconds)
+            self._shm = SharedMemory(
+                self.location + ".shm", ring_capacity, self._rate_layout, rate.window_seconds
+            )
         except OSError as error:
-            raise StorageError(f"cannot open whitelist storage in {self.directory}: "
-                               f"{error.strerror}") from error
+            raise StorageError(
+                f"cannot open whitelist storage in {self.directory}: {error.strerror}"
+            ) from error
         try:
             self._journal = Journal(self.location + ".journal", self._shm)
         except BaseException:
             self._shm.close()
             raise
-        self._limiter = RateLimiter(rate, self._shm.rate_table, self._shm.salt,
-                                    self._rate_layout)
+        self._limiter = RateLimiter(rate, self._shm.rate_table, self._shm.salt, self._rate_layout)
         self.replica = Whitelist()
         self._seq = 0
         self._replica_lock = threading.Lock()  # one thread applies ring records at a time
@@ -97,6 +103,11 @@ class FileStore:
         try:
             with self._journal.writing():
                 self._reload(repair=True)
+        except OSError as error:
+            self._release()
+            raise StorageError(
+                f"cannot load the whitelist in {self.directory}: {error.strerror}"
+            ) from error
         except BaseException:
             self._release()
             raise
@@ -121,8 +132,9 @@ class FileStore:
             self._stop = threading.Event()
             self._thread = None
         if self._thread is None and not self._closed:
-            self._thread = threading.Thread(target=self._maintain, name="knocker-store",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._maintain, name="knocker-store", daemon=True
+            )
             self._thread.start()
 
     def close(self) -> None:
@@ -137,8 +149,7 @@ class FileStore:
             if self._dirty_since() is not None:
                 self._snapshot_now(purge=False, final=True)
         except (OSError, StorageError) as error:
-            log.error("final snapshot failed (the journal still holds every knock): %s",
-                      error)
+            log.error("final snapshot failed (the journal still holds every knock): %s", error)
         self._release()
 
     def _release(self) -> None:
@@ -147,7 +158,9 @@ class FileStore:
         self._shm.close()
 
     def ready(self) -> str | None:
-        """None when the storage can take a knock, else why not (for /ready)."""
+        """None when the storage can take a knock, else why not (for /ready): the
+        files writable, and room on their filesystem for knocks and for one more
+        snapshot beside the current one."""
         if self._closed:
             return "whitelist storage is closed"
         if not os.access(self.directory, os.W_OK):
@@ -155,6 +168,14 @@ class FileStore:
         for path in (self.location, self._journal.path):
             if os.path.exists(path) and not os.access(path, os.W_OK):
                 return f"{path} is not writable"
+        try:
+            fs = os.statvfs(self.directory)
+            snapshot = os.stat(self.location).st_size if os.path.exists(self.location) else 0
+        except OSError as error:
+            return f"{self.directory}: {error.strerror}"
+        free = fs.f_bavail * fs.f_frsize
+        if free < MIN_FREE_BYTES + snapshot:
+            return f"the filesystem of {self.directory} is full ({free} bytes free)"
         return None
 
     # ------------------------------------------------------------------ /verify
@@ -171,17 +192,17 @@ class FileStore:
         return {entry_text(k): e for k, e in self.replica.items() if e > now}
 
     # ------------------------------------------------------------------ rate limits
-    def rate_blocked(self, client: bytes, now: float) -> bool:
+    def rate_reserve(self, client: bytes, now: float) -> bool:
         if not (self._rate_layout.successes or self._rate_layout.failures):
-            return False  # both budgets unlimited: no table, no lock
-        with self._shm.lock():
-            return self._limiter.blocked(client, now)
+            return True  # both budgets unlimited: no table, no lock
+        with self._shm.lock():  # one critical section across every worker
+            return self._limiter.reserve(client, now)
 
-    def rate_record(self, client: bytes, success: bool, now: float) -> None:
-        if not (self._rate_layout.successes if success else self._rate_layout.failures):
-            return  # an unlimited budget counts nothing
+    def rate_settle(self, client: bytes, outcome: Outcome, now: float) -> None:
+        if not (self._rate_layout.successes or self._rate_layout.failures):
+            return
         with self._shm.lock():
-            self._limiter.record(client, success, now)
+            self._limiter.settle(client, outcome, now)
 
     # ------------------------------------------------------------------ knocks
     def knock(self, key: Key, ttl: int, now: float) -> KnockResult:
@@ -203,16 +224,16 @@ class FileStore:
                 self._undo_grant(entry, live, now)
                 raise StorageError(f"could not persist the whitelist: {error}") from error
             self._publish(changes)
-        if pending is not None:
-            try:
-                self._journal.sync(pending)
-            except OSError as error:
-                self._revert(key, expiry, live, now)
-                raise StorageError(f"could not persist the whitelist: {error}") from error
+        try:
+            self._journal.sync(pending)
+        except OSError as error:
+            self._revert(key, expiry, live, now)
+            raise StorageError(f"could not persist the whitelist: {error}") from error
         evicted = tuple(entry_text(victim) for victim in victims)
         if evicted:
-            log.warning("whitelist full (%d entries): evicted %s", self._capacity,
-                        ", ".join(evicted))
+            log.warning(
+                "whitelist full (%d entries): evicted %s", self._capacity, ", ".join(evicted)
+            )
             self._firewall.revoke(evicted)
         return KnockResult(entry=entry, expires_at=expiry, evicted=evicted)
 
@@ -225,31 +246,11 @@ class FileStore:
         except Exception as error:  # the knock fails either way; say what is left open
             log.error("could not restore the firewall grant of %s: %s", entry, error)
 
-    def _persist(self, changes: list[tuple[Key, int]],
-                 now: float) -> tuple[int, int] | None:
-        """Write `changes`; on failure leave the files as they were (a knock that is
-        refused must not come back at the next start). Small whitelists: whitelist.json
-        is rewritten and durable on return (None). Otherwise the changes are appended to
-        the journal and durable once Journal.sync() passes the returned (epoch, offset)."""
-        if len(self.replica) + 1 <= self._inline_max:
-            state = self.replica.as_dict(now)
-            for key, expiry in changes:
-                if expiry < 0:
-                    state.pop(entry_text(key), None)
-                else:
-                    state[entry_text(key)] = expiry
-            try:
-                self._write_snapshot(state)
-            except OSError:
-                # The rename may have happened before the failure: put back the state
-                # the replica still holds (best effort; the error is raised either way).
-                try:
-                    self._write_snapshot(self.replica.as_dict(now))
-                except OSError as error:
-                    log.error("could not restore %s after a failed write: %s", self.location,
-                              error)
-                raise
-            return None
+    def _persist(self, changes: list[tuple[Key, int]], now: float) -> tuple[int, int]:
+        """Append `changes` to the journal; they are durable once Journal.sync() passes
+        the returned (epoch, offset). On failure the journal is as it was (a knock that
+        is refused must not come back at the next start). whitelist.json follows within
+        about a second (tick)."""
         pending = self._journal.append(b"".join(journal_line(k, e) for k, e in changes))
         if self._dirty_since() is None:
             self._shm.header.dirty_since = now
@@ -334,8 +335,11 @@ class FileStore:
         replica, dropped = self._snapshot.load(now, repair)
         journal = decode_journal(self._journal.read())
         if journal.damaged:
-            log.error("journal %s: damaged line(s) %s skipped", self._journal.path,
-                      ", ".join(map(str, journal.damaged[:20])))
+            log.error(
+                "journal %s: damaged line(s) %s skipped",
+                self._journal.path,
+                ", ".join(map(str, journal.damaged[:20])),
+            )
         for key, expiry in journal.records:
             if expiry < 0:
                 replica.remove(key)
@@ -348,8 +352,9 @@ class FileStore:
             return
         if journal.damaged:
             aside = self._journal.keep_aside(str(int(now)))
-            log.error("journal %s needed repair; its old content is kept in %s",
-                      self._journal.path, aside)
+            log.error(
+                "journal %s needed repair; its old content is kept in %s", self._journal.path, aside
+            )
         if journal.records or journal.needs_repair or dropped:
             # Fold the journal into a fresh snapshot, without the expired and invalid
             # entries, so every process starts from one clean file.
@@ -407,8 +412,9 @@ class FileStore:
         # A big snapshot holds the writer lock for its whole cost (hundreds of ms at
         # 100,000 entries): space them so knocks wait behind one at most ~5 % of the time.
         dirty = self._dirty_since()
-        return dirty is not None and now - dirty >= max(self._snapshot_delay,
-                                                         SNAPSHOT_SPACING * self._snapshot_cost)
+        return dirty is not None and now - dirty >= max(
+            self._snapshot_delay, SNAPSHOT_SPACING * self._snapshot_cost
+        )
 
     def _snapshot_now(self, purge: bool, final: bool = False) -> bool:
         """Rewrite whitelist.json if still due; False when another process did it.
@@ -425,7 +431,7 @@ class FileStore:
             if not due:
                 return False
             self._write_snapshot(None, now)
-        if len(self.replica) > self._inline_max:
+        if len(self.replica) > TRIM_ABOVE:
             release_free_memory()  # what rendering a big snapshot allocated
         return True
 

@@ -52,8 +52,9 @@ def canonical_pairs(raw: bytes) -> Iterator[tuple[str, int]]:
         raise NotCanonical("not Knocker's layout")
 
 
-def load_entries(pairs: Iterable[tuple[str, object]], now: float,
-                 into: Whitelist) -> tuple[int, list[str]]:
+def load_entries(
+    pairs: Iterable[tuple[str, object]], now: float, into: Whitelist
+) -> tuple[int, list[str]]:
     """Add the unexpired entries of an upstream whitelist.json ({"entry":
     unix_expiry_int}, given as its items) to `into`. Returns how many pairs were read and
     complaints about skipped entries (never quoting more than the entry text). Each bad
@@ -114,7 +115,8 @@ def decode_whitelist(raw: bytes, now: float) -> tuple[Whitelist, int, list[str]]
         data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
         if not isinstance(data, dict):
             raise ValueError(  # noqa: B904 - the layout check is not the cause
-                f"expected a JSON object, found {type(data).__name__}")
+                f"expected a JSON object, found {type(data).__name__}"
+            )
         seen, problems = load_entries(data.items(), now, whitelist)
     return whitelist, seen, problems
 
@@ -124,8 +126,9 @@ def encode_whitelist(state: dict[str, int]) -> bytes:
     return json.dumps(state, separators=(", ", ": ")).encode("utf-8")
 
 
-def json_pieces(whitelist: Whitelist, now: float, soonest: list[float],
-                per_piece: int = 4096) -> Iterator[bytes]:
+def json_pieces(
+    whitelist: Whitelist, now: float, soonest: list[float], per_piece: int = 4096
+) -> Iterator[bytes]:
     """whitelist.as_dict(now) as whitelist.json text, byte for byte what
     encode_whitelist gives, in pieces of `per_piece` entries, so a snapshot of 100,000
     entries never exists as one dict or one string; soonest[0] ends up as the smallest

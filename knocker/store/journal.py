@@ -105,14 +105,21 @@ class Journal:
 
     def keep_aside(self, suffix: str) -> str:
         """Copy the journal to `<name>.corrupt-<suffix>` before it is rewritten."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         aside = f"{self.path}.corrupt-{suffix}"
-        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
+        for attempt in range(1, 100):  # one repair per second is already unusual
+            try:
+                fd = os.open(aside, flags, 0o600)
+                break
+            except FileExistsError:
+                aside = f"{self.path}.corrupt-{suffix}.{attempt}"
+        else:
+            raise StorageError(f"too many kept-aside copies of {self.path}")
         try:
             data = self.read()
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

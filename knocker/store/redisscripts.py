@@ -97,29 +97,45 @@ end
 return stored
 """
 
-# KEYS: success times, failure times of one client
-# ARGV: window start (exclusive), success budget, failure budget (0: unlimited)
-# -> 1 when either budget is used up within the window (docs/api.md#rate-limiting)
-RATE_BLOCKED = """
-local since = '(' .. ARGV[1]
-local successes, failures = tonumber(ARGV[2]), tonumber(ARGV[3])
-if successes > 0 and redis.call('ZCOUNT', KEYS[1], since, '+inf') >= successes then
-  return 1
+# KEYS: success times, failure times of one client (sorted sets: member -> time)
+# ARGV: window start, success budget, failure budget (0: unlimited), now, token,
+#       key lifetime in ms
+# -> 1 and a place held in each limited budget ("held:" token, counted like a knock),
+#    or 0 and nothing held when either budget is used up (docs/api.md#rate-limiting).
+# Check and hold in one step: concurrent knocks on any instances never overrun a budget.
+# A place never released (its worker died) leaves the window like any knock; each key
+# expires by itself once the window has passed without knocks (no sweeper).
+RATE_RESERVE = """
+local budgets = {tonumber(ARGV[2]), tonumber(ARGV[3])}
+for i = 1, 2 do
+  if budgets[i] > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
+    if redis.call('ZCARD', KEYS[i]) >= budgets[i] then
+      return 0
+    end
+  end
 end
-if failures > 0 and redis.call('ZCOUNT', KEYS[2], since, '+inf') >= failures then
-  return 1
+for i = 1, 2 do
+  if budgets[i] > 0 then
+    redis.call('ZADD', KEYS[i], ARGV[4], 'held:' .. ARGV[5])
+    redis.call('PEXPIRE', KEYS[i], ARGV[6])
+  end
 end
-return 0
+return 1
 """
 
-# KEYS: the times of one budget of one client
-# ARGV: now, window start, budget, unique member, key lifetime in ms
-# Keeps at most `budget` times, none older than the window; the key expires by itself
-# once the window has passed without knocks (bounded memory, no sweeper).
-RATE_RECORD = """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+# KEYS: success times, failure times of one client
+# ARGV: outcome ('success', 'failure' or 'uncounted'), now, token, key lifetime in ms
+# Releases the places RATE_RESERVE held under `token` and counts the knock as what it
+# turned out to be.
+RATE_SETTLE = """
+local held = 'held:' .. ARGV[3]
+local counted = {success = 1, failure = 2}
+for i = 1, 2 do
+  if redis.call('ZREM', KEYS[i], held) == 1 and counted[ARGV[1]] == i then
+    redis.call('ZADD', KEYS[i], ARGV[2], 'knock:' .. ARGV[3])
+    redis.call('PEXPIRE', KEYS[i], ARGV[4])
+  end
+end
 return 0
 """

@@ -31,14 +31,14 @@ from ..addresses import IPAddress
 from ..config import Config, RedisConfig
 from ..errors import FirewallError, StorageError, StorageUnavailable
 from ..firewall import Firewall
-from ..ratelimit import layout_for
+from ..ratelimit import Outcome, layout_for
 from ..whitelist import Key, Whitelist, entry_text, granted_expiry, parse_entry
 from .backend import KnockResult
 from .redisscripts import (
     KNOCK,
     LOAD,
-    RATE_BLOCKED,
-    RATE_RECORD,
+    RATE_RESERVE,
+    RATE_SETTLE,
     REMOVED,
     STREAM_MAXLEN,
     Keys,
@@ -100,9 +100,10 @@ class RedisStore:
         self._keys = Keys.under(settings.key_prefix)
         self._capacity = config.security.max_whitelist_entries
         self._cleanup = config.whitelist.cleanup_interval_seconds
-        rate = config.security.knock_rate_limit
+        self._rate = rate = config.security.knock_rate_limit
         self._rate_layout = layout_for(rate)
         self._window = rate.window_seconds
+        self._key_lifetime_ms = rate.window_seconds * 1000 + 1000
         self._firewall = firewall
         self._enforcing = config.firewalld.enabled
         # wall: the real time, compared with the server's own clock (knock deadlines)
@@ -114,8 +115,8 @@ class RedisStore:
         self._client = client if client is not None else connect(settings)
         self._knock_script = self._client.register_script(KNOCK)
         self._load_script = self._client.register_script(LOAD)
-        self._blocked_script = self._client.register_script(RATE_BLOCKED)
-        self._record_script = self._client.register_script(RATE_RECORD)
+        self._reserve_script = self._client.register_script(RATE_RESERVE)
+        self._settle_script = self._client.register_script(RATE_SETTLE)
         self.replica = Whitelist()
         self._lock = threading.Lock()  # serialises writes to the replica
         self._seq = 0  # the last change applied to the replica
@@ -177,27 +178,29 @@ class RedisStore:
         return {entry_text(k): e for k, e in self.replica.items() if e > now}
 
     # ------------------------------------------------------------------ rate limits
-    def rate_blocked(self, client: bytes, now: float) -> bool:
+    def rate_reserve(self, client: bytes, now: float) -> bool:
         layout = self._rate_layout
         if not (layout.successes or layout.failures):
-            return False
-        keys = [self._keys.budget(client, True), self._keys.budget(client, False)]
+            return True
         try:
-            return bool(self._blocked_script(keys=keys, args=[
-                repr(now - self._window), layout.successes, layout.failures]))
+            return bool(self._reserve_script(keys=self._budget_keys(client), args=[
+                repr(now - self._window), self._rate.successful_requests,
+                self._rate.failed_requests, repr(now), _token(now), self._key_lifetime_ms]))
         except redis.RedisError:
-            return False  # the knock itself then fails with 503, granting nothing
+            return True  # the knock itself then fails with 503, granting nothing
 
-    def rate_record(self, client: bytes, success: bool, now: float) -> None:
-        budget = self._rate_layout.successes if success else self._rate_layout.failures
-        if not budget:
+    def rate_settle(self, client: bytes, outcome: Outcome, now: float) -> None:
+        layout = self._rate_layout
+        if not (layout.successes or layout.failures):
             return
         try:
-            self._record_script(keys=[self._keys.budget(client, success)], args=[
-                repr(now), repr(now - self._window), budget, os.urandom(8).hex(),
-                self._window * 1000 + 1000])
+            self._settle_script(keys=self._budget_keys(client), args=[
+                outcome.value, repr(now), _token(now), self._key_lifetime_ms])
         except redis.RedisError as error:
-            log.debug("knock budget not recorded: %s", error)
+            log.debug("knock budget not settled: %s", error)
+
+    def _budget_keys(self, client: bytes) -> list[str]:
+        return [self._keys.budget(client, True), self._keys.budget(client, False)]
 
     # ------------------------------------------------------------------ knocks
     def knock(self, key: Key, ttl: int, now: float) -> KnockResult:
@@ -417,6 +420,12 @@ class RedisStore:
         for key, expiry in fresh.items():
             if before.get(key) != expiry:
                 self._grant_quietly(entry_text(key), expiry, now)
+
+
+def _token(now: float) -> str:
+    """Names one knock's reservation: its process, thread and time (reserve and settle
+    of one knock get the same `now`)."""
+    return f"{os.getpid()}:{threading.get_ident()}:{now!r}"
 
 
 def _seconds_left(expiry: int, now: float) -> int:

@@ -26,7 +26,7 @@ HEADER_SIZE = 4096  # the header's page; the ring starts on the next one
 
 
 class Header(ctypes.Structure):
-    """The first page. The first seven fields say what the rest of the file holds; a
+    """The first page. The fields up to the salt say what the rest of the file holds; a
     file whose values differ from ours is reinitialised."""
 
     _fields_ = [
@@ -36,6 +36,8 @@ class Header(ctypes.Structure):
         ("rate_successes", ctypes.c_uint32),
         ("rate_failures", ctypes.c_uint32),
         ("rate_window", ctypes.c_uint32),
+        ("rate_success_batch", ctypes.c_uint64),
+        ("rate_failure_batch", ctypes.c_uint64),
         ("salt", ctypes.c_ubyte * 16),  # keys the rate table's hash (not guessable)
         ("seq", ctypes.c_uint64),  # ring records published so far
         ("soonest", ctypes.c_double),  # soonest expiry in whitelist.json (purge due?)
@@ -75,7 +77,16 @@ class SharedMemory:
         self.ring_capacity = ring_capacity
         self._thread_lock = threading.Lock()
         size = file_size(ring_capacity, rate)
-        wanted = (MAGIC, ring_capacity, rate.slots, rate.successes, rate.failures, window)
+        wanted = (
+            MAGIC,
+            ring_capacity,
+            rate.slots,
+            rate.successes,
+            rate.failures,
+            window,
+            rate.success_batch,
+            rate.failure_batch,
+        )
         self._fd = open_storage(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -93,13 +104,21 @@ class SharedMemory:
         self.rate_table = memoryview(self._map)[ring_end:]
         self.salt = bytes(self.header.salt)
 
-    def _prepare(self, size: int, wanted: tuple[bytes, int, int, int, int, int]) -> None:
+    def _prepare(self, size: int, wanted: tuple[bytes, int, int, int, int, int, int, int]) -> None:
         """Under flock: keep a file that matches our layout, else start it afresh."""
         raw = os.pread(self._fd, ctypes.sizeof(Header), 0)
         if len(raw) == ctypes.sizeof(Header) and os.fstat(self._fd).st_size == size:
             found = Header.from_buffer_copy(raw)
-            if (found.magic, found.ring_capacity, found.rate_slots, found.rate_successes,
-                    found.rate_failures, found.rate_window) == wanted:
+            if (
+                found.magic,
+                found.ring_capacity,
+                found.rate_slots,
+                found.rate_successes,
+                found.rate_failures,
+                found.rate_window,
+                found.rate_success_batch,
+                found.rate_failure_batch,
+            ) == wanted:
                 return
         os.ftruncate(self._fd, 0)
         _allocate(self._fd, size, self.path)
@@ -160,5 +179,5 @@ def _allocate(fd: int, size: int, path: str) -> None:
             raise
     zeros = bytes(1 << 20)  # a filesystem without fallocate: write the zeros ourselves
     for offset in range(0, size, len(zeros)):
-        os.pwrite(fd, zeros[:size - offset], offset)
+        os.pwrite(fd, zeros[: size - offset], offset)
     os.fsync(fd)

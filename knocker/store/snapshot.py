@@ -38,14 +38,19 @@ class SnapshotFile:
                 raise StorageError(f"{self.path} is not a whitelist: {error}") from error
             aside = f"{self.path}.corrupt-{int(now)}"
             os.replace(self.path, aside)
-            log.error("%s is not a valid whitelist (%s); moved it to %s and starting empty",
-                      self.path, error, aside)
+            log.error(
+                "%s is not a valid whitelist (%s); moved it to %s and starting empty",
+                self.path,
+                error,
+                aside,
+            )
             return Whitelist(), True
         for problem in problems[:_MAX_COMPLAINTS]:
             log.warning("skipping whitelist entry %s", problem)
         if len(problems) > _MAX_COMPLAINTS:
-            log.warning("skipped %d more invalid whitelist entries",
-                        len(problems) - _MAX_COMPLAINTS)
+            log.warning(
+                "skipped %d more invalid whitelist entries", len(problems) - _MAX_COMPLAINTS
+            )
         return whitelist, len(whitelist) != seen
 
     def write(self, pieces: Iterable[bytes]) -> None:
