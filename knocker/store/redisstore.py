@@ -273,11 +273,11 @@ class RedisStore:
         return int(self._client.zcount(self._keys.whitelist, f"({now!r}", "+inf"))
 
     # ------------------------------------------------------------------ following
-    def _resync(self) -> None:
+    def _resync(self, client: redis.Redis | None = None) -> None:
         """Replace the replica by the server's whitelist, atomically with the stream
         position and sequence it corresponds to (one MULTI/EXEC)."""
         now = self._clock()
-        pipe = self._client.pipeline(transaction=True)
+        pipe = (client or self._client).pipeline(transaction=True)
         pipe.get(self._keys.seq)
         pipe.xrevrange(self._keys.changes, count=1)
         pipe.zrangebyscore(self._keys.whitelist, f"({now!r}", "+inf", withscores=True)
@@ -306,7 +306,7 @@ class RedisStore:
                 self._elect_applier()
                 try:
                     if not in_sync:
-                        self._resync()
+                        self._resync(reader)  # the reader's longer timeout: big lists
                         in_sync = True
                     reply = reader.xread({self._keys.changes: self._last_id},
                                          count=1000, block=BLOCK_MS)
