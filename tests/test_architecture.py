@@ -34,7 +34,7 @@ FIREWALLD_EDGE = frozenset({"firewalld", "firewalld.backend", "firewalld.bus", "
                             "firewalld.coordination", "firewalld.docker", "firewalld.watcher"})
 STORE_CORE = frozenset({"store.formats", "store.backend", "store.redisscripts"})
 STORE_EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "store.snapshot",
-                        "store.filestore", "store.redisstore"})
+                        "store.filestore", "store.redisstore", "store.migrate"})
 CLIENT_CORE = frozenset({"client.journal_format"})
 CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.journald",
                          "client.knock", "client.loop", "client.service", "client.settings"})
