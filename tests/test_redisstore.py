@@ -169,6 +169,23 @@ def test_reservations_hold_places_so_concurrent_knocks_never_overrun(
     assert a.rate_reserve(client, NOW + 1)
 
 
+def test_a_knock_settles_its_own_reservation_exactly_once(instances: Instances) -> None:
+    """reserve -> knock -> settle(SUCCESS): the KNOCK script counts the success and frees
+    the failure place in the same write; the settle after it counts nothing twice."""
+    security = {"knock_rate_limit": {"successful_requests": 2, "failed_requests": 1,
+                                     "window_seconds": 60}}
+    a = instances.open(security=security)
+    client = bytes(16)
+    for t in (0, 1):
+        assert a.rate_reserve(client, NOW + t)
+        a.knock(key("198.51.100.7"), 60, NOW + t)
+        a.rate_settle(client, Outcome.SUCCESS, NOW + t)
+    with instances.server.client() as redis_client:
+        assert redis_client.zcard(f"knocker:rate:s:{client.hex()}") == 2
+        assert redis_client.zcard(f"knocker:rate:f:{client.hex()}") == 0
+    assert not a.rate_reserve(client, NOW + 2)
+
+
 def test_failed_knocks_have_their_own_budget(instances: Instances) -> None:
     """Two failures on two instances use up the failure budget (2)."""
     security = {"knock_rate_limit": {"successful_requests": 3, "failed_requests": 2,

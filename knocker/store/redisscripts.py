@@ -36,10 +36,13 @@ class Keys:
         return f"{self.rate}{'s' if success else 'f'}:{client.hex()}"
 
 
-# KEYS: whitelist, changes, seq
+# KEYS: whitelist, changes, seq [, success times, failure times of the knocking client]
 # ARGV: entry, now, wanted expiry, capacity, stream maxlen, origin, deadline (server ms)
+#       [, reservation token, budget key lifetime in ms]
 # -> {-1} when the server ran it after the deadline (the caller has given up: store
 #    nothing), else {expiry, {evicted entries...}}
+# With the budget keys, the knock's reservation (RATE_RESERVE) is settled as a success in
+# the same step: the grant and its count are one write, one round trip, one fsync.
 #
 # Expired entries are purged here, by the server, before anything is counted: an expired
 # entry is never held against the capacity nor evicted in place of a live one. Readers
@@ -75,6 +78,14 @@ redis.call('ZADD', KEYS[1], expiry, entry)
 local seq = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
            's', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', ARGV[6])
+if #KEYS == 5 then
+  local held = 'held:' .. ARGV[8]
+  if redis.call('ZREM', KEYS[4], held) == 1 then
+    redis.call('ZADD', KEYS[4], now, 'knock:' .. ARGV[8])
+    redis.call('PEXPIRE', KEYS[4], ARGV[9])
+  end
+  redis.call('ZREM', KEYS[5], held)
+end
 return {string.format('%d', expiry), evicted}
 """
 

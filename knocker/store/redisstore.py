@@ -117,6 +117,9 @@ class RedisStore:
         self._load_script = self._client.register_script(LOAD)
         self._reserve_script = self._client.register_script(RATE_RESERVE)
         self._settle_script = self._client.register_script(RATE_SETTLE)
+        # this thread's knock in flight: (client, now) of its reservation, and whether
+        # the KNOCK script has settled it
+        self._reservation = threading.local()
         self.replica = Whitelist()
         self._lock = threading.Lock()  # serialises writes to the replica
         self._seq = 0  # the last change applied to the replica
@@ -183,16 +186,25 @@ class RedisStore:
         if not (layout.successes or layout.failures):
             return True
         try:
-            return bool(self._reserve_script(keys=self._budget_keys(client), args=[
+            held = bool(self._reserve_script(keys=self._budget_keys(client), args=[
                 repr(now - self._window), self._rate.successful_requests,
                 self._rate.failed_requests, repr(now), _token(now), self._key_lifetime_ms]))
         except redis.RedisError:
             return True  # the knock itself then fails with 503, granting nothing
+        if held:  # knock() on this thread settles it as a success in its own script
+            self._reservation.pending = (client, now)
+            self._reservation.settled = False
+        return held
 
     def rate_settle(self, client: bytes, outcome: Outcome, now: float) -> None:
         layout = self._rate_layout
         if not (layout.successes or layout.failures):
             return
+        pending = getattr(self._reservation, "pending", None)
+        self._reservation.pending = None
+        if pending == (client, now) and self._reservation.settled \
+                and outcome is Outcome.SUCCESS:
+            return  # counted by the KNOCK script already
         try:
             self._settle_script(keys=self._budget_keys(client), args=[
                 outcome.value, repr(now), _token(now), self._key_lifetime_ms])
@@ -214,11 +226,15 @@ class RedisStore:
         # The script refuses to run after the moment we stop waiting for it (a paused
         # server that resumes later must not store a knock that was answered 503).
         deadline_ms = int((self._wall() + self._timeout) * 1000)
+        keys = [self._keys.whitelist, self._keys.changes, self._keys.seq]
+        args: list[Any] = [entry, repr(now), wanted, self._capacity, STREAM_MAXLEN,
+                           self._origin, deadline_ms]
+        pending = getattr(self._reservation, "pending", None)
+        if pending is not None and pending[1] == now:  # this knock's reservation
+            keys += self._budget_keys(pending[0])
+            args += [_token(now), self._key_lifetime_ms]
         try:
-            reply = self._knock_script(
-                keys=[self._keys.whitelist, self._keys.changes, self._keys.seq],
-                args=[entry, repr(now), wanted, self._capacity, STREAM_MAXLEN,
-                      self._origin, deadline_ms])
+            reply = self._knock_script(keys=keys, args=args)
         except redis.RedisError as error:
             self._undo_grant(entry, live, now)
             raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
@@ -228,6 +244,8 @@ class RedisStore:
                                      f"redis.command_timeout_ms; not stored")
         expiry = int(reply[0])
         evicted = tuple(reply[1])
+        if pending is not None and pending[1] == now:
+            self._reservation.settled = True
         if expiry > wanted:  # another instance holds a longer grant of the same entry
             self._grant_quietly(entry, expiry, now)
         with self._lock:
