@@ -149,6 +149,7 @@ class RedisStore:
             self._stop = threading.Event()
             self._thread = None
             self._applier = None  # a lock taken in the parent is not ours to release
+            self._lock = threading.Lock()  # never inherit one held at the fork
         if self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._follow, name="knocker-redis",
                                             daemon=True)
