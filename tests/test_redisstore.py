@@ -302,3 +302,37 @@ def test_password_from_environment_reaches_the_server(
     finally:
         good.close()
         bad.close()
+
+
+def test_password_from_a_file_reaches_the_server(tmp_path: Path, server: RedisServer) -> None:
+    """redis.password_file: its first line is the password (the newline is not part
+    of it)."""
+    with server.client() as client:
+        client.config_set("requirepass", "file-secret-for-test")
+    secret = tmp_path / "redis-password"
+    secret.write_text("file-secret-for-test\n")
+    store = RedisStore(redis_config(tmp_path / "a", server, password_file=str(secret)),
+                       NullFirewall(), clock=FakeClock(NOW))
+    try:
+        assert store.ready() is None
+        store.knock(key("198.51.100.7"), 60, NOW)
+    finally:
+        store.close()
+
+
+def test_started_before_the_server_it_fails_closed_then_catches_up(
+        instances: Instances) -> None:
+    """Knocker may start before Redis (a compose file): not ready, /verify refuses
+    everyone, knocks 503; once the server is up the follower synchronises on its own."""
+    with instances.server.client() as client:
+        client.zadd("knocker:whitelist", {"198.51.100.7": NOW + 600})
+    instances.server.signal(signal.SIGTERM)
+    wait_down(instances.server)
+    early = instances.open()
+    assert early.ready() is not None
+    assert not early.allows(ip("198.51.100.7"), NOW)
+    with pytest.raises(StorageUnavailable):
+        early.knock(key("198.51.100.8"), 60, NOW)
+    instances.server.start()
+    assert allowed_soon(early, "198.51.100.7", NOW)
+    assert early.ready() is None
