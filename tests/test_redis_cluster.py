@@ -18,8 +18,12 @@ pytestmark = [pytest.mark.redis, pytest.mark.server]
 
 
 def shared_config(directory: Path, server: RedisServer, **sections: Any) -> dict[str, Any]:
-    redis = {"url": server.url, "command_timeout_ms": 1000, "connect_timeout_ms": 1000,
-             **sections.pop("redis", {})}
+    redis = {
+        "url": server.url,
+        "command_timeout_ms": 1000,
+        "connect_timeout_ms": 1000,
+        **sections.pop("redis", {}),
+    }
     config = base_config(directory, redis=redis, **sections)
     config["whitelist"]["backend"] = "redis"
     return config
@@ -33,8 +37,9 @@ class Cluster:
     def start(self, workers: tuple[int, ...] = (1, 3, 1), **sections: Any) -> None:
         for index, count in enumerate(workers):
             directory = self.tmp_path / f"knocker{index}"
-            process = KnockerProcess(directory, shared_config(directory, self.server,
-                                                              **sections), workers=count)
+            process = KnockerProcess(
+                directory, shared_config(directory, self.server, **sections), workers=count
+            )
             self.instances.append(process)
             process.start()
 
@@ -62,13 +67,18 @@ def cluster(tmp_path: Path, server: RedisServer) -> Iterator[Cluster]:
         group.stop()
 
 
-def verified_everywhere(cluster: Cluster, source: str, status: int = 200,
-                        timeout: float = 5) -> None:
+def verified_everywhere(
+    cluster: Cluster, source: str, status: int = 200, timeout: float = 5
+) -> None:
     """Every worker of every instance answers `status` (each request lands on some
     worker: thirty in a row on each instance)."""
+
     def all_answer() -> bool:
-        return all(process.verify(source=source) == status
-                   for process in cluster.instances for _ in range(30))
+        return all(
+            process.verify(source=source) == status
+            for process in cluster.instances
+            for _ in range(30)
+        )
 
     wait_until(all_answer, timeout, interval=0.02, what=f"/verify {status} for {source}")
 
@@ -109,9 +119,15 @@ def test_capacity_across_instances_evicts_the_soonest_everywhere(cluster: Cluste
 def test_rate_limit_is_shared_by_all_instances(cluster: Cluster) -> None:
     """A budget of 2 successes per minute: one knock on each of two instances uses it up,
     the third instance answers 429."""
-    cluster.start(security={"knock_rate_limit": {"successful_requests": 2,
-                                                 "failed_requests": 10,
-                                                 "window_seconds": 60}})
+    cluster.start(
+        security={
+            "knock_rate_limit": {
+                "successful_requests": 2,
+                "failed_requests": 10,
+                "window_seconds": 60,
+            }
+        }
+    )
     a, b, c = cluster.instances
     assert a.knock(TEST_KEY, source="127.0.0.67")[0] == 200
     assert b.knock(TEST_KEY, source="127.0.0.67")[0] == 200
@@ -131,8 +147,12 @@ def test_kill_9_of_redis_after_acknowledged_knocks_loses_nothing(cluster: Cluste
     cluster.server.start()
     with cluster.server.client() as client:
         assert set(client.zrange("knocker:whitelist", 0, -1)) == set(sources)
-    wait_until(lambda: b.request("GET", "/ready")[0] == 200, 10, interval=0.1,
-               what="instance 1 ready again")
+    wait_until(
+        lambda: b.request("GET", "/ready")[0] == 200,
+        10,
+        interval=0.1,
+        what="instance 1 ready again",
+    )
     for source in sources:
         verified_everywhere(cluster, source)
 
@@ -146,23 +166,36 @@ def test_partition_then_outage_step_by_step(cluster: Cluster) -> None:
     a, b = cluster.instances
     assert a.knock(TEST_KEY, {"ttl": 600}, source="127.0.0.70")[0] == 200
     verified_everywhere(cluster, "127.0.0.70")
-    wait_until(lambda: all(p.request("GET", "/ready")[0] == 200
-                           for p in cluster.instances for _ in range(30)),
-               10, interval=0.1, what="every worker ready")
+    wait_until(
+        lambda: all(
+            p.request("GET", "/ready")[0] == 200 for p in cluster.instances for _ in range(30)
+        ),
+        10,
+        interval=0.1,
+        what="every worker ready",
+    )
 
     cluster.server.signal(signal.SIGSTOP)
     try:
         status, body = b.knock(TEST_KEY, {"ttl": 600}, source="127.0.0.71")
         assert status == 503 and "nothing was granted" in body["error"]
-        wait_until(lambda: b.request("GET", "/ready")[0] == 503, 10, interval=0.1,
-                   what="/ready 503 during the partition")
+        wait_until(
+            lambda: b.request("GET", "/ready")[0] == 503,
+            10,
+            interval=0.1,
+            what="/ready 503 during the partition",
+        )
         answers = [b.verify(source="127.0.0.70") for _ in range(10)]
         assert answers == [200] * 10, answers  # the replica, inside the staleness
         assert b.verify(source="127.0.0.71") == 401
     finally:
         cluster.server.signal(signal.SIGCONT)
-    wait_until(lambda: all(p.request("GET", "/ready")[0] == 200 for p in cluster.instances),
-               10, interval=0.1, what="/ready 200 after SIGCONT")
+    wait_until(
+        lambda: all(p.request("GET", "/ready")[0] == 200 for p in cluster.instances),
+        10,
+        interval=0.1,
+        what="/ready 200 after SIGCONT",
+    )
     with cluster.server.client() as client:
         assert client.zrange("knocker:whitelist", 0, -1) == ["127.0.0.70"]
     verified_everywhere(cluster, "127.0.0.71", 401)

@@ -29,11 +29,12 @@ def compose() -> dict[str, Any]:
 def documented_config() -> dict[str, Any]:
     """knocker.container.yaml plus the lines the compose file's header says to add."""
     config: dict[str, Any] = yaml.safe_load(
-        (REPO / "deploy" / "knocker.container.yaml").read_text())
+        (REPO / "deploy" / "knocker.container.yaml").read_text()
+    )
     for index, key in enumerate(config["api_keys"]):
         key["key"] = f"generated-key-{index}-0123456789abcdefghijklmnopqrstuvwxyz"
     header = COMPOSE.read_text().split("services:")[0]
-    assert 'backend: redis' in header and 'url: "redis://valkey:6379/0"' in header
+    assert "backend: redis" in header and 'url: "redis://valkey:6379/0"' in header
     assert "password_env: KNOCKER_REDIS_PASSWORD" in header
     config.setdefault("whitelist", {})["backend"] = "redis"
     config["redis"] = {"url": "redis://valkey:6379/0", "password_env": "KNOCKER_REDIS_PASSWORD"}
@@ -43,8 +44,10 @@ def documented_config() -> dict[str, Any]:
 def test_both_instances_share_one_config_and_keep_their_own_data(compose):
     """The two Knocker services mount the same knocker.yaml and different data volumes."""
     services = compose["services"]
-    configs = {[v for v in services[n]["volumes"] if v.endswith(":/app/knocker.yaml:ro")][0]
-               for n in KNOCKERS}
+    configs = {
+        [v for v in services[n]["volumes"] if v.endswith(":/app/knocker.yaml:ro")][0]
+        for n in KNOCKERS
+    }
     assert configs == {"./knocker.yaml:/app/knocker.yaml:ro"}
     data = {next(v for v in services[n]["volumes"] if ":/data" in v) for n in KNOCKERS}
     assert len(data) == 2

@@ -70,7 +70,8 @@ def opens_within(knocker: NetnsKnocker, source: str, timeout: float) -> float | 
 
 
 def test_knock_on_host_a_opens_the_port_on_host_b_within_1_s(
-        hosts: tuple[NetnsKnocker, ...]) -> None:
+    hosts: tuple[NetnsKnocker, ...],
+) -> None:
     """IPv4 and IPv6: the knock answered by A opens B's firewalld for that address."""
     a, b = hosts
     for source in (client4(5), client6(5)):
@@ -83,8 +84,7 @@ def test_knock_on_host_a_opens_the_port_on_host_b_within_1_s(
         assert not opened(b.lab, client4(6) if ":" not in source else client6(6))
 
 
-def test_eviction_on_host_b_closes_the_port_on_both_hosts(
-        hosts: tuple[NetnsKnocker, ...]) -> None:
+def test_eviction_on_host_b_closes_the_port_on_both_hosts(hosts: tuple[NetnsKnocker, ...]) -> None:
     """max_whitelist_entries 3 (two entries from the test above): two knocks on B evict
     the soonest-expiring entry, which closes on A as well as on B."""
     a, b = hosts

@@ -55,7 +55,8 @@ def file_whitelist(directory: Path, entries: list[str]) -> dict[str, int]:
 
 
 def test_migrate_to_redis_copies_the_live_file_whitelist_and_refuses_twice(
-        tmp_path: Path, server: RedisServer) -> None:
+    tmp_path: Path, server: RedisServer
+) -> None:
     """The file's entries land in Redis with their expiries; a second run refuses the
     non-empty target, --force merges."""
     held = file_whitelist(tmp_path, ["198.51.100.1", "198.51.100.0/24"])
@@ -73,7 +74,8 @@ def test_migrate_to_redis_copies_the_live_file_whitelist_and_refuses_twice(
 
 
 def test_migrate_to_file_writes_what_the_file_backend_then_loads(
-        tmp_path: Path, server: RedisServer) -> None:
+    tmp_path: Path, server: RedisServer
+) -> None:
     """Redis -> whitelist.json: a FileStore opened afterwards allows the migrated
     entries; a non-empty file refuses without --force."""
     expiry = int(time.time()) + 600

@@ -42,8 +42,8 @@ def redis_config(directory: Path, server: RedisServer, **redis: Any) -> Config:
     security = redis.pop("security", None)
     sections: dict[str, Any] = {
         "whitelist": {"storage_path": str(directory / "whitelist.json"), "backend": "redis"},
-        "redis": {"url": server.url, "command_timeout_ms": 500, "connect_timeout_ms": 500,
-                  **redis}}
+        "redis": {"url": server.url, "command_timeout_ms": 500, "connect_timeout_ms": 500, **redis},
+    }
     if security is not None:
         sections["security"] = security
     return make_config(directory, **sections)
@@ -59,8 +59,9 @@ class Instances:
 
     def open(self, start: bool = True, **redis: Any) -> RedisStore:
         directory = self.tmp_path / f"instance{len(self.opened)}"
-        store = RedisStore(redis_config(directory, self.server, **redis), NullFirewall(),
-                           clock=self.clock)
+        store = RedisStore(
+            redis_config(directory, self.server, **redis), NullFirewall(), clock=self.clock
+        )
         self.opened.append(store)
         if start:
             store.start()
@@ -81,12 +82,18 @@ def instances(tmp_path: Path, server: RedisServer) -> Iterator[Instances]:
 
 
 def allowed_soon(store: RedisStore, address: str, now: float, want: bool = True) -> bool:
-    return wait_until(lambda: store.allows(ip(address), now) == want or None, 5,
-                      interval=0.01, what=f"{address} allowed={want}") is True
+    return (
+        wait_until(
+            lambda: store.allows(ip(address), now) == want or None,
+            5,
+            interval=0.01,
+            what=f"{address} allowed={want}",
+        )
+        is True
+    )
 
 
-def test_open_backend_picks_redis_when_configured(tmp_path: Path,
-                                                  server: RedisServer) -> None:
+def test_open_backend_picks_redis_when_configured(tmp_path: Path, server: RedisServer) -> None:
     """whitelist.backend: redis opens a RedisStore naming the URL, not the file path."""
     store = open_backend(redis_config(tmp_path, server), NullFirewall(), FakeClock(NOW))
     try:
@@ -143,8 +150,9 @@ def test_capacity_holds_across_instances_evicting_the_soonest(instances: Instanc
 def test_rate_limit_budget_is_shared_and_exact(instances: Instances) -> None:
     """Three successes in the window, counted on any instance, block the fourth
     everywhere; the window sliding past the first frees one knock."""
-    security = {"knock_rate_limit": {"successful_requests": 3, "failed_requests": 2,
-                                     "window_seconds": 60}}
+    security = {
+        "knock_rate_limit": {"successful_requests": 3, "failed_requests": 2, "window_seconds": 60}
+    }
     a, b, c = (instances.open(security=security) for _ in range(3))
     client = bytes(16)
     for store, t in ((a, 0), (b, 1), (c, 2)):
@@ -155,12 +163,12 @@ def test_rate_limit_budget_is_shared_and_exact(instances: Instances) -> None:
     assert a.rate_reserve(b"\x01" * 16, NOW + 3)  # another client
 
 
-def test_reservations_hold_places_so_concurrent_knocks_never_overrun(
-        instances: Instances) -> None:
+def test_reservations_hold_places_so_concurrent_knocks_never_overrun(instances: Instances) -> None:
     """Three knocks in flight on three instances fill a budget of three: a fourth is
     refused before any of them settles; an uncounted outcome gives the place back."""
-    security = {"knock_rate_limit": {"successful_requests": 3, "failed_requests": 5,
-                                     "window_seconds": 60}}
+    security = {
+        "knock_rate_limit": {"successful_requests": 3, "failed_requests": 5, "window_seconds": 60}
+    }
     a, b, c = (instances.open(security=security) for _ in range(3))
     client = bytes(16)
     assert all(store.rate_reserve(client, NOW + t / 10) for t, store in enumerate((a, b, c)))
@@ -172,8 +180,9 @@ def test_reservations_hold_places_so_concurrent_knocks_never_overrun(
 def test_a_knock_settles_its_own_reservation_exactly_once(instances: Instances) -> None:
     """reserve -> knock -> settle(SUCCESS): the KNOCK script counts the success and frees
     the failure place in the same write; the settle after it counts nothing twice."""
-    security = {"knock_rate_limit": {"successful_requests": 2, "failed_requests": 1,
-                                     "window_seconds": 60}}
+    security = {
+        "knock_rate_limit": {"successful_requests": 2, "failed_requests": 1, "window_seconds": 60}
+    }
     a = instances.open(security=security)
     client = bytes(16)
     for t in (0, 1):
@@ -188,8 +197,9 @@ def test_a_knock_settles_its_own_reservation_exactly_once(instances: Instances) 
 
 def test_failed_knocks_have_their_own_budget(instances: Instances) -> None:
     """Two failures on two instances use up the failure budget (2)."""
-    security = {"knock_rate_limit": {"successful_requests": 3, "failed_requests": 2,
-                                     "window_seconds": 60}}
+    security = {
+        "knock_rate_limit": {"successful_requests": 3, "failed_requests": 2, "window_seconds": 60}
+    }
     a, b = instances.open(security=security), instances.open(security=security)
     assert a.rate_reserve(bytes(16), NOW)
     a.rate_settle(bytes(16), Outcome.FAILURE, NOW)
@@ -220,7 +230,8 @@ def test_trimmed_stream_gap_triggers_a_full_resync(instances: Instances) -> None
 
 
 def test_outage_refuses_knocks_serves_replica_then_fails_closed_and_recovers(
-        instances: Instances, caplog: pytest.LogCaptureFixture) -> None:
+    instances: Instances, caplog: pytest.LogCaptureFixture
+) -> None:
     """SIGTERM of the server: knocks 503 with nothing stored, /ready names the problem,
     /verify answers from the replica until max_staleness_seconds, then refuses; after a
     restart on the same directory every instance resynchronises by itself, and each
@@ -240,8 +251,9 @@ def test_outage_refuses_knocks_serves_replica_then_fails_closed_and_recovers(
     assert allowed_soon(b, "198.51.100.7", NOW, want=False)  # past it: fail closed
     instances.server.start()
     assert allowed_soon(b, "198.51.100.7", NOW)
-    wait_until(lambda: a.ready() is None and b.ready() is None, 5, interval=0.05,
-               what="/ready on both")
+    wait_until(
+        lambda: a.ready() is None and b.ready() is None, 5, interval=0.05, what="/ready on both"
+    )
     assert not b.allows(ip("198.51.100.8"), NOW)  # the refused knock was not stored
     a.knock(key("198.51.100.9"), 60, NOW)
     assert allowed_soon(b, "198.51.100.9", NOW)
@@ -251,8 +263,7 @@ def test_outage_refuses_knocks_serves_replica_then_fails_closed_and_recovers(
     assert sum("reachable again" in m for m in messages) == 2
 
 
-def test_paused_server_knock_times_out_and_is_not_stored_on_resume(
-        instances: Instances) -> None:
+def test_paused_server_knock_times_out_and_is_not_stored_on_resume(instances: Instances) -> None:
     """SIGSTOP (a partition): the knock fails 503 after command_timeout_ms; when the server
     resumes, the queued script sees its deadline passed and stores nothing."""
     a = instances.open()
@@ -285,16 +296,23 @@ def test_kill_9_after_acknowledged_knocks_loses_nothing(instances: Instances) ->
 
 
 def test_password_from_environment_reaches_the_server(
-        tmp_path: Path, server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """requirepass: redis.password_env authenticates; a wrong one leaves it not ready."""
     with server.client() as client:
         client.config_set("requirepass", "s3cret-for-test")
     monkeypatch.setenv("KNOCKER_TEST_REDIS_PW", "s3cret-for-test")
-    good = RedisStore(redis_config(tmp_path / "a", server, password_env="KNOCKER_TEST_REDIS_PW"),
-                      NullFirewall(), clock=FakeClock(NOW))
+    good = RedisStore(
+        redis_config(tmp_path / "a", server, password_env="KNOCKER_TEST_REDIS_PW"),
+        NullFirewall(),
+        clock=FakeClock(NOW),
+    )
     monkeypatch.setenv("KNOCKER_TEST_REDIS_PW", "wrong")
-    bad = RedisStore(redis_config(tmp_path / "b", server, password_env="KNOCKER_TEST_REDIS_PW"),
-                     NullFirewall(), clock=FakeClock(NOW))
+    bad = RedisStore(
+        redis_config(tmp_path / "b", server, password_env="KNOCKER_TEST_REDIS_PW"),
+        NullFirewall(),
+        clock=FakeClock(NOW),
+    )
     try:
         assert good.ready() is None
         assert bad.ready() is not None and "s3cret" not in bad.ready()
@@ -311,8 +329,11 @@ def test_password_from_a_file_reaches_the_server(tmp_path: Path, server: RedisSe
         client.config_set("requirepass", "file-secret-for-test")
     secret = tmp_path / "redis-password"
     secret.write_text("file-secret-for-test\n")
-    store = RedisStore(redis_config(tmp_path / "a", server, password_file=str(secret)),
-                       NullFirewall(), clock=FakeClock(NOW))
+    store = RedisStore(
+        redis_config(tmp_path / "a", server, password_file=str(secret)),
+        NullFirewall(),
+        clock=FakeClock(NOW),
+    )
     try:
         assert store.ready() is None
         store.knock(key("198.51.100.7"), 60, NOW)
@@ -320,8 +341,7 @@ def test_password_from_a_file_reaches_the_server(tmp_path: Path, server: RedisSe
         store.close()
 
 
-def test_started_before_the_server_it_fails_closed_then_catches_up(
-        instances: Instances) -> None:
+def test_started_before_the_server_it_fails_closed_then_catches_up(instances: Instances) -> None:
     """Knocker may start before Redis (a compose file): not ready, /verify refuses
     everyone, knocks 503; once the server is up the follower synchronises on its own."""
     with instances.server.client() as client:

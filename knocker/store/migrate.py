@@ -31,7 +31,8 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
     firewall = NullFirewall()
     if to == "redis":
         source_config = dataclasses.replace(
-            config, whitelist=dataclasses.replace(config.whitelist, backend="file"))
+            config, whitelist=dataclasses.replace(config.whitelist, backend="file")
+        )
         source = FileStore(source_config, firewall, clock=lambda: now)
         try:
             entries = source.entries()
@@ -44,8 +45,10 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
                 raise StorageError(problem)
             present = target.stored_count(now)
             if present and not force:
-                raise TargetNotEmpty(f"{target.location} already holds {present} live "
-                                     f"entries; use --force to merge into them")
+                raise TargetNotEmpty(
+                    f"{target.location} already holds {present} live "
+                    f"entries; use --force to merge into them"
+                )
             return target.load(entries, now), target.location
         finally:
             target.close()
@@ -63,8 +66,10 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
     finally:
         file_target.close()  # folds any journal into whitelist.json
     if present_entries and not force:
-        raise TargetNotEmpty(f"{file_target.location} already holds {len(present_entries)} "
-                             f"live entries; use --force to merge into them")
+        raise TargetNotEmpty(
+            f"{file_target.location} already holds {len(present_entries)} "
+            f"live entries; use --force to merge into them"
+        )
     merged = dict(present_entries)
     for entry, expiry in entries.items():
         if merged.get(entry, 0) < expiry:

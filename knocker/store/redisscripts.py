@@ -29,8 +29,12 @@ class Keys:
 
     @classmethod
     def under(cls, prefix: str) -> Keys:
-        return cls(whitelist=f"{prefix}whitelist", changes=f"{prefix}changes",
-                   seq=f"{prefix}seq", rate=f"{prefix}rate:")
+        return cls(
+            whitelist=f"{prefix}whitelist",
+            changes=f"{prefix}changes",
+            seq=f"{prefix}seq",
+            rate=f"{prefix}rate:",
+        )
 
     def budget(self, client: bytes, success: bool) -> str:
         return f"{self.rate}{'s' if success else 'f'}:{client.hex()}"

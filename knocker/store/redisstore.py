@@ -58,8 +58,9 @@ def read_password(config: RedisConfig, environ: Mapping[str, str] | None = None)
             with open(config.password_file, encoding="utf-8") as handle:
                 return handle.readline().rstrip("\r\n")
         except OSError as error:
-            raise StorageError(f"redis.password_file {config.password_file}: "
-                               f"{error.strerror}") from error
+            raise StorageError(
+                f"redis.password_file {config.password_file}: {error.strerror}"
+            ) from error
     if config.password_env is not None:
         value = (os.environ if environ is None else environ).get(config.password_env)
         if value is None:
@@ -71,10 +72,13 @@ def read_password(config: RedisConfig, environ: Mapping[str, str] | None = None)
 def connect(config: RedisConfig, extra_timeout: float = 0.0) -> redis.Redis:
     """A client for `config` (no I/O until its first command)."""
     return redis.Redis.from_url(
-        config.url, username=config.username, password=read_password(config),
+        config.url,
+        username=config.username,
+        password=read_password(config),
         socket_connect_timeout=config.connect_timeout_ms / 1000,
         socket_timeout=config.command_timeout_ms / 1000 + extra_timeout,
-        decode_responses=True)
+        decode_responses=True,
+    )
 
 
 def origin_token(state_dir: str) -> str:
@@ -88,11 +92,16 @@ class RedisStore:
     server and key prefix. Built once (preloaded master), `start()` in each serving
     process, `close()` once per process."""
 
-    def __init__(self, config: Config, firewall: Firewall, *,
-                 clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time,
-                 client: redis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        firewall: Firewall,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        client: redis.Redis | None = None,
+    ) -> None:
         settings = config.redis
         self._settings = settings
         self.location = f"{settings.url} (keys {settings.key_prefix}*)"
@@ -151,8 +160,7 @@ class RedisStore:
             self._applier = None  # a lock taken in the parent is not ours to release
             self._lock = threading.Lock()  # never inherit one held at the fork
         if self._thread is None and not self._closed:
-            self._thread = threading.Thread(target=self._follow, name="knocker-redis",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._follow, name="knocker-redis", daemon=True)
             self._thread.start()
 
     def close(self) -> None:
@@ -187,9 +195,19 @@ class RedisStore:
         if not (layout.successes or layout.failures):
             return True
         try:
-            held = bool(self._reserve_script(keys=self._budget_keys(client), args=[
-                repr(now - self._window), self._rate.successful_requests,
-                self._rate.failed_requests, repr(now), _token(now), self._key_lifetime_ms]))
+            held = bool(
+                self._reserve_script(
+                    keys=self._budget_keys(client),
+                    args=[
+                        repr(now - self._window),
+                        self._rate.successful_requests,
+                        self._rate.failed_requests,
+                        repr(now),
+                        _token(now),
+                        self._key_lifetime_ms,
+                    ],
+                )
+            )
         except redis.RedisError:
             return True  # the knock itself then fails with 503, granting nothing
         if held:  # knock() on this thread settles it as a success in its own script
@@ -203,12 +221,13 @@ class RedisStore:
             return
         pending = getattr(self._reservation, "pending", None)
         self._reservation.pending = None
-        if pending == (client, now) and self._reservation.settled \
-                and outcome is Outcome.SUCCESS:
+        if pending == (client, now) and self._reservation.settled and outcome is Outcome.SUCCESS:
             return  # counted by the KNOCK script already
         try:
-            self._settle_script(keys=self._budget_keys(client), args=[
-                outcome.value, repr(now), _token(now), self._key_lifetime_ms])
+            self._settle_script(
+                keys=self._budget_keys(client),
+                args=[outcome.value, repr(now), _token(now), self._key_lifetime_ms],
+            )
         except redis.RedisError as error:
             log.debug("knock budget not settled: %s", error)
 
@@ -228,8 +247,15 @@ class RedisStore:
         # server that resumes later must not store a knock that was answered 503).
         deadline_ms = int((self._wall() + self._timeout) * 1000)
         keys = [self._keys.whitelist, self._keys.changes, self._keys.seq]
-        args: list[Any] = [entry, repr(now), wanted, self._capacity, STREAM_MAXLEN,
-                           self._origin, deadline_ms]
+        args: list[Any] = [
+            entry,
+            repr(now),
+            wanted,
+            self._capacity,
+            STREAM_MAXLEN,
+            self._origin,
+            deadline_ms,
+        ]
         pending = getattr(self._reservation, "pending", None)
         if pending is not None and pending[1] == now:  # this knock's reservation
             keys += self._budget_keys(pending[0])
@@ -241,8 +267,10 @@ class RedisStore:
             raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
         if int(reply[0]) < 0:
             self._undo_grant(entry, live, now)
-            raise StorageUnavailable(f"redis {self._settings.url} ran the knock after "
-                                     f"redis.command_timeout_ms; not stored")
+            raise StorageUnavailable(
+                f"redis {self._settings.url} ran the knock after "
+                f"redis.command_timeout_ms; not stored"
+            )
         expiry = int(reply[0])
         evicted = tuple(reply[1])
         if pending is not None and pending[1] == now:
@@ -256,8 +284,9 @@ class RedisStore:
                     self.replica.remove(victim_key)
             self.replica.extend(key, expiry)
         if evicted:
-            log.warning("whitelist full (%d entries): evicted %s", self._capacity,
-                        ", ".join(evicted))
+            log.warning(
+                "whitelist full (%d entries): evicted %s", self._capacity, ", ".join(evicted)
+            )
             self._firewall.revoke(evicted)
         return KnockResult(entry=entry, expires_at=expiry, evicted=evicted)
 
@@ -281,10 +310,13 @@ class RedisStore:
         stored = 0
         for start in range(0, len(items), 1000):
             args: list[Any] = [repr(now), STREAM_MAXLEN, self._origin]
-            for text, expiry in items[start:start + 1000]:
+            for text, expiry in items[start : start + 1000]:
                 args += [text, expiry]
-            stored += int(self._load_script(
-                keys=[self._keys.whitelist, self._keys.changes, self._keys.seq], args=args))
+            stored += int(
+                self._load_script(
+                    keys=[self._keys.whitelist, self._keys.changes, self._keys.seq], args=args
+                )
+            )
         return stored
 
     def stored_count(self, now: float) -> int:
@@ -327,8 +359,9 @@ class RedisStore:
                     if not in_sync:
                         self._resync(reader)  # the reader's longer timeout: big lists
                         in_sync = True
-                    reply = reader.xread({self._keys.changes: self._last_id},
-                                         count=1000, block=BLOCK_MS)
+                    reply = reader.xread(
+                        {self._keys.changes: self._last_id}, count=1000, block=BLOCK_MS
+                    )
                     self._last_contact = self._monotonic()
                     attempt = 0
                     in_sync = self._apply_changes(reply)
@@ -359,8 +392,9 @@ class RedisStore:
             for message_id, fields in messages:
                 seq = int(fields.get("s", 0))
                 if seq != self._seq + 1:
-                    log.warning("redis change stream skipped from %d to %d; resynchronising",
-                                self._seq, seq)
+                    log.warning(
+                        "redis change stream skipped from %d to %d; resynchronising", self._seq, seq
+                    )
                     return False
                 key = parse_entry(fields.get("e", ""))
                 expiry = int(fields.get("x", REMOVED))
@@ -371,8 +405,11 @@ class RedisStore:
                         else:
                             self.replica.extend(key, expiry)
                     self._seq, self._last_id = seq, message_id
-                if key is not None and self._applier is not None \
-                        and fields.get("o") != self._origin:
+                if (
+                    key is not None
+                    and self._applier is not None
+                    and fields.get("o") != self._origin
+                ):
                     if expiry == REMOVED:
                         self._firewall.revoke([fields["e"]])
                     elif expiry > now:
@@ -390,15 +427,20 @@ class RedisStore:
     # ------------------------------------------------------------------ health
     def _went_down(self, error: Exception) -> None:
         if self._problem is None or self._problem.startswith("not yet"):
-            log.error("redis %s unreachable: %s; knocks answer 503, /verify answers from "
-                      "this replica for up to %d s", self._settings.url, error,
-                      self._settings.max_staleness_seconds)
+            log.error(
+                "redis %s unreachable: %s; knocks answer 503, /verify answers from "
+                "this replica for up to %d s",
+                self._settings.url,
+                error,
+                self._settings.max_staleness_seconds,
+            )
         self._problem = f"redis unreachable: {error}"
 
     def _came_up(self, count: int) -> None:
         if self._problem is not None and self._last_contact > -float("inf"):
-            log.warning("redis %s reachable again: resynchronised (%d entries)",
-                        self._settings.url, count)
+            log.warning(
+                "redis %s reachable again: resynchronised (%d entries)", self._settings.url, count
+            )
         self._problem = None
         self._usable = True
         self._last_contact = self._monotonic()
@@ -408,9 +450,11 @@ class RedisStore:
             return
         if self._monotonic() - self._last_contact > self._settings.max_staleness_seconds:
             self._usable = False
-            log.error("whitelist replica older than redis.max_staleness_seconds (%d s): "
-                      "/verify refuses everyone until redis is back",
-                      self._settings.max_staleness_seconds)
+            log.error(
+                "whitelist replica older than redis.max_staleness_seconds (%d s): "
+                "/verify refuses everyone until redis is back",
+                self._settings.max_staleness_seconds,
+            )
 
     # ------------------------------------------------------------------ firewall
     def _elect_applier(self) -> None:
@@ -418,8 +462,9 @@ class RedisStore:
         whoever holds the flock (taken over when its holder exits)."""
         if not self._enforcing or self._applier is not None:
             return
-        fd = os.open(os.path.join(self.directory, APPLIER_LOCK),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            os.path.join(self.directory, APPLIER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

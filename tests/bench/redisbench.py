@@ -92,13 +92,21 @@ def redis_rows(bench: Bench) -> None:
     bench.log("redis: /verify at 100,000 entries, file vs redis backend")
     bench.warm(file_server.port, "GET", "/verify", pool_file)
     bench.warm(a.port, "GET", "/verify", pool_file)
-    file_point = bench.point("redis-verify-file", "/verify, 100,000, file (vs redis)",
-                             "verify", size=SIZE)
-    redis_point = bench.point("redis-verify", "/verify, 100,000, redis backend", "verify",
-                              size=SIZE)
+    file_point = bench.point(
+        "redis-verify-file", "/verify, 100,000, file (vs redis)", "verify", size=SIZE
+    )
+    redis_point = bench.point(
+        "redis-verify", "/verify, 100,000, redis backend", "verify", size=SIZE
+    )
     for _ in range(bench.repeat):
-        bench.measure(file_point, file_server.port, "GET", "/verify", pool_file,
-                      master=master_pid(file_server))
+        bench.measure(
+            file_point,
+            file_server.port,
+            "GET",
+            "/verify",
+            pool_file,
+            master=master_pid(file_server),
+        )
         bench.measure(redis_point, a.port, "GET", "/verify", pool_file, master=master_pid(a))
     file_server.stop()
 
@@ -109,16 +117,22 @@ def redis_rows(bench: Bench) -> None:
     bench.warm(a.port, "POST", "/knock", knock_file, KEY)
     for _ in range(bench.repeat):
         for connections in KNOCK_CONNECTIONS:
-            point = bench.point(f"redis-knock-{connections}",
-                                f"knock, redis backend, {connections} conns", "knock",
-                                size=SIZE, connections=connections)
-            bench.measure(point, a.port, "POST", "/knock", knock_file, KEY, connections,
-                          master=master_pid(a))
+            point = bench.point(
+                f"redis-knock-{connections}",
+                f"knock, redis backend, {connections} conns",
+                "knock",
+                size=SIZE,
+                connections=connections,
+            )
+            bench.measure(
+                point, a.port, "POST", "/knock", knock_file, KEY, connections, master=master_pid(a)
+            )
     try:
         with redis.Redis.from_url(server.url) as client:
             fsync = client.config_get("appendfsync")["appendfsync"]
-        bench.notes.append(f"redis rows: redis-server with appendonly yes, appendfsync "
-                           f"{fsync}, over a unix socket")
+        bench.notes.append(
+            f"redis rows: redis-server with appendonly yes, appendfsync {fsync}, over a unix socket"
+        )
     except redis.RedisError:
         pass
     for process in (a, b):
@@ -156,19 +170,29 @@ def lag_point(bench: Bench, a: KnockerProcess, b: KnockerProcess) -> None:
         watcher.close()
     point: Point = bench.point("redis-lag", "cross-instance lag (knock A -> B)", "lag")
     ranked = sorted(lags) or [0.0]
-    point.rounds.append({
-        "rps": 0.0, "requests": len(lags), "p50_us": statistics.median(ranked) * 1e6,
-        "p99_us": ranked[min(len(ranked) - 1, int(0.99 * len(ranked)))] * 1e6,
-        "status_errors": lost, "connect": 0, "read": 0, "write": 0, "timeout": 0})
-    bench.log(f"  lag over {len(lags)} knocks: p50 {point.rounds[-1]['p50_us'] / 1000:.2f} ms, "
-              f"p99 {point.rounds[-1]['p99_us'] / 1000:.2f} ms, lost {lost}")
+    point.rounds.append(
+        {
+            "rps": 0.0,
+            "requests": len(lags),
+            "p50_us": statistics.median(ranked) * 1e6,
+            "p99_us": ranked[min(len(ranked) - 1, int(0.99 * len(ranked)))] * 1e6,
+            "status_errors": lost,
+            "connect": 0,
+            "read": 0,
+            "write": 0,
+            "timeout": 0,
+        }
+    )
+    bench.log(
+        f"  lag over {len(lags)} knocks: p50 {point.rounds[-1]['p50_us'] / 1000:.2f} ms, "
+        f"p99 {point.rounds[-1]['p99_us'] / 1000:.2f} ms, lost {lost}"
+    )
 
 
 def _knock(server: KnockerProcess, client: str, key: str) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
-        connection.request("POST", "/knock", headers={"X-Api-Key": key,
-                                                     "X-Forwarded-For": client})
+        connection.request("POST", "/knock", headers={"X-Api-Key": key, "X-Forwarded-For": client})
         response = connection.getresponse()
         response.read()
         return response.status
@@ -186,24 +210,38 @@ def redis_verdicts(points: dict[str, Point]) -> list[dict[str, Any]]:
             continue
         bad = point.non_2xx + point.socket_errors
         ok = point.rps >= 1000 and bad == 0
-        out.append({"target": f"R1 redis knocks >= 1000/s, 0 non-2xx, {connections} conns",
-                    "verdict": "PASS" if ok else "FAIL", "value": round(point.rps, 1),
-                    "detail": f"{point.rps:,.0f}/s, non-2xx {point.non_2xx}, "
-                              f"socket errors {point.socket_errors}"})
+        out.append(
+            {
+                "target": f"R1 redis knocks >= 1000/s, 0 non-2xx, {connections} conns",
+                "verdict": "PASS" if ok else "FAIL",
+                "value": round(point.rps, 1),
+                "detail": f"{point.rps:,.0f}/s, non-2xx {point.non_2xx}, "
+                f"socket errors {point.socket_errors}",
+            }
+        )
     lag = points.get("redis-lag")
     if lag is not None and lag.rounds:
         middle = lag.rounds[-1]
         ok = middle["p99_us"] <= 50_000 and middle["status_errors"] == 0
-        out.append({"target": "R2 cross-instance lag p99 <= 50 ms",
-                    "verdict": "PASS" if ok else "FAIL", "value": middle["p99_us"] / 1000,
-                    "detail": f"p50 {middle['p50_us'] / 1000:.2f} ms, p99 "
-                              f"{middle['p99_us'] / 1000:.2f} ms over {middle['requests']} "
-                              f"knocks, lost {middle['status_errors']}"})
+        out.append(
+            {
+                "target": "R2 cross-instance lag p99 <= 50 ms",
+                "verdict": "PASS" if ok else "FAIL",
+                "value": middle["p99_us"] / 1000,
+                "detail": f"p50 {middle['p50_us'] / 1000:.2f} ms, p99 "
+                f"{middle['p99_us'] / 1000:.2f} ms over {middle['requests']} "
+                f"knocks, lost {middle['status_errors']}",
+            }
+        )
     file_point, redis_point = points.get("redis-verify-file"), points.get("redis-verify")
     if file_point and redis_point and file_point.rounds and redis_point.rounds:
         value = redis_point.rps / max(file_point.rps, 1.0)
-        out.append({"target": "R3 /verify@100k redis >= 0.9 x file backend",
-                    "verdict": "PASS" if value >= 0.9 else "FAIL", "value": round(value, 3),
-                    "detail": f"{redis_point.rps:,.0f} / {file_point.rps:,.0f} = "
-                              f"{value:.2f} (>= 0.9)"})
+        out.append(
+            {
+                "target": "R3 /verify@100k redis >= 0.9 x file backend",
+                "verdict": "PASS" if value >= 0.9 else "FAIL",
+                "value": round(value, 3),
+                "detail": f"{redis_point.rps:,.0f} / {file_point.rps:,.0f} = {value:.2f} (>= 0.9)",
+            }
+        )
     return out

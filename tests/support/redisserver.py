@@ -26,8 +26,7 @@ def redis_server_binary() -> str | None:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, *, unix: bool = False,
-                 appendfsync: str = "always") -> None:
+    def __init__(self, directory: Path, *, unix: bool = False, appendfsync: str = "always") -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = 0 if unix else free_port("127.0.0.1")
@@ -45,10 +44,27 @@ class RedisServer:
         binary = redis_server_binary()
         require(binary, "redis-server")
         assert binary is not None
-        args = [binary, "--bind", "127.0.0.1", "--port", str(self.port),
-                "--dir", str(self.directory), "--appendonly", "yes",
-                "--appendfsync", self.appendfsync, "--save", "", "--daemonize", "no",
-                "--protected-mode", "yes", "--logfile", str(self.directory / "redis.log")]
+        args = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str(self.directory / "redis.log"),
+        ]
         if self.socket_path is not None:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         return args
@@ -57,12 +73,14 @@ class RedisServer:
         return redis.Redis.from_url(self.url, socket_timeout=5, decode_responses=True)
 
     def start(self) -> RedisServer:
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
 
         def answers() -> bool:
-            assert self.process is not None and self.process.poll() is None, \
+            assert self.process is not None and self.process.poll() is None, (
                 f"redis-server exited; see {self.directory / 'redis.log'}"
+            )
             try:
                 with self.client() as client:
                     return bool(client.ping())
