@@ -110,6 +110,7 @@ class RedisConfig:
     password_file: str | None = None
     password_env: str | None = None
     key_prefix: str = "knocker:"
+    tls_ca_file: str | None = None  # rediss:// only; None: the system's CAs
     connect_timeout_ms: int = 2000
     command_timeout_ms: int = 2000
     max_staleness_seconds: int = 300
@@ -687,8 +688,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def _redis(raw: object, backend: str) -> RedisConfig:
     path = "redis"
     settings = _section(raw, path, ("url", "username", "password_file", "password_env",
-                                    "key_prefix", "connect_timeout_ms", "command_timeout_ms",
-                                    "max_staleness_seconds"))
+                                    "key_prefix", "tls_ca_file", "connect_timeout_ms",
+                                    "command_timeout_ms", "max_staleness_seconds"))
     if backend != "redis" and not settings:
         return RedisConfig()
     if "url" not in settings:
@@ -717,6 +718,10 @@ def _redis(raw: object, backend: str) -> RedisConfig:
     if "password_file" in values and "password_env" in values:
         _fail(f"{path}.password_env", "give either redis.password_file or "
               "redis.password_env, not both")
+    if settings.get("tls_ca_file") is not None:
+        if not url.startswith("rediss://"):
+            _fail(f"{path}.tls_ca_file", "needs a rediss:// URL (TLS)")
+        values["tls_ca_file"] = _file_path(settings["tls_ca_file"], f"{path}.tls_ca_file")
     if "key_prefix" in settings:
         prefix = _str(settings["key_prefix"], f"{path}.key_prefix")
         if _has_control(prefix) or len(prefix) > 100:

@@ -930,7 +930,8 @@ def test_redis_url_schemes_tcp_tls_and_unix_are_accepted(url: str) -> None:
 
 @pytest.mark.parametrize(("setting", "value"), [
     ("url", "http://db:6379"), ("command_timeout_ms", 0), ("connect_timeout_ms", True),
-    ("max_staleness_seconds", -1), ("password_env", "not a name"), ("key_prefix", "a\nb")])
+    ("max_staleness_seconds", -1), ("password_env", "not a name"), ("key_prefix", "a\nb"),
+    ("tls_ca_file", "/etc/ssl/private-ca.crt")])
 def test_bad_redis_settings_name_their_key(setting: str, value: object) -> None:
     """Each invalid redis setting is refused at redis.<setting>."""
     section = {"url": "redis://127.0.0.1:6379/0", setting: value}

@@ -22,7 +22,7 @@ from tests.support.clock import FakeClock
 from tests.support.config import make_config
 from tests.support.net import ip, key
 from tests.support.polling import wait_until
-from tests.support.redisserver import RedisServer, wait_down
+from tests.support.redisserver import RedisServer, make_tls_files, wait_down
 
 pytestmark = pytest.mark.redis
 
@@ -356,3 +356,28 @@ def test_started_before_the_server_it_fails_closed_then_catches_up(instances: In
     instances.server.start()
     assert allowed_soon(early, "198.51.100.7", NOW)
     assert early.ready() is None
+
+
+def test_tls_with_a_private_ca_verifies_the_server(tmp_path: Path) -> None:
+    """rediss:// with redis.tls_ca_file: knocks go over TLS to a server whose certificate
+    that CA signed; without the CA (system CAs only) the server is not trusted."""
+    tls = make_tls_files(tmp_path / "tls")
+    server = RedisServer(tmp_path / "tls-redis", tls=tls).start()
+    try:
+        trusting = RedisStore(
+            redis_config(tmp_path / "a", server, tls_ca_file=str(tls / "ca.crt")),
+            NullFirewall(),
+            clock=FakeClock(NOW),
+        )
+        doubting = RedisStore(
+            redis_config(tmp_path / "b", server), NullFirewall(), clock=FakeClock(NOW)
+        )
+        try:
+            assert trusting.ready() is None
+            trusting.knock(key("198.51.100.7"), 60, NOW)
+            assert "certificate" in (doubting.ready() or "")
+        finally:
+            trusting.close()
+            doubting.close()
+    finally:
+        server.stop()

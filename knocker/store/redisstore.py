@@ -70,7 +70,11 @@ def read_password(config: RedisConfig, environ: Mapping[str, str] | None = None)
 
 
 def connect(config: RedisConfig, extra_timeout: float = 0.0) -> redis.Redis:
-    """A client for `config` (no I/O until its first command)."""
+    """A client for `config` (no I/O until its first command). rediss:// verifies the
+    server's certificate and name against redis.tls_ca_file, else the system's CAs."""
+    tls: dict[str, Any] = {}
+    if config.tls_ca_file is not None:
+        tls["ssl_ca_certs"] = config.tls_ca_file
     return redis.Redis.from_url(
         config.url,
         username=config.username,
@@ -78,6 +82,7 @@ def connect(config: RedisConfig, extra_timeout: float = 0.0) -> redis.Redis:
         socket_connect_timeout=config.connect_timeout_ms / 1000,
         socket_timeout=config.command_timeout_ms / 1000 + extra_timeout,
         decode_responses=True,
+        **tls,
     )
 
 

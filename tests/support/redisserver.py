@@ -26,16 +26,26 @@ def redis_server_binary() -> str | None:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, *, unix: bool = False, appendfsync: str = "always") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        unix: bool = False,
+        appendfsync: str = "always",
+        tls: Path | None = None,
+    ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = 0 if unix else free_port("127.0.0.1")
         self.socket_path = directory / "redis.sock" if unix else None
         self.appendfsync = appendfsync
+        self.tls = tls  # a directory holding ca.crt, server.crt, server.key: TLS only
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0"
         if self.socket_path is not None:
             return f"unix://{self.socket_path}"
         return f"redis://127.0.0.1:{self.port}/0"
@@ -48,8 +58,7 @@ class RedisServer:
             binary,
             "--bind",
             "127.0.0.1",
-            "--port",
-            str(self.port),
+            *self.port_args(),
             "--dir",
             str(self.directory),
             "--appendonly",
@@ -69,8 +78,27 @@ class RedisServer:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         return args
 
+    def port_args(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(self.tls / "server.crt"),
+            "--tls-key-file",
+            str(self.tls / "server.key"),
+            "--tls-ca-cert-file",
+            str(self.tls / "ca.crt"),
+            "--tls-auth-clients",
+            "no",
+        ]
+
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=5, decode_responses=True)
+        tls = {"ssl_ca_certs": str(self.tls / "ca.crt")} if self.tls is not None else {}
+        return redis.Redis.from_url(self.url, socket_timeout=5, decode_responses=True, **tls)
 
     def start(self) -> RedisServer:
         self.process = subprocess.Popen(
@@ -113,6 +141,64 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self.process = None
+
+
+def make_tls_files(directory: Path) -> Path:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl), in `directory`."""
+    openssl = shutil.which("openssl")
+    require(openssl, "openssl")
+    assert openssl is not None
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=knocker test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+        "-out",
+        "server.crt",
+    )
+    return directory
 
 
 def wait_down(server: RedisServer, timeout: float = 10.0) -> None:

@@ -21,6 +21,7 @@ declare -A wanted=(
     [systemd-analyze]=systemd
     [kill]=procps
     [redis-server]=redis-server
+    [openssl]=openssl
 )
 missing=()
 for command in "${!wanted[@]}"; do
