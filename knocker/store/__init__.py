@@ -1,8 +1,10 @@
-"""The whitelist's storage: the interface the app talks to, and the file implementation.
+"""The whitelist's storage: the interface the app talks to, and its implementations.
 
 Faces: `WhitelistBackend` (backend.py, what the app may ask), `open_backend` (the one
 place that picks an implementation), `FileStore` (filestore.py, whitelist.json + journal
-+ shared memory), and `atomic_write` (files.py, how every file Knocker writes is replaced).
++ shared memory), `RedisStore` (redisstore.py, imported only for `whitelist.backend:
+redis`: a server shared by several instances, docs/redis.md), and `atomic_write`
+(files.py, how every file Knocker writes is replaced).
 """
 
 from __future__ import annotations
