@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -381,3 +382,54 @@ def test_tls_with_a_private_ca_verifies_the_server(tmp_path: Path) -> None:
             doubting.close()
     finally:
         server.stop()
+
+
+def test_concurrent_knocks_on_three_instances_respect_capacity_and_converge(
+    instances: Instances,
+) -> None:
+    """240 knocks from 12 threads on 3 instances, capacity 10: the server holds exactly
+    10 entries, and every replica ends up with the same 10."""
+    security = {"max_whitelist_entries": 10}
+    stores = [instances.open(security=security) for _ in range(3)]
+
+    def knocker(index: int) -> None:
+        store = stores[index % 3]
+        for n in range(20):
+            store.knock(key(f"10.{index}.{n}.1"), 100 + index * 20 + n, NOW)
+
+    threads = [threading.Thread(target=knocker, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    with instances.server.client() as client:
+        held = {e: int(s) for e, s in client.zrange("knocker:whitelist", 0, -1, withscores=True)}
+    assert len(held) == 10
+    for store in stores:
+        wait_until(lambda s=store: s.entries() == held, 5, interval=0.02, what="convergence")
+
+
+def test_concurrent_reservations_across_instances_never_overrun_a_budget(
+    instances: Instances,
+) -> None:
+    """12 threads on 3 instances race for a budget of 5: exactly 5 get a place."""
+    security = {
+        "knock_rate_limit": {"successful_requests": 5, "failed_requests": 50, "window_seconds": 60}
+    }
+    stores = [instances.open(security=security) for _ in range(3)]
+    granted: list[bool] = []
+    lock = threading.Lock()
+
+    def racer(index: int) -> None:
+        for n in range(4):
+            result = stores[index % 3].rate_reserve(bytes(16), NOW + index / 100 + n / 1000)
+            with lock:
+                granted.append(result)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(granted) == 48
+    assert granted.count(True) == 5

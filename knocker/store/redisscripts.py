@@ -44,7 +44,7 @@ class Keys:
 # ARGV: entry, now, wanted expiry, capacity, stream maxlen, origin, deadline (server ms)
 #       [, reservation token, budget key lifetime in ms]
 # -> {-1} when the server ran it after the deadline (the caller has given up: store
-#    nothing), else {expiry, {evicted entries...}}
+#    nothing), else {expiry, {evicted entries...}, sequence number of the grant}
 # With the budget keys, the knock's reservation (RATE_RESERVE) is settled as a success in
 # the same step: the grant and its count are one write, one round trip, one fsync.
 #
@@ -90,7 +90,7 @@ if #KEYS == 5 then
   end
   redis.call('ZREM', KEYS[5], held)
 end
-return {string.format('%d', expiry), evicted}
+return {string.format('%d', expiry), evicted, seq}
 """
 
 # KEYS: whitelist, changes, seq

@@ -283,11 +283,15 @@ class RedisStore:
         if expiry > wanted:  # another instance holds a longer grant of the same entry
             self._grant_quietly(entry, expiry, now)
         with self._lock:
-            for victim in evicted:
-                victim_key = parse_entry(victim)
-                if victim_key is not None:
-                    self.replica.remove(victim_key)
-            self.replica.extend(key, expiry)
+            # Only ahead of the follower: once it has applied this change (or resynced
+            # past it), later changes (another instance evicting this entry, say) may
+            # already be in the replica and must not be undone.
+            if self._seq < int(reply[2]):
+                for victim in evicted:
+                    victim_key = parse_entry(victim)
+                    if victim_key is not None:
+                        self.replica.remove(victim_key)
+                self.replica.extend(key, expiry)
         if evicted:
             log.warning(
                 "whitelist full (%d entries): evicted %s", self._capacity, ", ".join(evicted)
