@@ -26,7 +26,14 @@ from . import __version__
 from .addresses import IPAddress, canonical, parse_ip, parse_network
 from .audit import AuditLog, Event, Record
 from .config import DEFAULT_CONFIG_NAME, ENV_CONFIG_PATH, Config, load_config_text
-from .errors import ConfigError, FirewallError, KnockerError, RequestError, StorageError
+from .errors import (
+    ConfigError,
+    FirewallError,
+    KnockerError,
+    RequestError,
+    StorageError,
+    StorageUnavailable,
+)
 from .events import Observer
 from .firewall import Firewall, create_firewall
 from .openapi import OPENAPI_TITLE, openapi_document
@@ -385,6 +392,8 @@ def _error(error: KnockerError) -> Response:
         return _json(error.status, {"error": error.message})
     message = {HTTPStatus.SERVICE_UNAVAILABLE: "Firewall unavailable; nothing was granted"}.get(
         error.status, "Knock could not be completed; nothing was granted")
+    if isinstance(error, StorageUnavailable):
+        message = "Whitelist storage unavailable; nothing was granted"
     return _json(error.status, {"error": message})
 
 

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -79,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     key = sub.add_parser("gen-key", help="print a new random API key (256 bits, URL-safe)")
     key.set_defaults(func=_gen_key)
 
+    move = sub.add_parser("migrate", help="copy the live whitelist to the other backend "
+                                          "(docs/redis.md#migrating)")
+    move.add_argument("--to", required=True, choices=("redis", "file"),
+                      help="the backend to copy into (from the other one)")
+    move.add_argument("--force", action="store_true",
+                      help="merge into a target that already holds live entries")
+    move.add_argument("--config", metavar="PATH",
+                      help="knocker.yaml (default: $KNOCKER_CONFIG_PATH, else ./knocker.yaml)")
+    move.set_defaults(func=_migrate)
+
     from . import client
 
     client.register(sub)
@@ -95,6 +106,29 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
 
 def _gen_key(args: argparse.Namespace) -> int:
     print(gen_key(), file=args.out)
+    return 0
+
+
+def _migrate(args: argparse.Namespace, clock: Callable[[], float] = time.time) -> int:
+    path = config_path(args.config)
+    config = _load(path, args.err)
+    if config is None:
+        return 1
+    if not config.redis.url:
+        print(f"knocker: {path}: redis.url is required to migrate", file=args.err)
+        return 1
+    try:
+        from .store.migrate import migrate  # needs the optional redis client
+
+        copied, where = migrate(config, args.to, args.force, clock())
+    except ImportError:
+        print("knocker: the redis client is missing: pip install 'knocker[redis]'",
+              file=args.err)
+        return 1
+    except KnockerError as error:
+        print(f"knocker: migrate: {error.message}", file=args.err)
+        return 1
+    print(f"copied {copied} live entries to {where}", file=args.out)
     return 0
 
 

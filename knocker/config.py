@@ -104,6 +104,23 @@ class SecurityConfig:
 class WhitelistConfig:
     storage_path: str = "whitelist.json"  # relative to the working directory
     cleanup_interval_seconds: int = 60
+    backend: str = "file"  # "file" | "redis" (docs/redis.md)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """docs/redis.md#configuration. The password itself is read when the store opens
+    (from password_file or the environment variable password_env), never kept here."""
+
+    url: str = ""
+    username: str | None = None
+    password_file: str | None = None
+    password_env: str | None = None
+    key_prefix: str = "knocker:"
+    tls_ca_file: str | None = None  # rediss:// only; None: the system's CAs
+    connect_timeout_ms: int = 2000
+    command_timeout_ms: int = 2000
+    max_staleness_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,6 +482,7 @@ _TOP = (
     "web",
     "audit",
     "metrics",
+    "redis",
 )
 
 
@@ -507,6 +526,7 @@ def parse_config(mapping: object) -> Config:
         web=_web(top.get("web")),
         audit=_audit(top.get("audit")),
         metrics=_metrics(top.get("metrics")),
+        redis=_redis(top.get("redis"), whitelist_backend(top.get("whitelist"))),
     )
 
 
@@ -692,8 +712,11 @@ def _rate_limit(raw: object) -> RateLimitConfig:
 
 
 def _whitelist(raw: object) -> WhitelistConfig:
-    settings = _section(raw, "whitelist", ("storage_path", "cleanup_interval_seconds"))
+    settings = _section(raw, "whitelist", ("storage_path", "cleanup_interval_seconds",
+                                           "backend"))
     values: dict[str, Any] = {}
+    if "backend" in settings:
+        values["backend"] = whitelist_backend(raw)
     if "storage_path" in settings:
         # Whether the directory exists or can be created is checked at startup (I/O).
         values["storage_path"] = _file_path(
@@ -707,6 +730,74 @@ def _whitelist(raw: object) -> WhitelistConfig:
             1,
         )
     return WhitelistConfig(**values)
+
+
+WHITELIST_BACKENDS = ("file", "redis")
+
+
+def whitelist_backend(raw: object) -> str:
+    """whitelist.backend of the raw section (the redis section is required by it)."""
+    if not isinstance(raw, Mapping) or "backend" not in raw:
+        return "file"
+    backend = _str(raw["backend"], "whitelist.backend", "'file' or 'redis'")
+    if backend not in WHITELIST_BACKENDS:
+        _fail("whitelist.backend", f"must be 'file' or 'redis', got {_show(backend)}")
+    return backend
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _redis(raw: object, backend: str) -> RedisConfig:
+    path = "redis"
+    settings = _section(raw, path, ("url", "username", "password_file", "password_env",
+                                    "key_prefix", "tls_ca_file", "connect_timeout_ms",
+                                    "command_timeout_ms", "max_staleness_seconds"))
+    if backend != "redis" and not settings:
+        return RedisConfig()
+    if "url" not in settings:
+        _fail(f"{path}.url", "is required when whitelist.backend is 'redis'"
+              if backend == "redis" else "is required in a redis section")
+    url = _str(settings["url"], f"{path}.url", "a redis://, rediss:// or unix:// URL")
+    if not url.startswith(_REDIS_SCHEMES) or _has_control(url) or " " in url:
+        _fail(f"{path}.url", f"must be a redis://, rediss:// or unix:// URL, got {_show(url)}")
+    authority = url.split("://", 1)[1].split("/", 1)[0]
+    if "@" in authority or "password=" in url:
+        # A URL is logged and shown in /ready; the secret goes in a file or the environment.
+        _fail(f"{path}.url", "must not carry credentials; use redis.username and "
+              "redis.password_file or redis.password_env")
+    values: dict[str, Any] = {"url": url}
+    if settings.get("username") is not None:
+        values["username"] = _str(settings["username"], f"{path}.username")
+    if settings.get("password_file") is not None:
+        values["password_file"] = _file_path(settings["password_file"],
+                                             f"{path}.password_file")
+    if settings.get("password_env") is not None:
+        name = _str(settings["password_env"], f"{path}.password_env")
+        if not _ENV_NAME.fullmatch(name):
+            _fail(f"{path}.password_env", f"must be an environment variable name, got "
+                  f"{_show(name)}")
+        values["password_env"] = name
+    if "password_file" in values and "password_env" in values:
+        _fail(f"{path}.password_env", "give either redis.password_file or "
+              "redis.password_env, not both")
+    if settings.get("tls_ca_file") is not None:
+        if not url.startswith("rediss://"):
+            _fail(f"{path}.tls_ca_file", "needs a rediss:// URL (TLS)")
+        values["tls_ca_file"] = _file_path(settings["tls_ca_file"], f"{path}.tls_ca_file")
+    if "key_prefix" in settings:
+        prefix = _str(settings["key_prefix"], f"{path}.key_prefix")
+        if _has_control(prefix) or len(prefix) > 100:
+            _fail(f"{path}.key_prefix", "must be at most 100 printable characters")
+        values["key_prefix"] = prefix
+    for name, low, high in (("connect_timeout_ms", 1, 600_000),
+                            ("command_timeout_ms", 1, 600_000),
+                            ("max_staleness_seconds", 0, 86_400)):
+        if name in settings:
+            values[name] = _int(settings[name], f"{path}.{name}",
+                                f"an integer from {low} to {high}", low, high)
+    return RedisConfig(**values)
 
 
 def _cors(raw: object) -> CorsConfig:

@@ -41,6 +41,12 @@ class StorageError(KnockerError):
     status = HTTPStatus.INTERNAL_SERVER_ERROR
 
 
+class StorageUnavailable(StorageError):
+    """A shared store (redis) cannot be reached now; the knock granted nothing."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
 class FirewallError(KnockerError):
     """The firewall backend refused or failed a change."""
 

@@ -32,9 +32,11 @@ FIREWALLD_CORE = frozenset({"firewalld.rules", "firewalld.messages", "firewalld.
                             "firewalld.schedule"})
 FIREWALLD_EDGE = frozenset({"firewalld", "firewalld.backend", "firewalld.bus", "firewalld.calls",
                             "firewalld.coordination", "firewalld.docker", "firewalld.watcher"})
-STORE_CORE = frozenset({"store.formats", "store.backend", "store.grant_format"})
+STORE_CORE = frozenset({"store.formats", "store.backend", "store.grant_format",
+                        "store.redisscripts"})
 STORE_EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "store.snapshot",
-                        "store.filestore", "store.grantlog"})
+                        "store.filestore", "store.grantlog", "store.redisstore",
+                        "store.migrate"})
 CLIENT_CORE = frozenset({"client.journal_format"})
 CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.journald",
                          "client.knock", "client.loop", "client.service", "client.settings",

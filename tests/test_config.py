@@ -888,6 +888,64 @@ def test_config_module_imports_only_stdlib_yaml_and_core() -> None:
     assert knocker_modules <= {"knocker.errors", "knocker.addresses", "knocker.proxies"}
 
 
+# --- whitelist.backend and redis (docs/redis.md#configuration) ------------------------------
+
+
+def test_backend_defaults_to_file_and_redis_section_is_optional() -> None:
+    """Without a backend setting the whitelist stays in files; no redis section needed."""
+    config = parse_config(config_with())
+    assert config.whitelist.backend == "file"
+    assert config.redis.url == ""
+
+
+def test_redis_backend_requires_the_redis_url() -> None:
+    """backend: redis without redis.url names the missing key."""
+    error = error_of(config_with(whitelist={"backend": "redis"}))
+    assert error.path == "redis.url"
+
+
+def test_unknown_backend_is_refused_by_name() -> None:
+    """backend: memcached is refused at whitelist.backend."""
+    error = error_of(config_with(whitelist={"backend": "memcached"}))
+    assert error.path == "whitelist.backend"
+
+
+def test_redis_url_with_credentials_is_refused_without_echoing_them() -> None:
+    """A password in the URL would be logged: refused, and not repeated in the message."""
+    error = error_of(config_with(whitelist={"backend": "redis"},
+                                 redis={"url": "redis://knocker:s3cret-pw@db:6379/0"}))
+    assert error.path == "redis.url"
+    assert "s3cret-pw" not in str(error)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://db.example:6380/1",
+                                 "unix:///run/redis/redis.sock"])
+def test_redis_url_schemes_tcp_tls_and_unix_are_accepted(url: str) -> None:
+    """redis://, rediss:// and unix:// URLs load with the documented defaults."""
+    config = parse_config(config_with(whitelist={"backend": "redis"}, redis={"url": url}))
+    assert config.redis.url == url
+    assert config.redis.key_prefix == "knocker:"
+    assert config.redis.max_staleness_seconds == 300
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("url", "http://db:6379"), ("command_timeout_ms", 0), ("connect_timeout_ms", True),
+    ("max_staleness_seconds", -1), ("password_env", "not a name"), ("key_prefix", "a\nb"),
+    ("tls_ca_file", "/etc/ssl/private-ca.crt")])
+def test_bad_redis_settings_name_their_key(setting: str, value: object) -> None:
+    """Each invalid redis setting is refused at redis.<setting>."""
+    section = {"url": "redis://127.0.0.1:6379/0", setting: value}
+    error = error_of(config_with(whitelist={"backend": "redis"}, redis=section))
+    assert error.path == f"redis.{setting}"
+
+
+def test_redis_password_from_file_and_environment_are_exclusive() -> None:
+    """password_file and password_env together are refused (which one would win?)."""
+    error = error_of(config_with(whitelist={"backend": "redis"}, redis={
+        "url": "redis://db", "password_file": "/run/secrets/pw", "password_env": "PW"}))
+    assert error.path == "redis.password_env"
+
+
 def test_upstream_config_with_a_huge_rate_limit_budget_loads() -> None:
     """successful_requests: 1000000000 is valid upstream, so it loads here too (the shared
     table's size is capped by the rate limiter, not by the budget)."""

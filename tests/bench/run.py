@@ -351,6 +351,11 @@ class Bench:
             self._run()
 
     def _run(self) -> None:
+        from tests.bench.redisbench import redis_rows  # the redis backend's rows
+
+        if self.args.only == "redis":
+            redis_rows(self)
+            return
         expiry = int(time.time()) + EXPIRY_AHEAD
         files = self.workdir / "files"
         files.mkdir()
@@ -403,6 +408,7 @@ class Bench:
         self.knocks(knockers, knock_file)
         if not self.knocks_only:
             self.startup(whitelists[big])
+            redis_rows(self)
 
     def verify_and_caddy(self, knockers: dict[int, KnockerProcess], metered: KnockerProcess,
                          floor: procs.Proc,
@@ -577,7 +583,9 @@ def counting_verdict(points: dict[str, Point],
 
 
 def verdicts(points: dict[str, Point]) -> list[dict[str, Any]]:
-    return [item for item in _verdicts(points) if item is not None]
+    from tests.bench.redisbench import redis_verdicts
+
+    return [item for item in _verdicts(points) if item is not None] + redis_verdicts(points)
 
 
 def _verdicts(points: dict[str, Point]) -> list[dict[str, Any] | None]:
@@ -748,8 +756,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, help="rounds per point (median reported)")
     parser.add_argument("--no-caddy", action="store_true", help="skip Caddy end to end")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--only", choices=["knocks"],
-                        help="measure only the durable-knock rows (all three sizes)")
+    parser.add_argument("--only", choices=["knocks", "redis"],
+                        help="measure only the durable-knock rows (all three sizes), or "
+                             "only the redis backend's rows")
     args = parser.parse_args(argv)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="knocker-bench-"))

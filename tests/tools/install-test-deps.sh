@@ -32,6 +32,8 @@ declare -A wanted=(
     [qemu-aarch64-static]=qemu-user-static
     [iptables]=iptables
     [curl]=curl
+    [redis-server]=redis-server
+    [openssl]=openssl
 )
 missing=()
 for command in "${!wanted[@]}"; do

@@ -1,0 +1,216 @@
+"""Several real `knocker serve` instances (1 and 3 workers) sharing one real redis-server:
+the README's "Several hosts" promises, end to end over HTTP on loopback."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.serverproc import TEST_KEY, KnockerProcess, base_config
+from tests.support.polling import wait_until
+from tests.support.redisserver import RedisServer, wait_down
+
+pytestmark = [pytest.mark.redis, pytest.mark.server]
+
+
+def shared_config(directory: Path, server: RedisServer, **sections: Any) -> dict[str, Any]:
+    redis = {
+        "url": server.url,
+        "command_timeout_ms": 1000,
+        "connect_timeout_ms": 1000,
+        **sections.pop("redis", {}),
+    }
+    config = base_config(directory, redis=redis, **sections)
+    config["whitelist"]["backend"] = "redis"
+    return config
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, server: RedisServer) -> None:
+        self.tmp_path, self.server = tmp_path, server
+        self.instances: list[KnockerProcess] = []
+
+    def start(self, workers: tuple[int, ...] = (1, 3, 1), **sections: Any) -> None:
+        for index, count in enumerate(workers):
+            directory = self.tmp_path / f"knocker{index}"
+            process = KnockerProcess(
+                directory, shared_config(directory, self.server, **sections), workers=count
+            )
+            self.instances.append(process)
+            process.start()
+
+    def stop(self) -> None:
+        for process in self.instances:
+            if process.process is not None and process.process.poll() is None:
+                process.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    redis_server = RedisServer(tmp_path / "redis", unix=True).start()
+    try:
+        yield redis_server
+    finally:
+        redis_server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, server: RedisServer) -> Iterator[Cluster]:
+    group = Cluster(tmp_path, server)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+def verified_everywhere(
+    cluster: Cluster, source: str, status: int = 200, timeout: float = 5
+) -> None:
+    """Every worker of every instance answers `status` (each request lands on some
+    worker: thirty in a row on each instance)."""
+
+    def all_answer() -> bool:
+        return all(
+            process.verify(source=source) == status
+            for process in cluster.instances
+            for _ in range(30)
+        )
+
+    wait_until(all_answer, timeout, interval=0.02, what=f"/verify {status} for {source}")
+
+
+def test_knock_on_one_instance_opens_verify_on_all_of_them(cluster: Cluster) -> None:
+    """A knock answered by instance 0 is honoured by instances 1 (3 workers) and 2."""
+    cluster.start()
+    a, b, c = cluster.instances
+    assert b.verify(source="127.0.0.61") == 401
+    status, body = a.knock(TEST_KEY, {"ttl": 60}, source="127.0.0.61")
+    assert status == 200, body
+    verified_everywhere(cluster, "127.0.0.61")
+    assert c.verify(source="127.0.0.62") == 401
+    assert all(process.request("GET", "/ready")[0] == 200 for process in cluster.instances)
+
+
+def test_grant_expires_on_every_instance(cluster: Cluster) -> None:
+    """A 1-second grant is refused everywhere once it has expired."""
+    cluster.start()
+    assert cluster.instances[1].knock(TEST_KEY, {"ttl": 1}, source="127.0.0.63")[0] == 200
+    verified_everywhere(cluster, "127.0.0.63")
+    verified_everywhere(cluster, "127.0.0.63", 401, timeout=4)
+
+
+def test_capacity_across_instances_evicts_the_soonest_everywhere(cluster: Cluster) -> None:
+    """max_whitelist_entries 2, three knocks on three instances: the soonest-expiring
+    entry is refused on every instance, the others are allowed."""
+    cluster.start(security={"max_whitelist_entries": 2})
+    a, b, c = cluster.instances
+    assert a.knock(TEST_KEY, {"ttl": 3000}, source="127.0.0.64")[0] == 200
+    assert b.knock(TEST_KEY, {"ttl": 100}, source="127.0.0.65")[0] == 200
+    assert c.knock(TEST_KEY, {"ttl": 2000}, source="127.0.0.66")[0] == 200
+    verified_everywhere(cluster, "127.0.0.65", 401)
+    verified_everywhere(cluster, "127.0.0.64")
+    verified_everywhere(cluster, "127.0.0.66")
+
+
+def test_rate_limit_is_shared_by_all_instances(cluster: Cluster) -> None:
+    """A budget of 2 successes per minute: one knock on each of two instances uses it up,
+    the third instance answers 429."""
+    cluster.start(
+        security={
+            "knock_rate_limit": {
+                "successful_requests": 2,
+                "failed_requests": 10,
+                "window_seconds": 60,
+            }
+        }
+    )
+    a, b, c = cluster.instances
+    assert a.knock(TEST_KEY, source="127.0.0.67")[0] == 200
+    assert b.knock(TEST_KEY, source="127.0.0.67")[0] == 200
+    assert c.knock(TEST_KEY, source="127.0.0.67")[0] == 429
+    assert c.knock(TEST_KEY, source="127.0.0.68")[0] == 200  # another client
+
+
+def test_kill_9_of_redis_after_acknowledged_knocks_loses_nothing(cluster: Cluster) -> None:
+    """appendfsync always: kill -9 of redis-server right after twenty 200s, restart on
+    the same directory: every instance allows all twenty again, without a restart."""
+    cluster.start(workers=(1, 3))
+    a, b = cluster.instances
+    sources = [f"127.0.1.{last}" for last in range(1, 21)]
+    for source in sources:
+        assert a.knock(TEST_KEY, {"ttl": 600}, source=source)[0] == 200
+    cluster.server.kill()
+    cluster.server.start()
+    with cluster.server.client() as client:
+        assert set(client.zrange("knocker:whitelist", 0, -1)) == set(sources)
+    wait_until(
+        lambda: b.request("GET", "/ready")[0] == 200,
+        10,
+        interval=0.1,
+        what="instance 1 ready again",
+    )
+    for source in sources:
+        verified_everywhere(cluster, source)
+
+
+def test_partition_then_outage_step_by_step(cluster: Cluster) -> None:
+    """SIGSTOP (partition): knocks 503 with nothing granted, /ready 503, /verify still
+    answers from the replica. SIGCONT: ready again, nothing of the refused knock stored.
+    SIGTERM (outage) past max_staleness_seconds: /verify fails closed (401). Restart:
+    every instance resynchronises on its own and answers from the shared whitelist."""
+    cluster.start(workers=(1, 3), redis={"max_staleness_seconds": 6})
+    a, b = cluster.instances
+    assert a.knock(TEST_KEY, {"ttl": 600}, source="127.0.0.70")[0] == 200
+    verified_everywhere(cluster, "127.0.0.70")
+    wait_until(
+        lambda: all(
+            p.request("GET", "/ready")[0] == 200 for p in cluster.instances for _ in range(30)
+        ),
+        10,
+        interval=0.1,
+        what="every worker ready",
+    )
+
+    cluster.server.signal(signal.SIGSTOP)
+    try:
+        status, body = b.knock(TEST_KEY, {"ttl": 600}, source="127.0.0.71")
+        assert status == 503 and "nothing was granted" in body["error"]
+        wait_until(
+            lambda: b.request("GET", "/ready")[0] == 503,
+            10,
+            interval=0.1,
+            what="/ready 503 during the partition",
+        )
+        answers = [b.verify(source="127.0.0.70") for _ in range(10)]
+        assert answers == [200] * 10, answers  # the replica, inside the staleness
+        assert b.verify(source="127.0.0.71") == 401
+    finally:
+        cluster.server.signal(signal.SIGCONT)
+    wait_until(
+        lambda: all(p.request("GET", "/ready")[0] == 200 for p in cluster.instances),
+        10,
+        interval=0.1,
+        what="/ready 200 after SIGCONT",
+    )
+    with cluster.server.client() as client:
+        assert client.zrange("knocker:whitelist", 0, -1) == ["127.0.0.70"]
+    verified_everywhere(cluster, "127.0.0.71", 401)
+
+    cluster.server.signal(signal.SIGTERM)
+    wait_down(cluster.server)
+    assert a.knock(TEST_KEY, {"ttl": 600}, source="127.0.0.72")[0] == 503
+    assert a.request("GET", "/ready")[0] == 503
+    verified_everywhere(cluster, "127.0.0.70", 401, timeout=15)  # stale: fail closed
+    cluster.server.start()
+    verified_everywhere(cluster, "127.0.0.70", 200, timeout=15)
+    assert b.knock(TEST_KEY, {"ttl": 600}, source="127.0.0.72")[0] == 200
+    verified_everywhere(cluster, "127.0.0.72")
+    for process in cluster.instances:
+        log = process.log()
+        # each worker logs each transition once: 1 + 3 workers, per transition
+        assert log.count("unreachable:") <= 2 * 4, log
+        assert "reachable again" in log
