@@ -265,7 +265,7 @@ class App:
         try:
             how = "knock" if body.ip_address is None else "remote"
             result = self.store.knock(grant.key, grant.ttl, now, key_name=key.name, how=how,
-                                      scoped=key.scoped)
+                                      scoped=key.scoped, ports=tuple(map(str, key.ports)))
         except (StorageError, FirewallError) as error:
             self.observer.knock(Record(Event.KNOCK_ERROR, who, key_name, grant.entry,
                                        grant.ttl, error.status.value, error.message,
@@ -350,12 +350,15 @@ class App:
                 Outcome.SUCCESS)
 
     def _grant_json(self, grant: Grant, now: float) -> dict[str, object]:
-        """A grant as the API shows it; `scope` is its key's hosts (null: every host)."""
+        """A grant as the API shows it; `scope` is its key's hosts and the grant's ports
+        (null: every host, every monitored port; docs/api.md#scoped-keys)."""
         shown = grant.as_json(now)
         key = self._keys_by_name.get(grant.key_name or "")
-        # A scoped grant whose key is gone (or lost its hosts) passes for no host.
-        shown["scope"] = ({"hosts": list(key.hosts if key else ())} if grant.scoped
-                          else None)
+        # A scoped grant whose key is gone (or lost its scopes) passes for no host; a
+        # key scoped to ports alone passes for every host.
+        hosts = list(key.hosts) if key and key.scoped else []
+        shown["scope"] = ({"hosts": hosts if hosts or not (key and key.ports) else None,
+                           "ports": list(grant.ports) or None} if grant.scoped else None)
         return shown
 
     def _scoped_allows(self, client: IPAddress, host: str | None, now: float) -> bool:
