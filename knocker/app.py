@@ -67,7 +67,7 @@ class App:
         self.store = store
         self.firewall = firewall
         self._clock = clock
-        self.observer = observer or create_observer(config, lambda: len(store.entries()))
+        self.observer = observer or create_observer(config, lambda: _live_entries(store))
         metrics = self.observer.metrics
         # /verify counts with one bound call (an mmap write, ~1 us): nothing when off.
         self._verify_counts = ({True: metrics.verify_allowed, False: metrics.verify_denied}
@@ -445,6 +445,12 @@ def _not_modified(if_none_match: str | None, headers: Headers) -> bool:
     from .webpage import not_modified  # only pages carry an ETag
 
     return not_modified(if_none_match, dict(headers)["ETag"])
+def _live_entries(store: WhitelistBackend) -> int:
+    """Addresses with a live grant: entries() names a port-scoped one once per port
+    (docs/firewalld.md#port-scoped-keys)."""
+    return len({target.partition(" ")[0] for target in store.entries()})
+
+
 def create_observer(config: Config, active_grants: Callable[[], int]) -> Observer:
     """The audit trail, plus metrics when metrics.enabled (`active_grants` is read at
     scrape time)."""
@@ -478,7 +484,7 @@ def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
     Raises KnockerError when the service cannot run (it must not start half-working)."""
     # The hook for what the store and the firewall see (evictions, expiries, re-applies,
     # D-Bus and sync latency): knocker.events.Events, to be passed to them as it is wired.
-    observer = create_observer(config, lambda: len(store.entries()))
+    observer = create_observer(config, lambda: _live_entries(store))
     store_dir = os.path.dirname(os.path.abspath(config.whitelist.storage_path))
     firewall = create_firewall(config.firewalld, store_dir)
     store = open_backend(config, firewall, clock)

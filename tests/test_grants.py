@@ -530,3 +530,13 @@ firewalld: {{monitored_ports: [{{port: 22}}]}}
     assert scopes.keys_for("other.example.com") == ("p",)
     assert scopes.keys_for(None) == ("p",)
     assert HostScopes(keys[1:]).active
+
+
+def test_an_address_open_port_by_port_counts_once_as_a_live_entry(ported: Scoped) -> None:
+    """entries() names an address once per port while a port-scoped grant outlasts its
+    unscoped one; the active-grants gauge still counts the address once."""
+    ported.knock(SSH_KEY, client="192.0.2.5", ttl=3600)
+    ported.knock(USER_KEY, client="192.0.2.5", ttl=60)
+    assert ported.app.store.entries() == {"192.0.2.5 22/tcp": int(NOW) + 3600,
+                                          "192.0.2.5 8080/tcp": int(NOW) + 60}
+    assert knocker.app._live_entries(ported.app.store) == 1
