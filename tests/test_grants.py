@@ -16,7 +16,13 @@ from knocker.app import App, build_app
 from knocker.config import load_config_text
 from knocker.errors import ConfigError
 from knocker.scopes import HostScopes
-from knocker.store.grant_format import Grant, encode_grants, fold_grants, revoke_line
+from knocker.store.grant_format import (
+    Grant,
+    encode_grants,
+    firewall_plan,
+    fold_grants,
+    revoke_line,
+)
 from tests.test_app import (
     ADMIN_KEY,
     CLIENT,
@@ -540,3 +546,23 @@ def test_an_address_open_port_by_port_counts_once_as_a_live_entry(ported: Scoped
     assert ported.app.store.entries() == {"192.0.2.5 22/tcp": int(NOW) + 3600,
                                           "192.0.2.5 8080/tcp": int(NOW) + 60}
     assert knocker.app._live_entries(ported.app.store) == 1
+
+
+def test_firewall_plan_opens_each_port_for_its_longest_grant() -> None:
+    """One target for every port until the longest grant without a port scope (host
+    scopes included); port by port only where a port-scoped grant runs longer; a
+    port-scoped grant alone opens its ports only; nothing live closes everything."""
+    ports = ("22/tcp", "53/udp")
+
+    def grant(expires_at: int, ports: tuple[str, ...] = (), key: str = "k") -> Grant:
+        return Grant("192.0.2.1", key, expires_at, 0, "knock", scoped=True, ports=ports)
+
+    assert firewall_plan(500, [], ports, 100) == {"": 500}
+    assert firewall_plan(500, [grant(900)], ports, 100) == {"": 900}
+    assert firewall_plan(500, [grant(400, ("22/tcp",))], ports, 100) == {"": 500}
+    assert firewall_plan(500, [grant(900, ("22/tcp",))], ports, 100) == {
+        "22/tcp": 900, "53/udp": 500}
+    assert firewall_plan(None, [grant(900, ("22/tcp",)), grant(700, ("22/tcp",), "j")],
+                         ports, 100) == {"22/tcp": 900}
+    assert firewall_plan(None, [grant(90, ("22/tcp",))], ports, 100) == {}
+    assert firewall_plan(90, [], ports, 100) == {}

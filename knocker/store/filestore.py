@@ -268,7 +268,8 @@ class FileStore:
             evicted = tuple(entry_text(victim) for victim in victims)
             # An evicted entry keeps what its scoped grants allow (under the lock: a
             # plan applied after a concurrent revoke could reopen what it closed).
-            kept = [e for e in evicted if self._grant_log.of(e)]
+            kept = [e for e in evicted
+                    if any(g.scoped for g in self._grant_log.of(e).values())]
             for victim in kept:
                 self._settle_to(victim, self._plan(victim, now), now)
         try:
@@ -292,8 +293,9 @@ class FileStore:
     # ------------------------------------------------------------------ grants
     def _knock_scoped(self, key: Key, ttl: int, now: float, key_name: str,
                       how: str, ports: tuple[str, ...]) -> KnockResult:
-        """A host-scoped key's grant: firewall, then the grants log (fsynced), then this
-        process's scoped index; other processes see it at their next scoped lookup."""
+        """A scoped key's grant (hosts:, ports:): firewall (its ports only), then the
+        grants log (fsynced), then this process's scoped index; other processes see it
+        at their next scoped lookup."""
         entry = entry_text(key)
         with self._journal.writing():
             self._catch_up()
