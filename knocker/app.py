@@ -74,7 +74,7 @@ class App:
         self.store = store
         self.firewall = firewall
         self._clock = clock
-        self.observer = observer or create_observer(config, lambda: len(store.entries()))
+        self.observer = observer or create_observer(config, lambda: _live_entries(store))
         metrics = self.observer.metrics
         # /verify counts with one bound call (an mmap write, ~1 us): nothing when off.
         self._verify_counts = ({True: metrics.verify_allowed, False: metrics.verify_denied}
@@ -272,7 +272,7 @@ class App:
         try:
             how = "knock" if body.ip_address is None else "remote"
             result = self.store.knock(grant.key, grant.ttl, now, key_name=key.name, how=how,
-                                      scoped=key.scoped)
+                                      scoped=key.scoped, ports=tuple(map(str, key.ports)))
         except (StorageError, FirewallError) as error:
             self.observer.knock(Record(Event.KNOCK_ERROR, who, key_name, grant.entry,
                                        grant.ttl, error.status.value, error.message,
@@ -357,12 +357,15 @@ class App:
                 Outcome.SUCCESS)
 
     def _grant_json(self, grant: Grant, now: float) -> dict[str, object]:
-        """A grant as the API shows it; `scope` is its key's hosts (null: every host)."""
+        """A grant as the API shows it; `scope` is its key's hosts and the grant's ports
+        (null: every host, every monitored port; docs/api.md#scoped-keys)."""
         shown = grant.as_json(now)
         key = self._keys_by_name.get(grant.key_name or "")
-        # A scoped grant whose key is gone (or lost its hosts) passes for no host.
-        shown["scope"] = ({"hosts": list(key.hosts if key else ())} if grant.scoped
-                          else None)
+        # A scoped grant whose key is gone (or lost its scopes) passes for no host; a
+        # key scoped to ports alone passes for every host.
+        hosts = list(key.hosts) if key and key.scoped else []
+        shown["scope"] = ({"hosts": hosts if hosts or not (key and key.ports) else None,
+                           "ports": list(grant.ports) or None} if grant.scoped else None)
         return shown
 
     def _scoped_allows(self, client: IPAddress, host: str | None, now: float) -> bool:
@@ -451,6 +454,12 @@ def _not_modified(if_none_match: str | None, headers: Headers) -> bool:
     from .webpage import not_modified  # only pages carry an ETag
 
     return not_modified(if_none_match, dict(headers)["ETag"])
+def _live_entries(store: WhitelistBackend) -> int:
+    """Addresses with a live grant: entries() names a port-scoped one once per port
+    (docs/firewalld.md#port-scoped-keys)."""
+    return len({target.partition(" ")[0] for target in store.entries()})
+
+
 def create_observer(config: Config, active_grants: Callable[[], int]) -> Observer:
     """The audit trail, plus metrics when metrics.enabled (`active_grants` is read at
     scrape time)."""
@@ -484,7 +493,7 @@ def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
     Raises KnockerError when the service cannot run (it must not start half-working)."""
     # The hook for what the store and the firewall see (evictions, expiries, re-applies,
     # D-Bus and sync latency): knocker.events.Events, to be passed to them as it is wired.
-    observer = create_observer(config, lambda: len(store.entries()))
+    observer = create_observer(config, lambda: _live_entries(store))
     store_dir = os.path.dirname(os.path.abspath(config.whitelist.storage_path))
     firewall = create_firewall(config.firewalld, store_dir)
     store = open_backend(config, firewall, clock)

@@ -57,6 +57,15 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class MonitoredPort:
+    port: int
+    protocol: str = "tcp"
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.protocol}"  # how a key's `ports:` and the API spell it
+
+
+@dataclass(frozen=True)
 class ApiKey:
     name: str
     key: str = field(repr=False)  # a secret: kept out of repr, logs and error messages
@@ -65,10 +74,13 @@ class ApiKey:
     admin: bool = False  # may list and revoke every grant (docs/api.md#grants)
     # A host scope (docs/api.md#scoped-keys): empty = every host, as upstream.
     hosts: tuple[str, ...] = ()  # lower-case names; "*.example.com" = any subdomain
+    # A port scope: empty = every monitored port; else a subset of monitored_ports.
+    ports: tuple[MonitoredPort, ...] = ()
 
     @property
     def scoped(self) -> bool:
-        return bool(self.hosts)
+        """Its grants live in the grants sidecar only (docs/whitelist.md#grants)."""
+        return bool(self.hosts or self.ports)
 
 
 @dataclass(frozen=True)
@@ -138,11 +150,6 @@ class DocumentationConfig:
 class LoggingConfig:
     level: str = "INFO"
 
-
-@dataclass(frozen=True)
-class MonitoredPort:
-    port: int
-    protocol: str = "tcp"
 
 
 @dataclass(frozen=True)
@@ -514,7 +521,7 @@ def parse_config(mapping: object) -> Config:
     top = _section(mapping, "", _TOP)
     # A section left empty (`security:` with everything commented out) reads as null,
     # which each parser takes as "all defaults".
-    return Config(
+    config = Config(
         server=_server(top.get("server")),
         api_keys=_api_keys(top.get("api_keys")),
         security=_security(top.get("security")),
@@ -528,6 +535,8 @@ def parse_config(mapping: object) -> Config:
         metrics=_metrics(top.get("metrics")),
         redis=_redis(top.get("redis"), whitelist_backend(top.get("whitelist"))),
     )
+    _check_port_scopes(config.api_keys, config.firewalld.monitored_ports)
+    return config
 
 
 def _server(raw: object) -> ServerConfig:
@@ -556,7 +565,8 @@ def _api_keys(raw: object) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-_API_KEY_FIELDS = ("name", "key", "max_ttl", "allow_remote_whitelist", "admin", "hosts")
+_API_KEY_FIELDS = ("name", "key", "max_ttl", "allow_remote_whitelist", "admin", "hosts",
+                   "ports")
 
 
 def _api_key(raw: object, index: int) -> ApiKey:
@@ -578,8 +588,49 @@ def _api_key(raw: object, index: int) -> ApiKey:
     remote = _bool(settings.get("allow_remote_whitelist", False), f"{path}.allow_remote_whitelist")
     admin = _bool(settings.get("admin", False), f"{path}.admin")
     hosts = _scope_hosts(settings.get("hosts"), f"{path}.hosts")
+    ports = _scope_ports(settings.get("ports"), f"{path}.ports")
     return ApiKey(name=name, key=key, max_ttl=max_ttl, allow_remote_whitelist=remote,
-                  admin=admin, hosts=hosts)
+                  admin=admin, hosts=hosts, ports=ports)
+
+
+_SCOPE_PORT = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?(?:/([a-z]+))?")
+
+
+def _scope_ports(raw: object, path: str) -> tuple[MonitoredPort, ...]:
+    """The monitored ports a key's grants open: `22`, `22/tcp`, `53/udp` or a
+    {port, protocol} mapping as in monitored_ports (which must list each one; checked
+    by _check_port_scopes once the firewalld section is read)."""
+    ports: list[MonitoredPort] = []
+    for index, item in enumerate(_list(raw, path, "ports")):
+        item_path = f"{path}[{index}]"
+        if isinstance(item, Mapping):
+            settings = _section(item, item_path, ("port", "protocol"))
+            item = f"{settings.get('port')}/{settings.get('protocol', 'tcp')}"
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            _fail(item_path, f"must be a port like 22, 22/tcp or 53/udp, not {_describe(item)}")
+        text = str(int(item)) if isinstance(item, int) else item
+        match = _SCOPE_PORT.fullmatch(text.strip().lower())
+        if match is None or (match.group(3) or "tcp") not in PROTOCOLS:
+            _fail(item_path, f"must be a port like 22, 22/tcp or 53/udp, got {_show(text)}")
+        first, last = match.group(1), match.group(2)
+        if last is not None and last != first:
+            # monitored_ports holds single ports, so a scope names them one by one.
+            _fail(item_path, f"must be a single monitored port, not the range {_show(text)}")
+        ports.append(MonitoredPort(int(first), match.group(3) or "tcp"))
+    if raw is not None and not ports:
+        _fail(path, "must list at least one port (leave it out for every monitored port)")
+    return tuple(dict.fromkeys(ports))
+
+
+def _check_port_scopes(keys: tuple[ApiKey, ...], monitored: tuple[MonitoredPort, ...]) -> None:
+    """A key may open only ports Knocker manages: anything else would be a grant that
+    silently opens nothing (or, after a config change, something unintended)."""
+    for index, key in enumerate(keys):
+        for place, port in enumerate(key.ports):
+            if port not in monitored:
+                listed = ", ".join(map(str, monitored)) or "none"
+                _fail(f"api_keys[{index}].ports[{place}]",
+                      f"{port} is not one of firewalld.monitored_ports ({listed})")
 
 
 def _scope_hosts(raw: object, path: str) -> tuple[str, ...]:

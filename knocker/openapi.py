@@ -170,7 +170,12 @@ def _grants_schemas() -> dict[str, Any]:
                 "granted_at": nullable_int,
                 "how": {"type": "string", "enum": ["knock", "remote", "restored"]},
                 "scope": {"type": "object", "nullable": True,
-                          "description": "null, or the scoped key's hosts",
-                          "properties": {"hosts": {"type": "array",
-                                                   "items": {"type": "string"}}}}}},
+                          "description": "null (an unscoped key), or the key's hosts "
+                                         "(null: every host) and the grant's monitored "
+                                         "ports, like 22/tcp (null: every one)",
+                          "properties": {
+                              "hosts": {"type": "array", "nullable": True,
+                                        "items": {"type": "string"}},
+                              "ports": {"type": "array", "nullable": True,
+                                        "items": {"type": "string"}}}}}},
     }

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from knocker.client import knock as client
+from knocker.client.grants import grants_table
 from knocker.client.settings import load_settings
 from tests.clientsupport import (
     JSON_HEADERS,
@@ -323,3 +324,18 @@ def test_grants_list_and_revoke(grants_server: KnockerProcess, tmp_path: Path) -
     assert refused.returncode == 5 and "admin: true" in refused.stderr
     for result in (table, listed, revoked, gone, refused):
         assert_secret_absent(result, OPS_KEY, TEST_KEY)
+
+
+def test_grants_table_shows_host_and_port_scopes() -> None:
+    """The SCOPE column: hosts ("all hosts" when not host-scoped), then the ports of a
+    port-scoped grant."""
+    grants = [{"entry": f"192.0.2.{n}", "key_name": "k", "how": "knock",
+               "expires_at": 2_000_000_000, "scope": scope}
+              for n, scope in enumerate([None, {"hosts": ["app.example.com"], "ports": None},
+                                         {"hosts": None, "ports": ["22/tcp"]},
+                                         {"hosts": ["a.example.com"], "ports": ["22/tcp"]}])]
+    lines = grants_table(grants, 1_999_999_000).splitlines()[1:]
+    expected = ["all hosts", "app.example.com", "all hosts ports 22/tcp",
+                "a.example.com ports 22/tcp"]
+    assert [line.rstrip().endswith("  " + text) for line, text in zip(lines, expected)] == [
+        True] * 4

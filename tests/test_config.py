@@ -959,3 +959,49 @@ security:
     failed_requests: 1000000000
 """)
     assert config.security.knock_rate_limit.successful_requests == 1_000_000_000
+
+
+# --- port-scoped keys (docs/api.md#scoped-keys) ----------------------------------------
+
+PORT_SCOPED_FIREWALLD = {"enabled": True, "monitored_ips": ["192.0.2.0/24"],
+                         "monitored_ports": [{"port": 22}, {"port": 53, "protocol": "udp"}]}
+
+
+def with_key_ports(ports: object) -> dict[str, Any]:
+    return {"api_keys": [{"key": KEY, "max_ttl": 60},
+                         {"name": "ssh", "key": KEY[::-1], "max_ttl": 60, "ports": ports}],
+            "firewalld": PORT_SCOPED_FIREWALLD}
+
+
+def test_key_ports_accept_the_spellings_of_monitored_ports() -> None:
+    """22, "22", "22/tcp", "53/udp" and a {port, protocol} mapping name monitored ports;
+    repeats collapse; a key with ports: is scoped."""
+    config = parse_config(with_key_ports([22, "22/tcp", "53/udp", {"port": 22}, "53-53/udp"]))
+    key = config.api_keys[1]
+    assert key.ports == (MonitoredPort(22, "tcp"), MonitoredPort(53, "udp"))
+    assert key.scoped and not key.hosts and not config.api_keys[0].scoped
+    assert [str(port) for port in key.ports] == ["22/tcp", "53/udp"]
+
+
+@pytest.mark.parametrize(("ports", "path", "fragment"), [
+    (["2222"], "api_keys[1].ports[0]", "2222/tcp is not one of firewalld.monitored_ports"),
+    (["22", "22/udp"], "api_keys[1].ports[1]", "22/udp is not one of"),
+    (["60000-60100/udp"], "api_keys[1].ports[0]", "single monitored port"),
+    (["ssh"], "api_keys[1].ports[0]", "must be a port like 22"),
+    (["22/sctp"], "api_keys[1].ports[0]", "must be a port like 22"),
+    ([True], "api_keys[1].ports[0]", "must be a port like 22"),
+    ([], "api_keys[1].ports", "at least one port"),
+    ("22", "api_keys[1].ports", "must be a list"),
+])
+def test_key_ports_outside_monitored_ports_are_config_errors_naming_the_key(
+        ports: object, path: str, fragment: str) -> None:
+    error = error_of(with_key_ports(ports))
+    assert error.path == path
+    assert fragment in str(error)
+
+
+def test_key_ports_need_firewalld_monitored_ports() -> None:
+    """Without monitored ports (no firewalld section) a port scope opens nothing: refused."""
+    mapping = with_key_ports(["22"])
+    del mapping["firewalld"]
+    assert "is not one of firewalld.monitored_ports (none)" in str(error_of(mapping))

@@ -28,12 +28,12 @@ from knocker.firewalld.coordination import STATUS_FILE
 from knocker.firewalld.rules import accept_rule, block_rules, parse_version
 from tests.fwlab import Lab, cleanup_stale_namespaces, fetch_v2_if_possible, missing_prerequisites
 from tests.fwlab.lab import client4, client6
-from tests.fwlab.service import OPS_KEY, NetnsKnocker, firewalld_section
+from tests.fwlab.service import OPS_KEY, PORT_KEY, NetnsKnocker, firewalld_section
 from tests.support.config import TEST_KEY
 
 pytestmark = pytest.mark.firewalld
 
-MONITORED, UNMONITORED = Lab.MONITORED, Lab.UNMONITORED
+MONITORED, UNMONITORED, SECOND = Lab.MONITORED, Lab.UNMONITORED, Lab.SECOND
 PORT = MonitoredPort(MONITORED, "tcp")
 BACK_WITHIN = 5.0  # seconds: grants must work again this soon after a reload/restart
 
@@ -92,9 +92,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
         time.sleep(interval)
 
 
-def opened(lab: Lab, source: str, timeout: float = 0.5) -> bool:
+def opened(lab: Lab, source: str, timeout: float = 0.5, port: int = MONITORED) -> bool:
     family = 6 if ":" in source else 4
-    return lab.connect(MONITORED, family, timeout=timeout, source=source) == "connected"
+    return lab.connect(port, family, timeout=timeout, source=source) == "connected"
 
 
 def knock(knocker: NetnsKnocker, source: str, ttl: int) -> dict[str, object]:
@@ -124,7 +124,7 @@ def test_zone_and_block_rules_are_in_place_and_ready(lab: Lab, knocker: NetnsKno
     assert ready(knocker) == (200, {"status": "ready"})
     active = lab.probe.active_zones()
     assert set(active["knocker"]["sources"]) == {"10.231.0.0/24", "fd42:4b4e::/64"}
-    config = FirewalldConfig(enabled=True, monitored_ports=(PORT,))
+    config = FirewalldConfig(enabled=True, monitored_ports=(PORT, MonitoredPort(SECOND, "tcp")))
     for rule in block_rules(config):
         assert lab.probe.query_rich_rule("knocker", rule), rule
     zone = lab.probe.permanent_zone("knocker")
@@ -203,6 +203,39 @@ def test_sign_out_and_admin_revoke_close_the_port_within_1_s(
     assert closed is not None, "the revoked address still connects after 1 s"
     assert not lab.probe.query_rich_rule("knocker", grant_rule(client6(5)))
     assert opened(lab, client4(6))
+
+
+def test_port_scoped_key_opens_only_its_port_and_sign_out_cuts_back_to_it(
+    lab: Lab, knocker: NetnsKnocker
+) -> None:
+    """A key scoped to 2222/tcp opens 2222 and not the other monitored port (2224); an
+    unscoped knock of the same address opens both; signing out of the unscoped grant
+    leaves only 2222 open; an admin revoke closes 2222 too, within 1 s."""
+    source, other = client4(13), client6(13)
+    for address in (source, other):
+        status, body = knocker.knock(PORT_KEY, body={"ttl": 600}, source=address)
+        assert status == 200, (status, body, knocker.log()[-3000:])
+        assert opened(lab, address)
+        assert not opened(lab, address, timeout=1.0, port=SECOND)
+    knock(knocker, source, 300)
+    assert opened(lab, source) and opened(lab, source, port=SECOND)
+    assert not opened(lab, other, timeout=1.0, port=SECOND)  # another address: unchanged
+    status, _, raw = knocker.request("DELETE", "/knock", {"X-Api-Key": TEST_KEY}, source=source)
+    assert status == 200, raw
+    closed = wait_for(lambda: not opened(lab, source, timeout=0.3, port=SECOND), 1.0,
+                      interval=0.05)
+    assert closed is not None, "the unscoped grant's extra port still connects after 1 s"
+    assert opened(lab, source)
+    status, _, raw = knocker.request("GET", "/grants", {"X-Api-Key": OPS_KEY}, source=other)
+    scopes = {g["entry"]: g["scope"] for g in json.loads(raw)["grants"]}
+    assert scopes[source] == {"hosts": None, "ports": [f"{MONITORED}/tcp"]}
+    for address in (source, other):
+        status, _, raw = knocker.request("DELETE", "/grants/" + quote(address, safe=""),
+                                         {"X-Api-Key": OPS_KEY}, source=other)
+        assert status == 200, raw
+        closed = wait_for(lambda a=address: not opened(lab, a, timeout=0.3), 1.0, interval=0.05)
+        assert closed is not None, f"{address} still connects after its revoke"
+        assert not opened(lab, address, timeout=0.5, port=SECOND)
 
 
 # ---------------------------------------------------------------------- firewalld changes

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from jeepney import DBusAddress, HeaderFields, Message, new_signal
 
 from knocker.addresses import IPNetwork, parse_network
-from knocker.config import FirewalldConfig, MonitoredPort
+from knocker.config import FirewalldConfig, MonitoredPort, parse_config
 from knocker.errors import FirewallError, FirewallUnavailable
 from knocker.firewall import create_firewall
 from knocker.firewalld import FirewalldFirewall
@@ -52,6 +53,7 @@ from knocker.firewalld.rules import (
     parse_version,
     stray_grants,
     supports_zone_priority,
+    target_rules,
     zone_changes,
     zone_settings,
 )
@@ -66,6 +68,8 @@ from knocker.firewalld.schedule import (
     ReapplySchedule,
 )
 from knocker.firewalld.watcher import Watcher
+from knocker.store import FileStore
+from knocker.whitelist import parse_entry
 
 REPO = Path(__file__).resolve().parents[1]
 SSH = MonitoredPort(22, "tcp")
@@ -349,7 +353,8 @@ def test_stray_grants_finds_knocker_rules_of_unwanted_entries_only() -> None:
         block_rule("ipv4", SSH, "drop"),
         'rule family="ipv4" source address="192.0.2.3" accept',
     ]
-    assert stray_grants(rules, {"192.0.2.1", "2001:db8::5"}) == [accept("192.0.2.2")]
+    wanted = {"192.0.2.1 22/tcp", "2001:db8::5 22/tcp"}
+    assert stray_grants(rules, wanted) == [accept("192.0.2.2")]
 
 
 # ------------------------------------------------------------------ zone settings
@@ -1115,3 +1120,194 @@ def test_polkit_rule_grants_the_knocker_user_only_the_config_actions() -> None:
     }
     assert 'subject.user == "knocker"' in code
     assert "polkit.Result.YES" in code
+
+
+# ------------------------------------------------------------------ port-scoped keys
+# The store over a real FirewalldFirewall over the fake: what each lifecycle path leaves
+# in firewalld for an address with a port-scoped grant (docs/firewalld.md#port-scoped-keys).
+
+ADDRESS = "192.0.2.77"
+
+
+class PortLab:
+    """A FileStore whose firewall is FirewalldFirewall over `fake`, both on its clock."""
+
+    def __init__(self, fake: FakeFirewalld, directory: Path, capacity: int = 100) -> None:
+        self.fake, self.directory, self.capacity = fake, directory, capacity
+        self.config = parse_config({
+            "api_keys": [{"name": "k", "key": "k" * 32, "max_ttl": 9000}],
+            "security": {"max_whitelist_entries": capacity},
+            "whitelist": {"storage_path": str(directory / "whitelist.json")},
+            "firewalld": {"enabled": True, "monitored_ips": ["192.0.2.0/24"],
+                          "monitored_ports": [{"port": 22}, {"port": 27015, "protocol": "udp"}]},
+        })
+        self.firewall = over(fake, self.config.firewalld, directory)
+        self.store = self._open()
+
+    def _open(self) -> FileStore:
+        store = FileStore(self.config, self.firewall, clock=self.fake.clock.time)
+        self.firewall._current = store.entries  # what start_worker hands the watcher
+        return store
+
+    def restart(self) -> None:
+        """Knocker stops and starts again: a new store, prepare() with its entries."""
+        self.store.close()
+        self.firewall.close()
+        self.firewall = over(self.fake, self.config.firewalld, self.directory)
+        self.store = self._open()
+        (self.directory / PREPARED_MARKER).unlink()  # a new service start, a new marker
+        self.firewall.prepare(self.store.entries(), self.fake.clock.time())
+
+    def knock(self, ttl: int, name: str, ports: tuple[str, ...] = (),
+              entry: str = ADDRESS) -> None:
+        key = parse_entry(entry)
+        assert key is not None
+        self.store.knock(key, ttl, self.fake.clock.time(), key_name=name,
+                         scoped=bool(ports), ports=ports)
+
+    def revoke(self, name: str | None, entry: str = ADDRESS) -> list[str]:
+        key = parse_entry(entry)
+        assert key is not None
+        return [g.key_name or "" for g in self.store.revoke(key, name, self.fake.clock.time())]
+
+    def open_ports(self, entry: str = ADDRESS) -> dict[str, int]:
+        """Monitored port -> the timeout firewalld holds for its accept rule of `entry`."""
+        rules = self.fake.runtime.get("knocker", set())
+        return {str(port): self.fake.timeouts.get(accept(entry, port), 0)
+                for port in (SSH, GAME) if accept(entry, port) in rules}
+
+
+@pytest.fixture
+def ports_lab(fake: FakeFirewalld, tmp_path: Path) -> Iterator[PortLab]:
+    lab = PortLab(fake, tmp_path)
+    lab.firewall.prepare({}, fake.clock.time())
+    yield lab
+    lab.store.close()
+    lab.firewall.close()
+
+
+def test_port_scoped_knock_opens_only_its_port(ports_lab: PortLab) -> None:
+    """A key scoped to 22/tcp opens 22/tcp and leaves the other monitored port closed."""
+    ports_lab.knock(600, "ssh-only", ("22/tcp",))
+    assert ports_lab.open_ports() == {"22/tcp": 600}
+
+
+def test_unscoped_knock_opens_every_port_without_cutting_a_longer_port_grant(
+        ports_lab: PortLab) -> None:
+    """The unscoped grant opens both ports for its time; the longer port-scoped grant
+    keeps its own port open for longer, and only that port."""
+    ports_lab.knock(600, "ssh-only", ("22/tcp",))
+    ports_lab.knock(60, "phone")
+    assert ports_lab.open_ports() == {"22/tcp": 600, "27015/udp": 60}
+    ports_lab.knock(900, "phone")  # now the unscoped grant is the longest: one target
+    assert ports_lab.open_ports() == {"22/tcp": 900, "27015/udp": 900}
+    assert ports_lab.store.entries() == {ADDRESS: int(ports_lab.fake.clock.time()) + 900}
+
+
+def test_re_knock_of_a_port_scoped_key_extends_only_its_port(ports_lab: PortLab) -> None:
+    ports_lab.knock(60, "phone")
+    ports_lab.knock(100, "ssh-only", ("22/tcp",))
+    ports_lab.fake.clock.wall += 50
+    ports_lab.knock(300, "ssh-only", ("22/tcp",))
+    assert ports_lab.open_ports() == {"22/tcp": 300, "27015/udp": 10}
+
+
+def test_sign_out_of_the_unscoped_grant_leaves_only_the_scoped_port(ports_lab: PortLab) -> None:
+    """Revoking cuts back to what the remaining grants allow, port by port; revoking
+    every grant closes everything."""
+    ports_lab.knock(600, "phone")
+    ports_lab.knock(300, "ssh-only", ("22/tcp",))
+    assert ports_lab.open_ports() == {"22/tcp": 600, "27015/udp": 600}
+    assert ports_lab.revoke("phone") == ["phone"]
+    assert ports_lab.open_ports() == {"22/tcp": 300}
+    ports_lab.knock(600, "phone")
+    assert sorted(ports_lab.revoke(None)) == ["phone", "ssh-only"]
+    assert ports_lab.open_ports() == {}
+
+
+def test_sign_out_of_the_port_scoped_grant_keeps_the_unscoped_one(ports_lab: PortLab) -> None:
+    ports_lab.knock(60, "phone")
+    ports_lab.knock(600, "ssh-only", ("22/tcp",))
+    ports_lab.revoke("ssh-only")
+    assert ports_lab.open_ports() == {"22/tcp": 60, "27015/udp": 60}
+
+
+def test_purge_of_an_expired_unscoped_grant_closes_the_other_ports_only(
+        ports_lab: PortLab) -> None:
+    """Past the unscoped expiry the purge closes what firewalld's own timer should have
+    closed, and leaves the port-scoped grant's port open."""
+    ports_lab.knock(60, "phone")
+    ports_lab.knock(600, "ssh-only", ("22/tcp",))
+    fake = ports_lab.fake
+    fake.clock.wall += 2
+    ports_lab.store.tick(fake.clock.time())  # whitelist.json written: the purge is due later
+    fake.clock.wall += 120
+    fake.runtime["knocker"].add(accept(ADDRESS, GAME))  # as if the timer had not fired
+    ports_lab.store.tick(fake.clock.time())  # past the cleanup interval
+    assert ports_lab.store.entries() == {f"{ADDRESS} 22/tcp": int(fake.clock.time()) + 478}
+    assert set(ports_lab.open_ports()) == {"22/tcp"}
+
+
+def test_eviction_of_an_unscoped_entry_keeps_what_its_port_grant_allows(
+        fake: FakeFirewalld, tmp_path: Path) -> None:
+    lab = PortLab(fake, tmp_path, capacity=1)
+    lab.firewall.prepare({}, fake.clock.time())
+    try:
+        lab.knock(60, "phone")
+        lab.knock(600, "ssh-only", ("22/tcp",))
+        lab.knock(60, "phone", entry="192.0.2.78")  # evicts ADDRESS from the whitelist
+        assert set(lab.open_ports()) == {"22/tcp"}
+        assert set(lab.open_ports("192.0.2.78")) == {"22/tcp", "27015/udp"}
+    finally:
+        lab.store.close()
+        lab.firewall.close()
+
+
+def test_restart_restores_a_port_scoped_grant_to_its_port_only(ports_lab: PortLab) -> None:
+    """Startup restore: only the scoped port comes back, and a leftover rule for the
+    other port of the same address is removed (never widen after a restart)."""
+    ports_lab.knock(600, "ssh-only", ("22/tcp",))
+    ports_lab.knock(600, "phone", entry="192.0.2.78")
+    fake = ports_lab.fake
+    fake.runtime["knocker"].add(accept(ADDRESS, GAME))  # left behind while Knocker was down
+    ports_lab.restart()
+    assert set(ports_lab.open_ports()) == {"22/tcp"}
+    assert set(ports_lab.open_ports("192.0.2.78")) == {"22/tcp", "27015/udp"}
+    whitelist = json.loads((ports_lab.directory / "whitelist.json").read_text())
+    assert list(whitelist) == ["192.0.2.78"]  # an upstream reader never sees the scoped one
+
+
+def test_firewalld_reload_re_applies_a_port_scoped_grant_to_its_port_only(
+        ports_lab: PortLab) -> None:
+    ports_lab.knock(60, "phone")
+    ports_lab.knock(600, "ssh-only", ("22/tcp",))
+    ports_lab.fake.on_reload(None)
+    assert ports_lab.open_ports() == {}
+    ports_lab.firewall.reconcile(FirewalldClient(ports_lab.fake), "reloaded")
+    assert ports_lab.open_ports() == {"22/tcp": 600, "27015/udp": 60}
+    ports_lab.revoke("phone")
+    ports_lab.fake.on_reload(None)
+    ports_lab.firewall.reconcile(FirewalldClient(ports_lab.fake), "reloaded")
+    assert ports_lab.open_ports() == {"22/tcp": 600}
+
+
+def test_failed_port_grant_puts_the_earlier_grant_back(ports_lab: PortLab) -> None:
+    """A port-scoped knock whose firewalld call fails leaves the firewall as it was."""
+    ports_lab.knock(60, "phone")
+    adds = ports_lab.fake.members().count("addRichRule")
+    ports_lab.fake.fail[("addRichRule", adds + 3)] = dbus_error("INVALID_RULE")
+    with pytest.raises(FirewallError):
+        ports_lab.knock(600, "ssh-only", ("22/tcp",))
+    assert ports_lab.open_ports() == {"22/tcp": 60, "27015/udp": 60}
+    assert [g.key_name for g in ports_lab.store.grants(ports_lab.fake.clock.time())] == [
+        "phone"]
+
+
+def test_a_port_the_config_no_longer_monitors_opens_nothing() -> None:
+    """target_rules: a bare entry is every monitored port, a one-port target that port
+    only when it is still monitored."""
+    assert list(target_rules("192.0.2.9", config())) == [accept("192.0.2.9", SSH),
+                                                          accept("192.0.2.9", GAME)]
+    assert target_rules("192.0.2.9 27015/udp", config()) == {
+        accept("192.0.2.9", GAME): "192.0.2.9 27015/udp"}
+    assert target_rules("192.0.2.9 80/tcp", config()) == {}

@@ -16,7 +16,13 @@ from knocker.app import App, build_app
 from knocker.config import load_config_text
 from knocker.errors import ConfigError
 from knocker.scopes import HostScopes
-from knocker.store.grant_format import Grant, encode_grants, fold_grants, revoke_line
+from knocker.store.grant_format import (
+    Grant,
+    encode_grants,
+    firewall_plan,
+    fold_grants,
+    revoke_line,
+)
 from tests.test_app import (
     ADMIN_KEY,
     CLIENT,
@@ -285,7 +291,7 @@ def test_unscoped_and_scoped_grants_of_one_address_coexist(scoped: Scoped) -> No
                                    extra_environ={"REMOTE_ADDR": PROXY}, expect_errors=True)
     assert signed_out.status_int == 200
     assert signed_out.json["removed"][0]["scope"] == {
-        "hosts": ["app.example.com", "*.apps.example.com"]}
+        "hosts": ["app.example.com", "*.apps.example.com"], "ports": None}
     assert scoped.verify("app.example.com") == 401
 
 
@@ -303,7 +309,8 @@ def test_scoped_grants_stay_out_of_whitelist_json_and_survive_a_restart(
     assert scoped.verify("other.example.com", client="198.51.100.5") == 401
     listed = scoped.web.get("/grants", headers={"X-Api-Key": OPS_KEY}).json["grants"]
     assert [(g["entry"], g["key_name"], g["scope"]) for g in listed] == [
-        ("198.51.100.5", "app-phone", {"hosts": ["app.example.com", "*.apps.example.com"]}),
+        ("198.51.100.5", "app-phone",
+         {"hosts": ["app.example.com", "*.apps.example.com"], "ports": None}),
         ("198.51.100.6", "phone", None)]
 
 
@@ -442,3 +449,120 @@ def test_grants_log_index_follows_appends_and_another_processs_compaction(
     one.sync(one.append(encode_grants([c])))
     two.refresh()
     assert set(two.all()) == {"192.0.2.1", "192.0.2.3"}
+
+
+# --- port-scoped keys ------------------------------------------------------------------
+
+SSH_KEY = "ssh-key-4f8a2d6c0b1e9357"
+APP_SSH_KEY = "app-ssh-key-9c1e5b7d3a2f4068"
+
+
+def ports_app(tmp_path: Path, clock: Clock) -> App:
+    config = load_config_text(f"""
+api_keys:
+  - {{name: phone, key: {USER_KEY}, max_ttl: 3600}}
+  - {{name: ssh, key: {SSH_KEY}, max_ttl: 3600, ports: ["22/tcp"]}}
+  - {{name: app-ssh, key: {APP_SSH_KEY}, max_ttl: 3600, ports: [22],
+      hosts: ["app.example.com"]}}
+  - {{name: ops, key: {OPS_KEY}, max_ttl: 600, admin: true}}
+server:
+  trusted_proxies: ["{PROXY}"]
+security:
+  knock_rate_limit: {{successful_requests: 0, failed_requests: 0}}
+whitelist:
+  storage_path: {tmp_path / "whitelist.json"}
+firewalld:
+  enabled: false
+  monitored_ports: [{{port: 22}}, {{port: 8080}}]
+""")
+    return build_app(config, clock=clock)
+
+
+@pytest.fixture
+def ported(tmp_path: Path) -> Iterator[Scoped]:
+    made = Scoped(tmp_path)
+    made.app.close()
+    made.app = ports_app(tmp_path, made.clock)
+    made.web = TestApp(made.app)
+    yield made
+    made.app.close()
+
+
+def test_port_only_key_passes_verify_for_every_host(ported: Scoped) -> None:
+    """Ports are a firewall matter: a key scoped to ports alone passes /verify like an
+    unscoped key, with any host or none; one also scoped to hosts keeps its hosts."""
+    ported.knock(SSH_KEY, client="192.0.2.5")
+    ported.knock(APP_SSH_KEY, client="192.0.2.6")
+    assert [ported.verify(host, client="192.0.2.5")
+            for host in ("app.example.com", "other.example.com", None)] == [200, 200, 200]
+    assert [ported.verify(host, client="192.0.2.6")
+            for host in ("app.example.com", "other.example.com", None)] == [200, 401, 401]
+    assert ported.verify(None, client="192.0.2.7") == 401
+
+
+def test_grants_show_a_port_scope_and_keep_it_out_of_whitelist_json(ported: Scoped) -> None:
+    """GET /grants shows scope {hosts, ports} (null: every one); port-scoped grants live
+    in the sidecar only, in a record a reader from before port scopes cannot take for
+    a grant of every port; a restart keeps the scope."""
+    ported.knock(SSH_KEY, client="192.0.2.5")
+    ported.knock(APP_SSH_KEY, client="192.0.2.6")
+    ported.knock(USER_KEY, client="192.0.2.7")
+    ported.app.close()
+    ported.app = ports_app(ported.tmp_path, ported.clock)
+    ported.web = TestApp(ported.app)
+    listed = ported.web.get("/grants", headers={"X-Api-Key": OPS_KEY}).json["grants"]
+    assert [(g["entry"], g["key_name"], g["scope"]) for g in listed] == [
+        ("192.0.2.5", "ssh", {"hosts": None, "ports": ["22/tcp"]}),
+        ("192.0.2.6", "app-ssh", {"hosts": ["app.example.com"], "ports": ["22/tcp"]}),
+        ("192.0.2.7", "phone", None)]
+    upstream = json.loads((ported.tmp_path / "whitelist.json").read_text())
+    assert list(upstream) == ["192.0.2.7"]
+    records = [json.loads(line) for line in
+               (ported.tmp_path / "whitelist.json.grants").read_bytes().splitlines()]
+    assert {r["entry"]: r.get("scoped") for r in records} == {
+        "192.0.2.5": {"ports": ["22/tcp"]}, "192.0.2.6": {"ports": ["22/tcp"]},
+        "192.0.2.7": None}
+
+
+def test_host_scopes_add_port_only_keys_to_every_lookup() -> None:
+    keys = load_config_text(f"""
+api_keys:
+  - {{name: a, key: k1-{USER_KEY}, max_ttl: 60, hosts: ["app.example.com"]}}
+  - {{name: p, key: k2-{USER_KEY}, max_ttl: 60, ports: [22]}}
+firewalld: {{monitored_ports: [{{port: 22}}]}}
+""").api_keys
+    scopes = HostScopes(keys)
+    assert scopes.keys_for("app.example.com") == ("p", "a")
+    assert scopes.keys_for("other.example.com") == ("p",)
+    assert scopes.keys_for(None) == ("p",)
+    assert HostScopes(keys[1:]).active
+
+
+def test_an_address_open_port_by_port_counts_once_as_a_live_entry(ported: Scoped) -> None:
+    """entries() names an address once per port while a port-scoped grant outlasts its
+    unscoped one; the active-grants gauge still counts the address once."""
+    ported.knock(SSH_KEY, client="192.0.2.5", ttl=3600)
+    ported.knock(USER_KEY, client="192.0.2.5", ttl=60)
+    assert ported.app.store.entries() == {"192.0.2.5 22/tcp": int(NOW) + 3600,
+                                          "192.0.2.5 8080/tcp": int(NOW) + 60}
+    assert knocker.app._live_entries(ported.app.store) == 1
+
+
+def test_firewall_plan_opens_each_port_for_its_longest_grant() -> None:
+    """One target for every port until the longest grant without a port scope (host
+    scopes included); port by port only where a port-scoped grant runs longer; a
+    port-scoped grant alone opens its ports only; nothing live closes everything."""
+    ports = ("22/tcp", "53/udp")
+
+    def grant(expires_at: int, ports: tuple[str, ...] = (), key: str = "k") -> Grant:
+        return Grant("192.0.2.1", key, expires_at, 0, "knock", scoped=True, ports=ports)
+
+    assert firewall_plan(500, [], ports, 100) == {"": 500}
+    assert firewall_plan(500, [grant(900)], ports, 100) == {"": 900}
+    assert firewall_plan(500, [grant(400, ("22/tcp",))], ports, 100) == {"": 500}
+    assert firewall_plan(500, [grant(900, ("22/tcp",))], ports, 100) == {
+        "22/tcp": 900, "53/udp": 500}
+    assert firewall_plan(None, [grant(900, ("22/tcp",)), grant(700, ("22/tcp",), "j")],
+                         ports, 100) == {"22/tcp": 900}
+    assert firewall_plan(None, [grant(90, ("22/tcp",))], ports, 100) == {}
+    assert firewall_plan(90, [], ports, 100) == {}

@@ -126,11 +126,15 @@ def _text(value: object) -> str:
 
 
 def _scope_text(scope: object) -> str:
-    """A grant's scope for the table: its hosts, or "all hosts" when unscoped."""
+    """A grant's scope for the table: its hosts ("all hosts" when not host-scoped), then
+    its ports when port-scoped."""
     hosts = scope.get("hosts") if isinstance(scope, dict) else None
-    if not isinstance(hosts, list):
-        return "all hosts"
-    return _text(",".join(str(host) for host in hosts) or "none")[:60]
+    ports = scope.get("ports") if isinstance(scope, dict) else None
+    text = ("all hosts" if not isinstance(hosts, list)
+            else ",".join(str(host) for host in hosts) or "none")
+    if isinstance(ports, list):
+        text += " ports " + ",".join(str(port) for port in ports)
+    return _text(text)[:60]
 
 
 def grants_table(grants: list[dict[str, Any]], now: float) -> str:

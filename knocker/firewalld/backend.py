@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from ..addresses import canonical
 from ..config import FirewalldConfig
 from ..errors import FirewallError, FirewallUnavailable
 from .bus import BusConnection, Connection
@@ -47,7 +46,12 @@ from .coordination import (
 )
 from .docker import warn_about_docker
 from .failures import DBUS_FAILURES, DBusError, classify, is_unavailable
-from .rules import entry_network, grant_rules, seconds_left, stray_grants
+from .rules import (
+    seconds_left,
+    stray_grants,
+    target_expiry,
+    target_rules,
+)
 from .watcher import Watcher
 
 log = logging.getLogger("knocker.firewalld")
@@ -127,7 +131,7 @@ class FirewalldFirewall:
         self._mutation = FileLock(os.path.join(state_dir, MUTATION_LOCK), monotonic, self._sleep)
         self._status_path = os.path.join(state_dir, STATUS_FILE)
         self._current: Callable[[], Entries] | None = None
-        self._unsettled: dict[str, str] = {}  # rule -> entry, left by failed grants
+        self._unsettled: dict[str, str] = {}  # rule -> one-port target, left by failed grants
         self._watcher: Watcher | None = None
         self._problem_cache: tuple[float, str | None] = (-1e9, None)
         self._repair_reload_at = -1e9
@@ -187,18 +191,19 @@ class FirewalldFirewall:
                     self._drop_connection()
                 raise
 
-    def _remaining(self, entry: str) -> int | None:
+    def _remaining(self, one_port: str) -> int | None:
+        """Seconds the whitelist still gives one port of an entry ("192.0.2.1 22/tcp")."""
         if self._current is None:
             return None
-        expiry = self._current().get(entry)
+        expiry = target_expiry(self._current(), one_port)
         return None if expiry is None else seconds_left(expiry, self._clock())
 
     def _settle_unsettled(self, client: FirewalldClient) -> None:
         """Rules a failed grant may have left (e.g. firewalld vanished mid-sequence): put
         them back to what the whitelist says before doing anything else."""
-        for rule, entry in list(self._unsettled.items()):
+        for rule, target in list(self._unsettled.items()):
             try:
-                settle(client, self.config.zone_name, rule, self._remaining(entry))
+                settle(client, self.config.zone_name, rule, self._remaining(target))
             except DBusError as exc:
                 if is_unavailable(exc):
                     raise
@@ -262,18 +267,19 @@ class FirewalldFirewall:
                 # runtime-only rule on the machine (fail2ban's bans, an admin's tests).
                 # Only our own leftovers go.
                 step = "removing leftover grants"
-                wanted = {canonical(entry_network(e)) for e, x in entries.items() if x - now > 0}
+                wanted = {one_port for target, x in entries.items() if x - now > 0
+                          for one_port in target_rules(target, self.config).values()}
                 for rule in stray_grants(client.rich_rules(zone), wanted):
                     log.info("firewalld: removing leftover grant %s", rule)
                     remove_rule(client, zone, rule)
             step = "restoring grants"
             restored: list[str] = []
             started = self._monotonic()
-            for entry, expiry in entries.items():
+            for target, expiry in entries.items():
                 # restoring many entries takes a while: count it against their time
                 ttl = seconds_left(expiry, now + self._monotonic() - started)
                 if ttl >= 1:
-                    rules = grant_rules(entry_network(entry), self.config)
+                    rules = list(target_rules(target, self.config))
                     for rule in rules:
                         apply_timed(client, zone, rule, ttl)
                     if ttl >= 2:  # a 1 s grant may be gone before we look
@@ -318,19 +324,19 @@ class FirewalldFirewall:
             self._watcher.start()
 
     def grant(self, entry: str, ttl: int) -> None:
+        """`entry` is a target: an entry (every monitored port) or "entry port/proto"."""
         if ttl < 1:
             raise FirewallError(f"cannot grant {entry} for {ttl} s")
-        rules = grant_rules(entry_network(entry), self.config)
+        rules = target_rules(entry, self.config)
         doing = f"granting {entry}"
         try:
             with self._mutating(doing) as client:
                 self._settle_unsettled(client)
                 try:
-                    grant_all(
-                        client, self.config.zone_name, rules, ttl, lambda: self._remaining(entry)
-                    )
+                    grant_all(client, self.config.zone_name, list(rules), ttl,
+                              lambda rule: self._remaining(rules[rule]))
                 except GrantFailed as failed:
-                    self._unsettled.update(dict.fromkeys(failed.unsettled, entry))
+                    self._unsettled.update({rule: rules[rule] for rule in failed.unsettled})
                     if is_unavailable(failed.cause):
                         self._drop_connection()
                     raise classify(failed.cause, doing) from failed.cause
@@ -343,7 +349,7 @@ class FirewalldFirewall:
         while pending:
             entry = pending.pop(0)
             try:
-                rules = grant_rules(entry_network(entry), self.config)
+                rules = target_rules(entry, self.config)
                 with self._mutating(f"revoking {entry}") as client:
                     for rule in rules:
                         remove_rule(client, self.config.zone_name, rule)
@@ -354,10 +360,7 @@ class FirewalldFirewall:
                     # unless the entry is whitelisted again) before the next change.
                     for rest in [entry, *pending]:
                         with contextlib.suppress(FirewallError):
-                            network = entry_network(rest)
-                            self._unsettled.update(
-                                dict.fromkeys(grant_rules(network, self.config), rest)
-                            )
+                            self._unsettled.update(target_rules(rest, self.config))
                     return
 
     def problem(self) -> str | None:
@@ -415,19 +418,19 @@ class FirewalldFirewall:
         if self._current is None:
             return 0
         zone = self.config.zone_name
-        wanted: dict[str, str] = {}
+        wanted: dict[str, str] = {}  # rule -> one-port target
         expiries = dict(self._current())
-        for entry in expiries:
+        for target in expiries:
             with contextlib.suppress(FirewallError):
-                wanted.update(dict.fromkeys(grant_rules(entry_network(entry), self.config), entry))
+                wanted.update(target_rules(target, self.config))
         missing = missing_rules(reader, zone, wanted)
         applied = 0
         for rule in missing:
-            entry = wanted[rule]
-            with self._mutating(f"re-applying {entry}") as client:
+            one_port = wanted[rule]
+            with self._mutating(f"re-applying {one_port}") as client:
                 if client.query_rich_rule(zone, rule):  # a knock got there first
                     continue
-                ttl = seconds_left(expiries[entry], self._clock())
+                ttl = seconds_left(target_expiry(expiries, one_port) or 0, self._clock())
                 if ttl >= 1:
                     apply_timed(client, zone, rule, ttl)
                     applied += 1

@@ -159,10 +159,10 @@ def grant_all(
     zone: str,
     rules: list[str],
     ttl: int,
-    previous: Callable[[], int | None],
+    previous: Callable[[str], int | None],
 ) -> None:
     """Apply every rule of one grant, or put the rules this call touched back to their
-    previous state (`previous()`: seconds left of an earlier grant of the entry, or None)
+    previous state (`previous(rule)`: seconds left of an earlier grant of it, or None)
     and raise GrantFailed. When firewalld is unreachable no rollback is tried (each call
     would wait for a timeout); the rules are reported as unsettled instead."""
     touched: list[str] = []
@@ -174,10 +174,9 @@ def grant_all(
         if is_unavailable(failure):
             raise GrantFailed(failure, touched) from failure
         unsettled = []
-        remaining = previous()
         for rule in touched:
             try:
-                settle(client, zone, rule, remaining)
+                settle(client, zone, rule, previous(rule))
             except DBUS_FAILURES as exc:
                 log.error("firewalld: could not roll back %s: %s", rule, exc)
                 unsettled.append(rule)

@@ -17,6 +17,7 @@ from typing import Any
 from ..addresses import IPNetwork, canonical, parse_network
 from ..config import FirewalldConfig, MonitoredPort
 from ..errors import FirewallError
+from ..store.grant_format import port_target
 
 # Rich-rule priorities: lower runs first, so a grant (1000) beats the block rule (9999).
 ACCEPT_PRIORITY = 1000
@@ -78,6 +79,27 @@ def block_rules(config: FirewalldConfig) -> list[str]:
 
 def grant_rules(entry: IPNetwork, config: FirewalldConfig) -> list[str]:
     return [accept_rule(entry, port) for port in config.monitored_ports]
+
+
+# A firewall target is what the store asks to open or close: an entry ("192.0.2.1", every
+# monitored port) or one port of it ("192.0.2.1 22/tcp", a port-scoped grant). The store
+# never names both kinds for one entry at once (docs/firewalld.md#port-scoped-keys).
+
+
+def target_rules(target: str, config: FirewalldConfig) -> dict[str, str]:
+    """The accept rules of a target, each with its one-port target. A port the config no
+    longer monitors opens nothing: a grant never reaches a port Knocker does not manage."""
+    entry, _, port = target.partition(" ")
+    network = entry_network(entry)
+    ports = [p for p in config.monitored_ports if not port or str(p) == port]
+    return {accept_rule(network, p): port_target(canonical(network), p) for p in ports}
+
+
+def target_expiry(targets: Mapping[str, int], one_port: str) -> int | None:
+    """The expiry `targets` give one port of an entry: its own target's or the entry's."""
+    entry = one_port.partition(" ")[0]
+    found = [x for x in (targets.get(one_port), targets.get(entry)) if x is not None]
+    return max(found, default=None)
 
 
 def seconds_left(expiry: float, now: float) -> int:
@@ -163,18 +185,21 @@ def unwrap_variants(settings: Mapping[str, Variant]) -> dict[str, Any]:
 
 _ACCEPT_RULE = re.compile(
     rf'^rule priority="{ACCEPT_PRIORITY}" family="ipv[46]" source address="([^"]+)" '
-    r'port port="\d+" protocol="[a-z]+" accept$'
+    r'port port="(\d+)" protocol="([a-z]+)" accept$'
 )
 
 
 def stray_grants(rules: Iterable[str], wanted: set[str]) -> list[str]:
-    """Knocker-shaped accept rules of the zone whose source is not a wanted entry."""
+    """Knocker-shaped accept rules of the zone that open no wanted one-port target
+    ("192.0.2.1 22/tcp", canonical address): per port, so a port-scoped grant never
+    keeps another port's leftover rule."""
     stray = []
     for rule in rules:
         match = _ACCEPT_RULE.match(rule)
         if match is None:
             continue
         network = parse_network(match.group(1))
-        if network is None or canonical(network) not in wanted:
+        if network is None or port_target(
+                canonical(network), f"{match.group(2)}/{match.group(3)}") not in wanted:
             stray.append(rule)
     return stray

@@ -45,12 +45,14 @@ class WhitelistBackend(Protocol):
         ...
 
     def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
-              how: str = "knock", scoped: bool = False) -> KnockResult:
+              how: str = "knock", scoped: bool = False,
+              ports: tuple[str, ...] = ()) -> KnockResult:
         """Grant `key` for `ttl` seconds (firewall first); raises StorageError or
         FirewallError with nothing granted anywhere. With `key_name`, also record the
         grant (that key's, `how` = knock or remote) for grants() and revoke(). A
         `scoped` grant (a key with hosts:) stays out of the unscoped whitelist, so
-        allows() never sees it: only scoped_allows() does."""
+        allows() never sees it: only scoped_allows() does. `ports` (a key with ports:,
+        "22/tcp"): the grant opens only those monitored ports in the firewall."""
         ...
 
     def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...],

@@ -36,7 +36,15 @@ from ..whitelist import Key, Whitelist, entry_text, granted_expiry, parse_entry
 from .backend import KnockResult
 from .files import check_directory
 from .formats import REMOVED, decode_journal, encode_whitelist, journal_line, json_pieces
-from .grant_format import Grant, encode_grants, grant_line, revoke_line
+from .grant_format import (
+    Grant,
+    Plan,
+    encode_grants,
+    firewall_plan,
+    grant_line,
+    port_target,
+    revoke_line,
+)
 from .grantlog import GrantLog
 from .journal import Journal
 from .shm import SharedMemory
@@ -73,6 +81,7 @@ class FileStore:
         self._capacity = config.security.max_whitelist_entries
         self._cleanup = config.whitelist.cleanup_interval_seconds
         self._firewall = firewall
+        self._ports = tuple(map(str, config.firewalld.monitored_ports))
         # time.sleep looked up now, not at import: under gevent it is the patched one
         self._clock, self._monotonic, self._sleep = clock, monotonic, sleep or time.sleep
         self._snapshot_delay = snapshot_delay
@@ -205,9 +214,10 @@ class FileStore:
         except StorageError as error:
             log.error("grants log unreadable: %s", error)
         for entry, grants in self._grant_log.all().items():
-            for grant in grants.values():
-                if grant.scoped and grant.expires_at > max(now, live.get(entry, 0)):
-                    live[entry] = grant.expires_at
+            if any(g.scoped and g.expires_at > now for g in grants.values()):
+                # Its unscoped time joins the plan: one target, or one per port.
+                live.update(self._targets(entry, firewall_plan(
+                    live.pop(entry, None), grants.values(), self._ports, now)))
         return live
 
     # ------------------------------------------------------------------ rate limits
@@ -225,13 +235,14 @@ class FileStore:
 
     # ------------------------------------------------------------------ knocks
     def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
-              how: str = "knock", scoped: bool = False) -> KnockResult:
+              how: str = "knock", scoped: bool = False,
+              ports: tuple[str, ...] = ()) -> KnockResult:
         """Grant `key` for `ttl` seconds: firewall, then disk, then memory. On any
         failure nothing stays granted anywhere (docs/api.md#order-of-checks). With
         `key_name` the grant is also recorded in the grants log (who, when, how); a
         `scoped` grant is recorded there only."""
         if scoped and key_name is not None:
-            return self._knock_scoped(key, ttl, now, key_name, how)
+            return self._knock_scoped(key, ttl, now, key_name, how, ports)
         entry = entry_text(key)
         noted: int | None = None
         with self._journal.writing():
@@ -241,17 +252,26 @@ class FileStore:
             expiry = granted_expiry(live, now, ttl)
             victims = self.replica.victims(key, self._capacity, now)
             # The firewall keeps an entry open for its longest grant, scoped ones included.
-            remaining = max(1, math.ceil(expiry - now), self._scoped_left(entry, now))
-            self._firewall.grant(entry, remaining)  # raises: nothing was changed
+            self._refresh_grants()
+            before = self._plan(entry, now)
+            after = firewall_plan(expiry, self._grant_log.of(entry).values(), self._ports, now)
+            self._open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
             changes = [(victim, REMOVED) for victim in victims] + [(key, expiry)]
             try:
                 pending = self._persist(changes, now)
             except (OSError, StorageError) as error:
-                self._undo_grant(entry, live, now)
+                self._settle_to(entry, before, now)
                 raise StorageError(f"could not persist the whitelist: {error}") from error
             self._publish(changes)
             if key_name is not None:
                 noted = self._note_grant(entry, key_name, ttl, how, now)
+            evicted = tuple(entry_text(victim) for victim in victims)
+            # An evicted entry keeps what its scoped grants allow (under the lock: a
+            # plan applied after a concurrent revoke could reopen what it closed).
+            kept = [e for e in evicted
+                    if any(g.scoped for g in self._grant_log.of(e).values())]
+            for victim in kept:
+                self._settle_to(victim, self._plan(victim, now), now)
         try:
             self._journal.sync(pending)
         except OSError as error:
@@ -262,20 +282,20 @@ class FileStore:
                 self._grant_log.sync(noted)
             except StorageError as error:  # the grant stands; only its record may be lost
                 log.error("grant of %s by %s not recorded: %s", entry, key_name, error)
-        evicted = tuple(entry_text(victim) for victim in victims)
         if evicted:
             log.warning(
                 "whitelist full (%d entries): evicted %s", self._capacity, ", ".join(evicted)
             )
-            self._firewall.revoke(evicted)
+            self._firewall.revoke([e for e in evicted if e not in kept])
         return KnockResult(entry=entry, expires_at=expiry, evicted=evicted,
                            extended=live is not None)
 
     # ------------------------------------------------------------------ grants
     def _knock_scoped(self, key: Key, ttl: int, now: float, key_name: str,
-                      how: str) -> KnockResult:
-        """A host-scoped key's grant: firewall, then the grants log (fsynced), then this
-        process's scoped index; other processes see it at their next scoped lookup."""
+                      how: str, ports: tuple[str, ...]) -> KnockResult:
+        """A scoped key's grant (hosts:, ports:): firewall (its ports only), then the
+        grants log (fsynced), then this process's scoped index; other processes see it
+        at their next scoped lookup."""
         entry = entry_text(key)
         with self._journal.writing():
             self._catch_up()
@@ -287,31 +307,77 @@ class FileStore:
             live = (earlier.expires_at if earlier and earlier.scoped
                     and earlier.expires_at > now else None)
             expiry = granted_expiry(live, now, ttl)
-            before = max(self._scoped_left(entry, now), self._unscoped_left(key, now))
-            self._firewall.grant(entry, max(1, math.ceil(expiry - now), before))
+            grant = Grant(entry, key_name, expiry, int(now), how, scoped=True, ports=ports)
+            before = self._plan(entry, now)
+            after = firewall_plan(self._unscoped_expiry(key, now), [
+                *(g for g in self._grant_log.of(entry).values() if g.key_name != key_name),
+                grant], self._ports, now)
+            self._open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
             lines = b"".join(revoke_line(v.entry, v.key_name) for v in victims)
             try:
-                noted = self._grant_log.append(lines + grant_line(
-                    Grant(entry, key_name, expiry, int(now), how, scoped=True)))
+                noted = self._grant_log.append(lines + grant_line(grant))
                 self._grant_log.sync(noted)
             except StorageError:
-                self._undo_grant(entry, int(now) + before if before else None, now)
+                self._settle_to(entry, before, now)
                 raise
             self._refresh_grants()
-            closed = [v.entry for v in victims if not self._left_anywhere(v.entry, now)]
+            # An evicted grant's entry keeps what its other grants allow.
+            for gone in dict.fromkeys(v.entry for v in victims if v.entry != entry):
+                self._settle_to(gone, self._plan(gone, now), now)
         evicted = tuple(f"{v.entry} ({v.key_name})" for v in victims)
         if evicted:
             log.warning("scoped grants full (%d): evicted %s", self._capacity,
                         ", ".join(evicted))
-            self._firewall.revoke(closed)
         return KnockResult(entry=entry, expires_at=expiry,
                            evicted=tuple(v.entry for v in victims))
 
-    def _left_anywhere(self, entry: str, now: float) -> bool:
-        """Has `entry` any live grant, scoped or not (may the firewall keep it open)?"""
+    # ------------------------------------------------------------------ firewall plans
+    def _plan(self, entry: str, now: float) -> Plan:
+        """What the firewall should hold for `entry` now (writer lock held, grants log
+        refreshed): every grant of it, each on its own ports."""
         key = parse_entry(entry)
-        return bool(self._scoped_left(entry, now)
-                    or (key is not None and self._unscoped_left(key, now)))
+        unscoped = None if key is None else self._unscoped_expiry(key, now)
+        return firewall_plan(unscoped, self._grant_log.of(entry).values(), self._ports, now)
+
+    def _unscoped_expiry(self, key: Key, now: float) -> int | None:
+        expiry = self.replica.expiry(key)
+        return expiry if expiry is not None and expiry > now else None
+
+    def _targets(self, entry: str, plan: Plan) -> dict[str, int]:
+        """A plan as firewall targets (firewall.py): the entry, or one target per port."""
+        return {entry if port == "" else port_target(entry, port): expiry
+                for port, expiry in plan.items()}
+
+    def _open(self, entry: str, plan: Plan, now: float) -> None:
+        """Make the firewall hold `plan` for `entry`; FirewallError from a grant."""
+        if not plan:
+            self._firewall.revoke([entry])
+            return
+        if "" in plan:
+            self._firewall.grant(entry, max(1, math.ceil(plan[""] - now)))
+            return
+        # Ports on their own: first close the monitored ports the plan leaves out.
+        closed = [port_target(entry, port) for port in self._ports if port not in plan]
+        if closed:
+            self._firewall.revoke(closed)
+        for target, expiry in self._targets(entry, plan).items():
+            self._firewall.grant(target, max(1, math.ceil(expiry - now)))
+
+    def _open_all_or_nothing(self, entry: str, plan: Plan, before: Plan, now: float) -> None:
+        """A knock's firewall step: `plan` in place, or `before` back and raise."""
+        try:
+            self._open(entry, plan, now)
+        except Exception:
+            if len(plan) > 1:  # one port's grant may have gone through
+                self._settle_to(entry, before, now)
+            raise
+
+    def _settle_to(self, entry: str, plan: Plan, now: float) -> None:
+        """Best effort (a failure is logged): the firewall back to `plan` for `entry`."""
+        try:
+            self._open(entry, plan, now)
+        except Exception as error:  # the caller's outcome stands either way
+            log.error("could not put the firewall grant of %s back: %s", entry, error)
 
     def _scoped_victims(self, entry: str, key_name: str, now: float) -> list[Grant]:
         """Scoped grants to evict so that this one keeps them within
@@ -382,10 +448,6 @@ class FileStore:
         until = max((g.expires_at for g in self._grant_log.of(entry).values()
                      if g.scoped and g.expires_at > now), default=None)
         return 0 if until is None else max(1, math.ceil(until - now))
-
-    def _unscoped_left(self, key: Key, now: float) -> int:
-        expiry = self.replica.expiry(key)
-        return 0 if expiry is None or expiry <= now else max(1, math.ceil(expiry - now))
 
     def _note_grant(self, entry: str, key_name: str, ttl: int, how: str,
                     now: float) -> int | None:
@@ -483,6 +545,8 @@ class FileStore:
                 noted = None
                 log.error("revocation of %s not recorded in the grants log: %s", entry, error)
             self._refresh_grants()
+            # Cut back to what the remaining grants allow, port by port.
+            self._settle_to(entry, self._plan(entry, now), now)
         try:
             if pending is not None:
                 self._journal.sync(pending)
@@ -490,24 +554,7 @@ class FileStore:
                 self._grant_log.sync(noted)
         except (OSError, StorageError) as error:
             raise StorageError(f"could not persist the whitelist: {error}") from error
-        keep = max((g.expires_at for g in others), default=None)
-        if keep is None:
-            self._firewall.revoke([entry])
-        else:
-            try:
-                self._firewall.grant(entry, max(1, keep - int(now)))
-            except Exception as error:  # the entry itself is already shortened
-                log.error("could not shorten the firewall grant of %s: %s", entry, error)
         return ended
-
-    def _undo_grant(self, entry: str, previous: int | None, now: float) -> None:
-        if previous is None:
-            self._firewall.revoke([entry])
-            return
-        try:
-            self._firewall.grant(entry, max(1, previous - int(now)))
-        except Exception as error:  # the knock fails either way; say what is left open
-            log.error("could not restore the firewall grant of %s: %s", entry, error)
 
     def _persist(self, changes: list[tuple[Key, int]], now: float) -> tuple[int, int]:
         """Append `changes` to the journal; they are durable once Journal.sync() passes
@@ -531,7 +578,8 @@ class FileStore:
                 except (OSError, StorageError) as error:
                     log.error("could not journal the undo of %s: %s", entry_text(key), error)
                 self._publish([(key, restore)])
-        self._undo_grant(entry_text(key), previous, now)
+            self._refresh_grants()
+            self._settle_to(entry_text(key), self._plan(entry_text(key), now), now)
 
     def _dirty_since(self) -> float | None:
         since: float = self._shm.header.dirty_since
@@ -667,9 +715,17 @@ class FileStore:
                 # The process that purged the file closes the firewall holes (their
                 # firewalld timeouts have normally closed them already).
                 log.info("purged %d expired entries", len(gone))
-                # ... except where a scoped grant of the entry still runs.
-                self._firewall.revoke([entry for entry in map(entry_text, gone)
-                                       if not self._scoped_left(entry, now)])
+                # ... except where a scoped grant of the entry still runs: there, cut
+                # back to what it allows (under the lock, like every firewall change).
+                entries = list(map(entry_text, gone))
+                kept = [entry for entry in entries if self._scoped_left(entry, now)]
+                self._firewall.revoke([entry for entry in entries if entry not in kept])
+                if kept:
+                    with self._journal.writing():
+                        self._catch_up()
+                        self._refresh_grants()
+                        for entry in kept:
+                            self._settle_to(entry, self._plan(entry, now), now)
         if self._snapshot_due(now):
             self._snapshot_now(purge=False)
 

@@ -32,6 +32,9 @@ class Grant:
     # reader would take it for an unscoped grant), and passes /verify only for the
     # key's hosts.
     scoped: bool = False
+    # Made with a port-scoped key (then also `scoped`): the monitored ports it opens,
+    # spelled "22/tcp"; empty = every monitored port.
+    ports: tuple[str, ...] = ()
 
     @property
     def ident(self) -> GrantId:
@@ -45,12 +48,46 @@ class Grant:
                 "granted_at": self.granted_at, "how": self.how}
 
 
+def port_target(entry: str, port: object) -> str:
+    """A firewall target naming one port of an entry: "192.0.2.1 22/tcp" (a bare entry
+    is every monitored port; docs/firewalld.md#port-scoped-keys)."""
+    return f"{entry} {port}"
+
+
+# One entry's firewall plan: "" (every monitored port) or port ("22/tcp") -> expiry.
+Plan = dict[str, int]
+
+
+def firewall_plan(unscoped: int | None, grants: Iterable[Grant], ports: Iterable[str],
+                  now: float) -> Plan:
+    """What the firewall should hold for one entry: every monitored port until its
+    longest grant without a port scope (the whitelist's expiry, host-scoped grants);
+    when a port-scoped grant runs longer, each monitored port on its own, so that the
+    longer time reaches only that grant's ports. Empty: close everything."""
+    live = [g for g in grants if g.scoped and g.expires_at > now]
+    whole = max([unscoped or 0] + [g.expires_at for g in live if not g.ports])
+    longer: Plan = {}
+    for grant in live:
+        if grant.ports and grant.expires_at > whole:
+            for port in grant.ports:
+                longer[port] = max(longer.get(port, 0), grant.expires_at)
+    if not longer:
+        return {"": whole} if whole > now else {}
+    plan = dict.fromkeys(ports, whole) if whole > now else {}
+    plan.update(longer)
+    return plan
+
+
 def grant_line(grant: Grant) -> bytes:
     """One record: a key's grant of an entry until expires_at (replaces its earlier one)."""
     record: dict[str, object] = {
         "op": "grant", "entry": grant.entry, "key": grant.key_name,
         "expires_at": grant.expires_at, "granted_at": grant.granted_at, "how": grant.how}
-    if grant.scoped:
+    if grant.ports:
+        # Not a boolean: a reader from before port scopes drops the record rather than
+        # take it for a host-scoped grant of every port (never widen).
+        record["scoped"] = {"ports": list(grant.ports)}
+    elif grant.scoped:
         record["scoped"] = True
     return _line(record)
 
@@ -116,12 +153,18 @@ def _parse(line: bytes) -> Grant | tuple[str, str | None] | None:
         return entry, key_name
     expires_at, granted_at, how = (record.get("expires_at"), record.get("granted_at"),
                                    record.get("how"))
-    scoped = record.get("scoped", False)
+    scoped, ports = record.get("scoped", False), ()
+    if isinstance(scoped, dict):
+        listed = scoped.get("ports")
+        if not (isinstance(listed, list) and listed
+                and all(isinstance(port, str) for port in listed)):
+            return None
+        scoped, ports = True, tuple(listed)
     if (record.get("op") != "grant" or type(expires_at) is not int or how not in HOWS
             or not (granted_at is None or type(granted_at) is int)
             or type(scoped) is not bool):
         return None
-    return Grant(entry, key_name, expires_at, granted_at, how, scoped)
+    return Grant(entry, key_name, expires_at, granted_at, how, scoped, ports)
 
 
 def encode_grants(grants: Iterable[Grant]) -> bytes:

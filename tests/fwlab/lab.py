@@ -549,6 +549,7 @@ class Lab:
 
     MONITORED = 2222
     UNMONITORED = 2223
+    SECOND = 2224  # monitored too: what a key scoped to MONITORED alone must not open
     host_ruleset_before = ""  # the machine's own nft ruleset hash, for a hygiene check
 
     def __init__(self, version: str, workdir: Path) -> None:
@@ -569,6 +570,7 @@ class Lab:
                 "serve",
                 str(self.MONITORED),
                 str(self.UNMONITORED),
+                str(self.SECOND),
             ],
             workdir / "listener.log",
             base_env(),

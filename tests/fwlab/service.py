@@ -20,15 +20,17 @@ KNOCKER_PORT = 8400  # inside the protected namespace: nothing else listens ther
 
 
 def firewalld_section(version: str, **overrides: Any) -> dict[str, Any]:
-    """The lab's firewalld settings: port 2222 monitored, the client ranges as sources.
-    zone_target ACCEPT: the clients must still reach Knocker itself and other ports."""
+    """The lab's firewalld settings: ports 2222 and 2224 monitored, the client ranges as
+    sources. zone_target ACCEPT: the clients must still reach Knocker itself and other
+    ports."""
     section: dict[str, Any] = {
         "enabled": True,
         "zone_name": "knocker",
         "zone_priority": -100 if version.startswith("2.") else None,
         "zone_target": "ACCEPT",
         "default_action": "drop",
-        "monitored_ports": [{"port": Lab.MONITORED, "protocol": "tcp"}],
+        "monitored_ports": [{"port": Lab.MONITORED, "protocol": "tcp"},
+                            {"port": Lab.SECOND, "protocol": "tcp"}],
         "monitored_ips": [NET4, NET6],
     }
     section.update(overrides)
@@ -36,6 +38,7 @@ def firewalld_section(version: str, **overrides: Any) -> dict[str, Any]:
 
 
 OPS_KEY = "ops-key-fwlab-0123456789abcdefghijklmnopqrstuv"
+PORT_KEY = "port-key-fwlab-0123456789abcdefghijklmnopqrstu"  # scoped to Lab.MONITORED
 
 
 class NetnsKnocker(KnockerProcess):
@@ -60,6 +63,9 @@ class NetnsKnocker(KnockerProcess):
         )
         # An admin key for the grants API (DELETE /grants/{entry}).
         config["api_keys"].append({"name": "ops", "key": OPS_KEY, "max_ttl": 600, "admin": True})
+        if any(p["port"] == Lab.MONITORED for p in firewalld.get("monitored_ports", [])):
+            config["api_keys"].append({"name": "port-only", "key": PORT_KEY, "max_ttl": 600,
+                                       "ports": [f"{Lab.MONITORED}/tcp"]})
         super().__init__(
             directory,
             config,
