@@ -52,10 +52,20 @@ class Offload:
         self.calls.append(self.snapshot.stat().st_ino != before)
 
 
-def open_store(directory: Path, clock: FakeClock, offload: Offload | None,
-               sleep: Callable[[float], None] | None = None) -> FileStore:
-    return FileStore(store_config(directory), NullFirewall(), clock=clock,
-                     monotonic=clock.monotonic, sleep=sleep or clock.sleep, offload=offload)
+def open_store(
+    directory: Path,
+    clock: FakeClock,
+    offload: Offload | None,
+    sleep: Callable[[float], None] | None = None,
+) -> FileStore:
+    return FileStore(
+        store_config(directory),
+        NullFirewall(),
+        clock=clock,
+        monotonic=clock.monotonic,
+        sleep=sleep or clock.sleep,
+        offload=offload,
+    )
 
 
 def test_a_snapshot_is_rendered_and_written_through_the_offload(tmp_path: Path) -> None:
@@ -114,9 +124,10 @@ def test_a_busy_writer_lock_is_waited_for_through_sleep_with_backoff(tmp_path: P
         assert key is not None
         result = store.knock(key, 600, clock.now)
         assert result.expires_at == int(NOW) + 600
-        assert slept == [FIRST_WAIT, 2 * FIRST_WAIT, 4 * FIRST_WAIT, 8 * FIRST_WAIT] + [
-            LONGEST_WAIT
-        ] * 4
+        assert (
+            slept
+            == [FIRST_WAIT, 2 * FIRST_WAIT, 4 * FIRST_WAIT, 8 * FIRST_WAIT] + [LONGEST_WAIT] * 4
+        )
         # The lock was really taken: another description cannot have it now... until
         # the knock has returned, which released it.
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,8 +148,7 @@ def test_without_an_offload_a_busy_writer_lock_blocks_in_flock(tmp_path: Path) -
             fcntl.flock(other, fcntl.LOCK_EX)
             key = parse_entry("192.0.2.10")
             assert key is not None
-            knock = threading.Thread(target=lambda: (store.knock(key, 600, clock.now),
-                                                     done.set()))
+            knock = threading.Thread(target=lambda: (store.knock(key, 600, clock.now), done.set()))
             knock.start()
             assert not done.wait(0.3)  # blocked in flock
             fcntl.flock(other, fcntl.LOCK_UN)
@@ -167,8 +177,10 @@ def test_snapshots_of_100000_entries_never_block_a_gevent_worker(tmp_path: Path)
     data.write_whitelist(directory / "whitelist.json", data.make_entries(ENTRIES, expiry))
     config = base_config(
         directory,
-        security={"max_whitelist_entries": 2 * ENTRIES,
-                  "knock_rate_limit": {"successful_requests": 0, "failed_requests": 0}},
+        security={
+            "max_whitelist_entries": 2 * ENTRIES,
+            "knock_rate_limit": {"successful_requests": 0, "failed_requests": 0},
+        },
     )
     monitor = {"GEVENT_MONITOR_THREAD_ENABLE": "true", "GEVENT_MAX_BLOCKING_TIME": "0.1"}
     snapshot = directory / "whitelist.json"
@@ -203,4 +215,4 @@ def test_snapshots_of_100000_entries_never_block_a_gevent_worker(tmp_path: Path)
         log = server.log()[started_log:]
     assert len(inodes) >= 3, "no snapshot was written while probing"
     assert probes and set(probes) == {200}, [p for p in probes if p != 200][:5]
-    assert BLOCKED not in log, log[log.find(BLOCKED) - 200:][:4000]
+    assert BLOCKED not in log, log[log.find(BLOCKED) - 200 :][:4000]
