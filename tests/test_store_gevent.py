@@ -103,7 +103,8 @@ def test_without_an_offload_the_snapshot_runs_in_place(tmp_path: Path) -> None:
 
 def test_a_busy_writer_lock_is_waited_for_through_sleep_with_backoff(tmp_path: Path) -> None:
     """Another process holds the journal's flock: the knock does not block in flock but
-    sleeps 1 ms, 2 ms, ... up to 10 ms between tries, and goes through once it is free."""
+    sleeps FIRST_WAIT, twice that, ... up to LONGEST_WAIT between tries, and goes through
+    once it is free."""
     clock = FakeClock()
     slept: list[float] = []
     holding = True
@@ -124,10 +125,8 @@ def test_a_busy_writer_lock_is_waited_for_through_sleep_with_backoff(tmp_path: P
         assert key is not None
         result = store.knock(key, 600, clock.now)
         assert result.expires_at == int(NOW) + 600
-        assert (
-            slept
-            == [FIRST_WAIT, 2 * FIRST_WAIT, 4 * FIRST_WAIT, 8 * FIRST_WAIT] + [LONGEST_WAIT] * 4
-        )
+        assert slept == [min(FIRST_WAIT * 2**n, LONGEST_WAIT) for n in range(8)]
+        assert slept[0] < slept[1] and slept[-1] == LONGEST_WAIT
         # The lock was really taken: another description cannot have it now... until
         # the knock has returned, which released it.
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -21,7 +21,7 @@ from .shm import SharedMemory
 log = logging.getLogger("knocker.store")
 
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_APPEND
-FIRST_WAIT, LONGEST_WAIT = 0.001, 0.01  # seconds between tries for a busy writer lock
+FIRST_WAIT, LONGEST_WAIT = 0.0005, 0.002  # seconds between tries for a busy writer lock
 
 
 class Journal:
