@@ -200,7 +200,9 @@ def test_store_writes_and_threads_never_block_a_worker_event_loop_for_long(tmp_p
     """Under gevent, the store's flock/fsync/mmap work and its maintenance greenlet (purge
     of 1-3 s grants, snapshots) never hold a worker's event loop for 0.5 s: gevent's own
     monitor thread reports any greenlet that does. First the monitor is shown to see a
-    worker blocked: this test holds the journal's flock for a second while a knock waits."""
+    worker blocked: this test holds the shared memory's flock (the rate limits' short
+    critical section, taken blocking) for a second while a knock waits. (A held journal
+    flock no longer blocks: the store waits for it cooperatively.)"""
     import fcntl
     import threading
 
@@ -210,8 +212,8 @@ def test_store_writes_and_threads_never_block_a_worker_event_loop_for_long(tmp_p
     watching = {"GEVENT_MONITOR_THREAD_ENABLE": "true", "GEVENT_MAX_BLOCKING_TIME": "0.3"}
     with KnockerProcess(tmp_path / "held", base_config(tmp_path / "held"), env=watching) as server:
         assert server.knock()[0] == 200  # the journal exists
-        journal = Path(f"{server.storage_path}.journal")
-        with journal.open("rb") as handle:
+        shared = Path(f"{server.storage_path}.shm")
+        with shared.open("rb") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             knock = threading.Thread(
                 target=server.knock, kwargs={"key": ADMIN_KEY, "body": {"ip_address": "10.9.9.9"}}

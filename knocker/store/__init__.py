@@ -11,6 +11,7 @@ grantlog.py (whitelist.json.grants).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from ..config import Config
@@ -18,7 +19,7 @@ from ..errors import StorageError
 from ..firewall import Firewall
 from .backend import KnockResult, WhitelistBackend
 from .files import atomic_write
-from .filestore import FileStore, release_free_memory
+from .filestore import FileStore, Offload, release_free_memory
 
 __all__ = [
     "FileStore",
@@ -42,4 +43,21 @@ def open_backend(
                                "missing: pip install 'knocker[redis]'") from error
 
         return RedisStore(config, firewall, clock=clock)
-    return FileStore(config, firewall, clock=clock)
+    return FileStore(config, firewall, clock=clock, offload=_offload_for_this_process())
+
+
+def _offload_for_this_process() -> Offload | None:
+    """gevent's thread pool when gevent has patched threading (`knocker serve`'s default
+    worker: cli.py patches before building the app), else None (plain threads). gevent is
+    imported only when it is already in use."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return None
+    import gevent
+
+    def offload(work: Callable[[], None]) -> None:
+        # The hub of the calling thread, looked up per call: a worker forked from the
+        # master has a hub and a pool of its own.
+        gevent.get_hub().threadpool.apply(work)
+
+    return offload

@@ -13,6 +13,11 @@ whitelist 20 times what one snapshot costs), which then empties the journal.
 Writers (knocks, evictions, snapshots) serialise on the journal's writer lock; /verify
 takes no lock unless it has records to apply. firewall.grant runs under the writer lock,
 which /verify never needs.
+
+Under gevent (an `offload` given), a worker's requests share one event loop with the
+maintenance greenlet: a snapshot's render and write (100-300 ms at 100,000 entries) run
+in a real thread through `offload`, and a wait for another process's writer lock sleeps
+instead of blocking in flock, so /verify keeps being answered meanwhile.
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ MIN_FREE_BYTES = 64 << 10  # below this much free space (plus a snapshot's), not
 TRIM_ABOVE = 2000  # entries above which a snapshot gives its memory back (malloc_trim)
 TICK = 0.25  # maintenance period: keeps replicas well inside the ring
 
+Offload = Callable[[Callable[[], None]], None]
+
+
+def _in_place(work: Callable[[], None]) -> None:
+    work()
+
+
+def _sleep(seconds: float) -> None:
+    # Looked up at each call, not bound at import: under gevent, cli.py patches the time
+    # module after this one was imported, and a real sleep would stop the event loop.
+    time.sleep(seconds)
+
 
 class FileStore:
     """The whitelist of one service, shared by its processes through the files above.
@@ -71,21 +88,26 @@ class FileStore:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] | None = None,
+        sleep: Callable[[float], None] = _sleep,
         ring_capacity: int = RING_CAPACITY,
         snapshot_delay: float = SNAPSHOT_DELAY,
         tick: float = TICK,
+        offload: Offload | None = None,
     ) -> None:
+        """offload: how to run blocking work off an event loop (gevent: its thread pool);
+        given, a snapshot is rendered and written through it, and the writer lock is
+        waited for by polling with `sleep`. None (threads): both in the calling thread."""
         self.location = os.path.abspath(config.whitelist.storage_path)
         self.directory = os.path.dirname(self.location)
         self._capacity = config.security.max_whitelist_entries
         self._cleanup = config.whitelist.cleanup_interval_seconds
         self._firewall = firewall
         self._ports = tuple(map(str, config.firewalld.monitored_ports))
-        # time.sleep looked up now, not at import: under gevent it is the patched one
-        self._clock, self._monotonic, self._sleep = clock, monotonic, sleep or time.sleep
+        # `_sleep` looks time.sleep up at each call: under gevent it is the patched one
+        self._clock, self._monotonic, self._sleep = clock, monotonic, sleep
         self._snapshot_delay = snapshot_delay
         self._tick = tick
+        self._offload = offload or _in_place
         rate = config.security.knock_rate_limit
         self._rate_layout = layout_for(rate)
         self._snapshot = SnapshotFile(self.location)
@@ -105,7 +127,9 @@ class FileStore:
                 f"cannot open whitelist storage in {self.directory}: {error.strerror}"
             ) from error
         try:
-            self._journal = Journal(self.location + ".journal", self._shm)
+            self._journal = Journal(
+                self.location + ".journal", self._shm, wait=None if offload is None else sleep
+            )
         except BaseException:
             self._shm.close()
             raise
@@ -673,14 +697,19 @@ class FileStore:
         else:
             self._shm.header.soonest = replica.soonest
 
-    def _write_snapshot(self, state: dict[str, int] | None, now: float = 0.0) -> None:
+    def _write_snapshot(
+        self, state: dict[str, int] | None, now: float = 0.0, run: Offload = _in_place
+    ) -> None:
         """Atomically replace whitelist.json with `state`, then empty the journal.
         state None: the replica's entries expiring after `now`, rendered piece by piece
-        (at 100,000 entries a dict of their texts and its JSON would be tens of MB)."""
+        (at 100,000 entries a dict of their texts and its JSON would be tens of MB), the
+        render and the write through `run`. The replica holds still meanwhile: changes
+        come only from writers, and the caller holds the writer lock."""
         started = self._monotonic()
         soonest = [inf]
         if state is None:
-            self._snapshot.write(json_pieces(self.replica, now, soonest))
+            pieces = json_pieces(self.replica, now, soonest)
+            run(lambda: self._snapshot.write(pieces))
         else:
             self._snapshot.write([encode_whitelist(state)])
             soonest[0] = float(min(state.values(), default=inf))
@@ -751,9 +780,10 @@ class FileStore:
                 due = self._dirty_since() is not None if final else self._snapshot_due(now)
             if not due:
                 return False
-            self._write_snapshot(None, now)
+            # The final one (worker exit, reload) has no requests left to keep answering.
+            self._write_snapshot(None, now, _in_place if final else self._offload)
         if len(self.replica) > TRIM_ABOVE:
-            release_free_memory()  # what rendering a big snapshot allocated
+            self._offload(release_free_memory)  # what rendering a big snapshot allocated
         return True
 
 

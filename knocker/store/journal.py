@@ -11,7 +11,7 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..errors import StorageError
@@ -21,12 +21,18 @@ from .shm import SharedMemory
 log = logging.getLogger("knocker.store")
 
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_APPEND
+FIRST_WAIT, LONGEST_WAIT = 0.0005, 0.002  # seconds between tries for a busy writer lock
 
 
 class Journal:
-    def __init__(self, path: str, shm: SharedMemory) -> None:
+    def __init__(
+        self, path: str, shm: SharedMemory, wait: Callable[[float], None] | None = None
+    ) -> None:
+        """wait: None to block in flock while another process writes (threads); else
+        the sleep to poll with (an event loop must not block in a syscall)."""
         self.path = path
         self._shm = shm
+        self._wait = wait
         self._fd = open_storage(path, _FLAGS)
         self._new_locks()
 
@@ -41,7 +47,7 @@ class Journal:
         its replica overrun reloads under the lock it already holds)."""
         with self._writer:
             if self._writer_depth == 0:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                self._lock_file()
             self._writer_depth += 1
             try:
                 yield
@@ -49,6 +55,19 @@ class Journal:
                 self._writer_depth -= 1
                 if self._writer_depth == 0:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _lock_file(self) -> None:
+        if self._wait is None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            return
+        delay = FIRST_WAIT
+        while True:  # as long as a blocking flock would wait: the holder's next release
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                self._wait(delay)
+                delay = min(2 * delay, LONGEST_WAIT)
 
     def read(self) -> bytes:
         with os.fdopen(os.dup(self._fd), "rb") as handle:
