@@ -202,7 +202,9 @@ class RedisStore:
     def entries(self) -> dict[str, int]:
         """Every live entry, scoped grants included (they open the firewall too)."""
         now = self._clock()
-        return {entry_text(k): e for k, e in self._open(now).items()}
+        with self._lock:  # a consistent pass: no change lands mid-iteration
+            live = self._open(now)
+        return {entry_text(k): e for k, e in live.items()}
 
     def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...], now: float) -> bool:
         """/verify for host-scoped grants: in memory, like allows()."""
@@ -216,7 +218,8 @@ class RedisStore:
         return False
 
     def _open(self, now: float) -> dict[Key, int]:
-        """What the firewall should hold: key -> its longest live grant, scoped or not."""
+        """What the firewall should hold: key -> its longest live grant, scoped or not
+        (under self._lock)."""
         live = {k: e for k, e in self.replica.items() if e > now}
         for grants in list(self.scoped.values()):
             for k, e in grants.items():
@@ -699,7 +702,9 @@ class RedisStore:
             return
         self._applier = fd
         now = self._clock()
-        for key, expiry in self._open(now).items():
+        with self._lock:
+            live = self._open(now)
+        for key, expiry in live.items():
             self._grant_quietly(entry_text(key), expiry, now)
 
     def _reapply_difference(self, before: dict[Key, int], after: dict[Key, int],
