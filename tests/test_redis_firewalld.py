@@ -18,7 +18,7 @@ import pytest
 
 from tests.fwlab import Lab, cleanup_stale_namespaces
 from tests.fwlab.lab import client4, client6
-from tests.fwlab.service import NetnsKnocker, firewalld_section
+from tests.fwlab.service import OPS_KEY, NetnsKnocker, firewalld_section
 from tests.support.redisserver import RedisServer
 from tests.test_firewalld_integration import opened, require
 
@@ -95,4 +95,22 @@ def test_eviction_on_host_b_closes_the_port_on_both_hosts(hosts: tuple[NetnsKnoc
         deadline = time.monotonic() + 3
         while opened(knocker.lab, client4(7), timeout=0.2):
             assert time.monotonic() < deadline, f"{client4(7)} still open on {knocker.lab}"
+            time.sleep(0.05)
+
+
+def test_revocation_on_host_a_closes_the_port_on_both_hosts(
+    hosts: tuple[NetnsKnocker, ...],
+) -> None:
+    """DELETE /grants/{entry} answered by A (REVOKE's removals in the change stream):
+    B's applier closes its firewall too."""
+    a, b = hosts
+    assert b.knock(body={"ttl": 600}, source=client4(9))[0] == 200
+    assert opens_within(a, client4(9), 3) is not None
+    status, _, raw = a.request("DELETE", f"/grants/{client4(9)}", {"X-Api-Key": OPS_KEY},
+                               source=client4(10))
+    assert status == 200, raw
+    for knocker in (a, b):
+        deadline = time.monotonic() + 3
+        while opened(knocker.lab, client4(9), timeout=0.2):
+            assert time.monotonic() < deadline, f"{client4(9)} still open on {knocker.lab}"
             time.sleep(0.05)

@@ -1,10 +1,11 @@
 """Edge: `knocker migrate --to redis|file`, copying the live whitelist between backends.
 
 Owns the one rule of a migration: the target must hold no live entry unless --force
-(then entries are merged, the later expiry winning). The source is read through its
-own backend, so a damaged journal or a server it cannot reach fails the same way it
-would for `knocker serve`. Stop the file-backed service first: its workers keep their
-own copy of whitelist.json.
+(then entries are merged, the later expiry winning). Who granted what (the grant records
+of docs/whitelist.md#grants, host-scoped grants included) travels with the entries.
+The source is read through its own backend, so a damaged journal or a server it cannot
+reach fails the same way it would for `knocker serve`. Stop the file-backed service
+first: its workers keep their own copy of whitelist.json.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from ..firewall import NullFirewall
 from .files import atomic_write
 from .filestore import FileStore
 from .formats import encode_whitelist
+from .grant_format import Grant, encode_grants, fold_grants
+
+
+def unscoped_entries(grants: list[Grant]) -> dict[str, int]:
+    """entry -> expiry of the whitelist proper: host-scoped grants are not part of it (a
+    `restored` grant covers an entry's whole expiry)."""
+    entries: dict[str, int] = {}
+    for grant in grants:
+        if not grant.scoped and grant.expires_at > entries.get(grant.entry, 0):
+            entries[grant.entry] = grant.expires_at
+    return entries
 
 
 class TargetNotEmpty(StorageError):
@@ -35,7 +47,7 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
         )
         source = FileStore(source_config, firewall, clock=lambda: now)
         try:
-            entries = source.entries()
+            grants = source.grants(now)
         finally:
             source.close()
         target = RedisStore(config, firewall, clock=lambda: now)
@@ -49,7 +61,9 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
                     f"{target.location} already holds {present} live "
                     f"entries; use --force to merge into them"
                 )
-            return target.load(entries, now), target.location
+            copied = target.load(unscoped_entries(grants), now)
+            target.load_grants(grants, now)
+            return copied, target.location
         finally:
             target.close()
     redis_source = RedisStore(config, firewall, clock=lambda: now)
@@ -57,7 +71,7 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
         problem = redis_source.ready()
         if problem is not None:
             raise StorageError(problem)
-        entries = redis_source.entries()
+        grants = redis_source.grants(now)
     finally:
         redis_source.close()
     file_target = FileStore(config, firewall, clock=lambda: now)
@@ -70,9 +84,25 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
             f"{file_target.location} already holds {len(present_entries)} "
             f"live entries; use --force to merge into them"
         )
+    entries = unscoped_entries(grants)
     merged = dict(present_entries)
     for entry, expiry in entries.items():
         if merged.get(entry, 0) < expiry:
             merged[entry] = expiry
+    # The grants log first: whitelist.json never holds an entry whose records are missing.
+    # Appended to what is there (--force): a later line replaces an earlier one, so a
+    # record already there that runs longer is not followed by the copied one.
+    log_path = file_target.location + ".grants"
+    try:
+        with open(log_path, "rb") as handle:
+            earlier = handle.read()
+    except FileNotFoundError:
+        earlier = b""
+    if earlier and not earlier.endswith(b"\n"):
+        earlier += b"\n"
+    kept = fold_grants(earlier, now)
+    recorded = [g for g in grants if g.key_name is not None
+                and not (g.ident in kept and kept[g.ident].expires_at >= g.expires_at)]
+    atomic_write(log_path, [earlier, encode_grants(recorded)])
     atomic_write(file_target.location, [encode_whitelist(merged)])
     return len(entries), file_target.location

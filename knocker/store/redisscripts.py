@@ -8,6 +8,12 @@ instance ever reads, decides and writes back (no read-modify-write across instan
     {prefix}changes         stream of changes: s=sequence, e=entry, x=expiry (-1: removed),
                             o=origin (which host made it). Trimmed to about STREAM_MAXLEN.
     {prefix}seq             counter: the s of the last change (a gap means "resynchronise")
+    {prefix}grants:{entry}  hash: key name -> "expiry granted_at how scoped(0|1)", who
+                            granted the entry (docs/whitelist.md#grants); expires with its
+                            last grant, its unscoped fields leave with the entry
+    {prefix}scoped          sorted set: "{entry} {key name}" -> expiry, the host-scoped
+                            grants (never in the whitelist set, so never seen by allows());
+                            their changes carry k=key name in the stream
     {prefix}rate:s:{client} sorted set of success times of one client, expiring on its own
     {prefix}rate:f:{client} the same for failed knocks
 """
@@ -26,6 +32,8 @@ class Keys:
     changes: str
     seq: str
     rate: str  # prefix of the rate-limit keys
+    grants: str  # prefix of the per-entry grant hashes
+    scoped: str
 
     @classmethod
     def under(cls, prefix: str) -> Keys:
@@ -34,14 +42,56 @@ class Keys:
             changes=f"{prefix}changes",
             seq=f"{prefix}seq",
             rate=f"{prefix}rate:",
+            grants=f"{prefix}grants:",
+            scoped=f"{prefix}scoped",
         )
+
+    def grants_of(self, entry: str) -> str:
+        return f"{self.grants}{entry}"
 
     def budget(self, client: bytes, success: bool) -> str:
         return f"{self.rate}{'s' if success else 'f'}:{client.hex()}"
 
 
-# KEYS: whitelist, changes, seq [, success times, failure times of the knocking client]
-# ARGV: entry, now, wanted expiry, capacity, stream maxlen, origin, deadline (server ms)
+
+# Shared by the scripts that touch grant records: a field is "expiry granted_at how s".
+GRANT_HELPERS = """
+local function grant_fields(hkey)
+  local out = {}
+  local flat = redis.call('HGETALL', hkey)
+  for i = 1, #flat, 2 do
+    local x, g, h, s = string.match(flat[i + 1], '^(%-?%d+) (%-?%d+) (%S+) ([01])$')
+    if x then out[flat[i]] = {tonumber(x), tonumber(g), h, s} end
+  end
+  return out
+end
+local function settle(hkey, now)  -- drop ended grants; the hash expires with its last one
+  local last = 0
+  for name, g in pairs(grant_fields(hkey)) do
+    if g[1] <= now then
+      redis.call('HDEL', hkey, name)
+    elseif g[1] > last then
+      last = g[1]
+    end
+  end
+  if last > 0 then redis.call('EXPIREAT', hkey, last) end
+end
+local function drop_unscoped(hkey)  -- the entry left the whitelist: so did these grants
+  for name, g in pairs(grant_fields(hkey)) do
+    if g[4] == '0' then redis.call('HDEL', hkey, name) end
+  end
+end
+local function record(hkey, name, expiry, now, how, scoped)
+  redis.call('HSET', hkey, name, string.format('%d %d %s %s', expiry, math.floor(now), how,
+                                               scoped))
+  settle(hkey, now)
+end
+"""
+
+# KEYS: whitelist, changes, seq, grants of the entry
+#       [, success times, failure times of the knocking client]
+# ARGV: entry, now, wanted expiry, capacity, stream maxlen, origin, deadline (server ms),
+#       grants prefix, key name ('' records no grant), how, the key's own expiry
 #       [, reservation token, budget key lifetime in ms]
 # -> {-1} when the server ran it after the deadline (the caller has given up: store
 #    nothing), else {expiry, {evicted entries...}, sequence number of the grant}
@@ -51,7 +101,7 @@ class Keys:
 # Expired entries are purged here, by the server, before anything is counted: an expired
 # entry is never held against the capacity nor evicted in place of a live one. Readers
 # filter by score (> now), so an entry is gone at its expiry even before a purge.
-KNOCK = """
+KNOCK = GRANT_HELPERS + """
 local clock = redis.call('TIME')
 local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 if server_ms > tonumber(ARGV[7]) then
@@ -72,6 +122,7 @@ if not current then
     evicted = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
     for _, victim in ipairs(evicted) do
       redis.call('ZREM', KEYS[1], victim)
+      drop_unscoped(ARGV[8] .. victim)
       local seq = redis.call('INCR', KEYS[3])
       redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
                  's', seq, 'e', victim, 'x', -1, 'o', ARGV[6])
@@ -82,13 +133,22 @@ redis.call('ZADD', KEYS[1], expiry, entry)
 local seq = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
            's', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', ARGV[6])
-if #KEYS == 5 then
-  local held = 'held:' .. ARGV[8]
-  if redis.call('ZREM', KEYS[4], held) == 1 then
-    redis.call('ZADD', KEYS[4], now, 'knock:' .. ARGV[8])
-    redis.call('PEXPIRE', KEYS[4], ARGV[9])
+if ARGV[9] ~= '' then
+  -- the key's own grant: never shorter than its earlier live one
+  local own = tonumber(ARGV[11])
+  local earlier = grant_fields(KEYS[4])[ARGV[9]]
+  if earlier and earlier[4] == '0' and earlier[1] > now and earlier[1] > own then
+    own = earlier[1]
   end
-  redis.call('ZREM', KEYS[5], held)
+  record(KEYS[4], ARGV[9], own, now, ARGV[10], '0')
+end
+if #KEYS == 6 then
+  local held = 'held:' .. ARGV[12]
+  if redis.call('ZREM', KEYS[5], held) == 1 then
+    redis.call('ZADD', KEYS[5], now, 'knock:' .. ARGV[12])
+    redis.call('PEXPIRE', KEYS[5], ARGV[13])
+  end
+  redis.call('ZREM', KEYS[6], held)
 end
 return {string.format('%d', expiry), evicted, seq}
 """
@@ -153,4 +213,153 @@ for i = 1, 2 do
   end
 end
 return 0
+"""
+
+# KEYS: whitelist, changes, seq, grants of the entry, scoped grants
+#       [, success times, failure times of the knocking client]
+# ARGV: entry, now, the key's own expiry, capacity, stream maxlen, origin, deadline
+#       (server ms), grants prefix, key name, how [, reservation token, lifetime in ms]
+# -> {-1} after the deadline, else {expiry, {entries of evicted scoped grants...},
+#    sequence number, the entry's unscoped expiry (0: none)}
+# A host-scoped key's grant: in the scoped set and the entry's grants hash only, never
+# in the whitelist set. Scoped grants are held to the same capacity as the whitelist.
+SCOPED_KNOCK = GRANT_HELPERS + """
+local clock = redis.call('TIME')
+local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if server_ms > tonumber(ARGV[7]) then
+  return {-1}
+end
+local entry, now, expiry = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local name = ARGV[9]
+local member = entry .. ' ' .. name
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+settle(KEYS[4], now)
+local current = redis.call('ZSCORE', KEYS[5], member)
+if current and tonumber(current) > expiry then
+  expiry = tonumber(current)
+end
+local evicted = {}
+if not current then
+  local excess = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[4]) + 1
+  if excess > 0 then
+    for _, victim in ipairs(redis.call('ZRANGE', KEYS[5], 0, excess - 1)) do
+      redis.call('ZREM', KEYS[5], victim)
+      local space = string.find(victim, ' ', 1, true)
+      local ventry, vname = string.sub(victim, 1, space - 1), string.sub(victim, space + 1)
+      redis.call('HDEL', ARGV[8] .. ventry, vname)
+      local seq = redis.call('INCR', KEYS[3])
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+                 's', seq, 'e', ventry, 'k', vname, 'x', -1, 'o', ARGV[6])
+      table.insert(evicted, ventry)
+    end
+  end
+end
+redis.call('ZADD', KEYS[5], expiry, member)
+record(KEYS[4], name, expiry, now, ARGV[10], '1')
+local seq = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+           's', seq, 'e', entry, 'k', name, 'x', string.format('%d', expiry), 'o', ARGV[6])
+if #KEYS == 7 then
+  local held = 'held:' .. ARGV[11]
+  if redis.call('ZREM', KEYS[6], held) == 1 then
+    redis.call('ZADD', KEYS[6], now, 'knock:' .. ARGV[11])
+    redis.call('PEXPIRE', KEYS[6], ARGV[12])
+  end
+  redis.call('ZREM', KEYS[7], held)
+end
+local unscoped = redis.call('ZSCORE', KEYS[1], entry)
+if not unscoped or tonumber(unscoped) <= now then unscoped = 0 end
+return {string.format('%d', expiry), evicted, seq, string.format('%d', tonumber(unscoped))}
+"""
+
+# KEYS: whitelist, changes, seq, grants of the entry, scoped grants
+# ARGV: entry, key name ('': every grant of the entry), now, stream maxlen, origin
+# -> {{{key name ('' restored), expiry, granted_at (-1: none), how, scoped}...} ended,
+#     longest grant of the entry left (0: none), sequence number of the last change,
+#     the entry's expiry in the whitelist set now (0: gone)}
+# The same rule as the file backend: an ended unscoped grant cuts the entry back to the
+# longest unscoped grant left (an entry that ran longer than every recorded grant has a
+# `restored` one); ended scoped grants leave the scoped set. Every change is streamed.
+REVOKE = GRANT_HELPERS + """
+local entry, name, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local current = redis.call('ZSCORE', KEYS[1], entry)
+current = current and tonumber(current) or 0
+if current <= now then current = 0 end
+local ended, others, top = {}, {}, 0
+for n, g in pairs(grant_fields(KEYS[4])) do
+  if g[1] > now and (g[4] == '1' or g[1] <= current) then
+    if g[4] == '0' and g[1] > top then top = g[1] end
+    local grant = {n, g[1], g[2], g[3], g[4]}
+    if name == '' or n == name then table.insert(ended, grant) else table.insert(others, grant) end
+  end
+end
+if current > top then
+  local grant = {'', current, -1, 'restored', '0'}
+  if name == '' then table.insert(ended, grant) else table.insert(others, grant) end
+end
+if #ended == 0 then
+  return {{}, 0, 0}
+end
+local seq = 0
+local function change(key_name, expiry)
+  seq = redis.call('INCR', KEYS[3])
+  local fields = {'s', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', ARGV[5]}
+  if key_name then
+    table.insert(fields, 'k')
+    table.insert(fields, key_name)
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+end
+local keep, longest, cut = 0, 0, false
+for _, g in ipairs(others) do
+  if g[5] == '0' and g[2] > keep then keep = g[2] end
+  if g[2] > longest then longest = g[2] end
+end
+local reply = {}
+for _, g in ipairs(ended) do
+  if g[5] == '0' then
+    cut = true
+  else
+    redis.call('ZREM', KEYS[5], entry .. ' ' .. g[1])
+    change(g[1], -1)
+  end
+  if g[1] ~= '' then redis.call('HDEL', KEYS[4], g[1]) end
+  table.insert(reply, {g[1], string.format('%d', g[2]), string.format('%d', g[3]), g[4], g[5]})
+end
+if cut then
+  redis.call('ZREM', KEYS[1], entry)
+  change(nil, -1)
+  if keep > 0 then
+    redis.call('ZADD', KEYS[1], keep, entry)
+    change(nil, keep)
+  end
+end
+settle(KEYS[4], now)
+local left = cut and keep or current
+return {reply, string.format('%d', longest), seq, string.format('%d', left)}
+"""
+
+# KEYS: grants of one entry, scoped grants, changes, seq
+# ARGV: now, stream maxlen, origin, entry, then key name, record pairs (migration)
+# -> records stored. A record already there with a later expiry is kept.
+LOAD_GRANTS = GRANT_HELPERS + """
+local now, stored = tonumber(ARGV[1]), 0
+local present = grant_fields(KEYS[1])
+for i = 5, #ARGV, 2 do
+  local name, value = ARGV[i], ARGV[i + 1]
+  local x, s = string.match(value, '^(%-?%d+) %-?%d+ %S+ ([01])$')
+  local before = present[name]
+  if x and tonumber(x) > now and not (before and before[1] >= tonumber(x)) then
+    redis.call('HSET', KEYS[1], name, value)
+    if s == '1' then
+      redis.call('ZADD', KEYS[2], x, ARGV[4] .. ' ' .. name)
+      local seq = redis.call('INCR', KEYS[4])
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
+                 's', seq, 'e', ARGV[4], 'k', name, 'x', x, 'o', ARGV[3])
+    end
+    stored = stored + 1
+  end
+end
+settle(KEYS[1], now)
+return stored
 """

@@ -34,12 +34,16 @@ from ..firewall import Firewall
 from ..ratelimit import Outcome, layout_for
 from ..whitelist import Key, Whitelist, entry_text, granted_expiry, parse_entry
 from .backend import KnockResult
+from .grant_format import HOWS, Grant
 from .redisscripts import (
     KNOCK,
     LOAD,
+    LOAD_GRANTS,
     RATE_RESERVE,
     RATE_SETTLE,
     REMOVED,
+    REVOKE,
+    SCOPED_KNOCK,
     STREAM_MAXLEN,
     Keys,
 )
@@ -131,10 +135,15 @@ class RedisStore:
         self._load_script = self._client.register_script(LOAD)
         self._reserve_script = self._client.register_script(RATE_RESERVE)
         self._settle_script = self._client.register_script(RATE_SETTLE)
+        self._scoped_script = self._client.register_script(SCOPED_KNOCK)
+        self._revoke_script = self._client.register_script(REVOKE)
+        self._load_grants_script = self._client.register_script(LOAD_GRANTS)
         # this thread's knock in flight: (client, now) of its reservation, and whether
         # the KNOCK script has settled it
         self._reservation = threading.local()
         self.replica = Whitelist()
+        # key name -> its host-scoped grants, replicated like the whitelist (never in it)
+        self.scoped: dict[str, Whitelist] = {}
         self._lock = threading.Lock()  # serialises writes to the replica
         self._seq = 0  # the last change applied to the replica
         self._last_id = "0-0"  # stream position of that change
@@ -191,8 +200,38 @@ class RedisStore:
         return self._usable and self.replica.allows(address, now)
 
     def entries(self) -> dict[str, int]:
+        """Every live entry, scoped grants included (they open the firewall too)."""
         now = self._clock()
-        return {entry_text(k): e for k, e in self.replica.items() if e > now}
+        with self._lock:  # a consistent pass: no change lands mid-iteration
+            live = self._open(now)
+        return {entry_text(k): e for k, e in live.items()}
+
+    def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...], now: float) -> bool:
+        """/verify for host-scoped grants: in memory, like allows()."""
+        if not self._usable:
+            return False
+        scoped = self.scoped
+        for name in key_names:
+            grants = scoped.get(name)
+            if grants is not None and grants.allows(address, now):
+                return True
+        return False
+
+    def _open(self, now: float) -> dict[Key, int]:
+        """What the firewall should hold: key -> its longest live grant, scoped or not
+        (under self._lock)."""
+        live = {k: e for k, e in self.replica.items() if e > now}
+        for grants in list(self.scoped.values()):
+            for k, e in grants.items():
+                if e > now and e > live.get(k, 0):
+                    live[k] = e
+        return live
+
+    def _longest(self, key: Key, now: float) -> int:
+        """The latest expiry of any live grant of `key` in this replica (0: none)."""
+        expiries = [self.replica.expiry(key)]
+        expiries += [grants.expiry(key) for grants in list(self.scoped.values())]
+        return max((e for e in expiries if e is not None and e > now), default=0)
 
     # ------------------------------------------------------------------ rate limits
     def rate_reserve(self, client: bytes, now: float) -> bool:
@@ -240,18 +279,27 @@ class RedisStore:
         return [self._keys.budget(client, True), self._keys.budget(client, False)]
 
     # ------------------------------------------------------------------ knocks
-    def knock(self, key: Key, ttl: int, now: float) -> KnockResult:
+    def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
+              how: str = "knock", scoped: bool = False) -> KnockResult:
         """Firewall first, then the server (acknowledged = stored as durably as the server
-        is configured to store it); on any failure nothing stays granted."""
+        is configured to store it); on any failure nothing stays granted. With
+        `key_name` the grant is recorded with the entry (one script); a `scoped` grant
+        goes to the scoped set only."""
         entry = entry_text(key)
+        before = self._longest(key, now)
+        live = before or None  # what the firewall holds now
+        if scoped and key_name is not None:
+            return self._knock_scoped(key, entry, ttl, now, key_name, how, live)
         previous = self.replica.expiry(key)
-        live = previous if previous is not None and previous > now else None
-        wanted = granted_expiry(live, now, ttl)
-        self._firewall.grant(entry, _seconds_left(wanted, now))  # raises: nothing changed
+        wanted = granted_expiry(previous if previous is not None and previous > now else None,
+                                now, ttl)
+        # raises: nothing changed
+        self._firewall.grant(entry, _seconds_left(max(wanted, before), now))
         # The script refuses to run after the moment we stop waiting for it (a paused
         # server that resumes later must not store a knock that was answered 503).
         deadline_ms = int((self._wall() + self._timeout) * 1000)
-        keys = [self._keys.whitelist, self._keys.changes, self._keys.seq]
+        keys = [self._keys.whitelist, self._keys.changes, self._keys.seq,
+                self._keys.grants_of(entry)]
         args: list[Any] = [
             entry,
             repr(now),
@@ -260,6 +308,10 @@ class RedisStore:
             STREAM_MAXLEN,
             self._origin,
             deadline_ms,
+            self._keys.grants,
+            key_name or "",
+            how,
+            granted_expiry(None, now, ttl),
         ]
         pending = getattr(self._reservation, "pending", None)
         if pending is not None and pending[1] == now:  # this knock's reservation
@@ -280,7 +332,7 @@ class RedisStore:
         evicted = tuple(reply[1])
         if pending is not None and pending[1] == now:
             self._reservation.settled = True
-        if expiry > wanted:  # another instance holds a longer grant of the same entry
+        if expiry > max(wanted, before):  # another instance granted it for longer
             self._grant_quietly(entry, expiry, now)
         with self._lock:
             # Only ahead of the follower: once it has applied this change (or resynced
@@ -296,8 +348,142 @@ class RedisStore:
             log.warning(
                 "whitelist full (%d entries): evicted %s", self._capacity, ", ".join(evicted)
             )
-            self._firewall.revoke(evicted)
-        return KnockResult(entry=entry, expires_at=expiry, evicted=evicted)
+            self._close_unless_granted(evicted, now)
+        return KnockResult(entry=entry, expires_at=expiry, evicted=evicted,
+                           extended=previous is not None and previous > now)
+
+    def _knock_scoped(self, key: Key, entry: str, ttl: int, now: float, key_name: str,
+                      how: str, live: int | None) -> KnockResult:
+        """A host-scoped key's grant: firewall, then the SCOPED_KNOCK script, then this
+        process's scoped index (other processes follow the change stream)."""
+        earlier = self.scoped.get(key_name, Whitelist()).expiry(key)
+        earlier = earlier if earlier is not None and earlier > now else None
+        wanted = granted_expiry(earlier, now, ttl)
+        self._firewall.grant(entry, _seconds_left(max(wanted, live or 0), now))
+        deadline_ms = int((self._wall() + self._timeout) * 1000)
+        keys = [self._keys.whitelist, self._keys.changes, self._keys.seq,
+                self._keys.grants_of(entry), self._keys.scoped]
+        args: list[Any] = [entry, repr(now), wanted, self._capacity, STREAM_MAXLEN,
+                           self._origin, deadline_ms, self._keys.grants, key_name, how]
+        pending = getattr(self._reservation, "pending", None)
+        if pending is not None and pending[1] == now:
+            keys += self._budget_keys(pending[0])
+            args += [_token(now), self._key_lifetime_ms]
+        try:
+            reply = self._scoped_script(keys=keys, args=args)
+        except redis.RedisError as error:
+            self._undo_grant(entry, live, now)
+            raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
+        if int(reply[0]) < 0:
+            self._undo_grant(entry, live, now)
+            raise StorageUnavailable(
+                f"redis {self._settings.url} ran the knock after "
+                f"redis.command_timeout_ms; not stored"
+            )
+        expiry, evicted = int(reply[0]), tuple(reply[1])
+        if pending is not None and pending[1] == now:
+            self._reservation.settled = True
+        if int(reply[3]) > max(wanted, live or 0):
+            self._grant_quietly(entry, int(reply[3]), now)
+        with self._lock:
+            if self._seq < int(reply[2]):
+                self._set_scoped(key_name, key, expiry)
+        if evicted:
+            log.warning("scoped grants full (%d): evicted %s", self._capacity,
+                        ", ".join(evicted))
+            self._close_unless_granted(evicted, now)
+        return KnockResult(entry=entry, expires_at=expiry, evicted=evicted,
+                           extended=earlier is not None)
+
+    def _set_scoped(self, key_name: str, key: Key, expiry: int) -> None:
+        """Under self._lock: record (or with REMOVED, drop) a scoped grant in memory."""
+        if expiry == REMOVED:
+            table = self.scoped.get(key_name)
+            if table is not None:
+                table.remove(key)
+            return
+        self.scoped.setdefault(key_name, Whitelist()).set(key, expiry)
+
+    def _close_unless_granted(self, entries: tuple[str, ...], now: float) -> None:
+        """Revoke `entries` in the firewall, except those another live grant keeps open
+        (a scoped grant of an evicted entry, say)."""
+        closed = []
+        for text in entries:
+            key = parse_entry(text)
+            longest = self._longest(key, now) if key is not None else 0
+            if longest:
+                self._grant_quietly(text, longest, now)
+            else:
+                closed.append(text)
+        if closed:
+            self._firewall.revoke(closed)
+
+    # ------------------------------------------------------------------ grants
+    def grants(self, now: float) -> list[Grant]:
+        """Every live grant (GET /grants), read from the server, ordered like the file
+        backend's: an entry running longer than its recorded grants has a `restored` one."""
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.zrangebyscore(self._keys.whitelist, f"({now!r}", "+inf", withscores=True)
+            pipe.zrangebyscore(self._keys.scoped, f"({now!r}", "+inf")
+            members, scoped = pipe.execute()
+            entries = {text: int(score) for text, score in members}
+            names = list(entries) + sorted({m.split(" ", 1)[0] for m in scoped} - set(entries))
+            pipe = self._client.pipeline(transaction=False)
+            for text in names:
+                pipe.hgetall(self._keys.grants_of(text))
+            records = pipe.execute()
+        except redis.RedisError as error:
+            raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
+        result: list[Grant] = []
+        for text, fields in zip(names, records, strict=True):
+            found = [g for g in (_decode_grant(text, n, v) for n, v in fields.items())
+                     if g is not None and g.expires_at > now]
+            expiry = entries.get(text)
+            if expiry is not None:
+                unscoped = [g for g in found if not g.scoped and g.expires_at <= expiry]
+                result += unscoped
+                if not unscoped or expiry > max(g.expires_at for g in unscoped):
+                    result.append(Grant(text, None, expiry, None, "restored"))
+            result += [g for g in found if g.scoped]
+        return sorted(result, key=lambda g: (g.entry, g.key_name or "", g.scoped))
+
+    def revoke(self, key: Key, key_name: str | None, now: float) -> list[Grant]:
+        """End `key_name`'s grants of `key` (None: all of them) on the server in one
+        script, which streams the removals to every instance; then this replica and the
+        firewall. The entry is cut back to its longest remaining unscoped grant."""
+        entry = entry_text(key)
+        try:
+            reply = self._revoke_script(
+                keys=[self._keys.whitelist, self._keys.changes, self._keys.seq,
+                      self._keys.grants_of(entry), self._keys.scoped],
+                args=[entry, key_name or "", repr(now), STREAM_MAXLEN, self._origin],
+            )
+        except redis.RedisError as error:
+            raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
+        ended = [
+            Grant(entry, name or None, int(expiry), None if int(at) < 0 else int(at), how,
+                  scoped=flag == "1")
+            for name, expiry, at, how, flag in reply[0]
+        ]
+        if not ended:
+            return []
+        longest, seq = int(reply[1]), int(reply[2])
+        with self._lock:
+            if self._seq < seq:  # ahead of the follower only (see knock)
+                for grant in ended:
+                    if grant.scoped and grant.key_name is not None:
+                        self._set_scoped(grant.key_name, key, REMOVED)
+                if any(not g.scoped for g in ended):
+                    self.replica.remove(key)
+                    keep = int(reply[3])
+                    if keep:
+                        self.replica.extend(key, keep)
+        if longest > now:
+            self._grant_quietly(entry, longest, now)
+        else:
+            self._firewall.revoke([entry])
+        return ended
 
     def _undo_grant(self, entry: str, previous: int | None, now: float) -> None:
         if previous is None:
@@ -328,6 +514,24 @@ class RedisStore:
             )
         return stored
 
+    def load_grants(self, grants: list[Grant], now: float) -> int:
+        """Store recorded grants (migration; restored ones are not records), keeping
+        later ones already present; the number stored."""
+        by_entry: dict[str, list[Grant]] = {}
+        for grant in grants:
+            if grant.key_name is not None and grant.expires_at > now:
+                by_entry.setdefault(grant.entry, []).append(grant)
+        stored = 0
+        for entry, records in by_entry.items():
+            args: list[Any] = [repr(now), STREAM_MAXLEN, self._origin, entry]
+            for grant in records:
+                args += [grant.key_name, encode_grant(grant)]
+            stored += int(self._load_grants_script(
+                keys=[self._keys.grants_of(entry), self._keys.scoped, self._keys.changes,
+                      self._keys.seq],
+                args=args))
+        return stored
+
     def stored_count(self, now: float) -> int:
         """Unexpired entries on the server (migrate's emptiness check)."""
         return int(self._client.zcount(self._keys.whitelist, f"({now!r}", "+inf"))
@@ -341,20 +545,28 @@ class RedisStore:
         pipe.get(self._keys.seq)
         pipe.xrevrange(self._keys.changes, count=1)
         pipe.zrangebyscore(self._keys.whitelist, f"({now!r}", "+inf", withscores=True)
-        seq, last, members = pipe.execute()
+        pipe.zrangebyscore(self._keys.scoped, f"({now!r}", "+inf", withscores=True)
+        seq, last, members, scoped_members = pipe.execute()
         fresh = Whitelist()
         for text, score in members:
             key = parse_entry(text)
             if key is not None:
                 fresh.extend(key, int(score))
+        scoped: dict[str, Whitelist] = {}
+        for member, score in scoped_members:
+            text, _, name = member.partition(" ")
+            key = parse_entry(text)
+            if key is not None and name:
+                scoped.setdefault(name, Whitelist()).set(key, int(score))
         with self._lock:
-            old = self.replica
-            self.replica = fresh  # one reference swap: readers never see it half-built
+            old = self._open(now)
+            # reference swaps: readers never see them half-built
+            self.replica, self.scoped = fresh, scoped
             self._seq = int(seq or 0)
             self._last_id = last[0][0] if last else "0-0"
         self._came_up(len(fresh))
         if self._applier is not None:
-            self._reapply_difference(old, fresh, now)
+            self._reapply_difference(old, self._open(now), now)
 
     def _follow(self) -> None:
         reader = connect(self._settings, extra_timeout=BLOCK_MS / 1000)
@@ -407,8 +619,11 @@ class RedisStore:
                     return False
                 key = parse_entry(fields.get("e", ""))
                 expiry = int(fields.get("x", REMOVED))
+                scoped_name = fields.get("k")  # a host-scoped grant's change
                 with self._lock:
-                    if key is not None:
+                    if key is not None and scoped_name is not None:
+                        self._set_scoped(scoped_name, key, expiry)
+                    elif key is not None:
                         if expiry == REMOVED:
                             self.replica.remove(key)
                         else:
@@ -419,10 +634,12 @@ class RedisStore:
                     and self._applier is not None
                     and fields.get("o") != self._origin
                 ):
-                    if expiry == REMOVED:
+                    # the firewall holds an entry for its longest grant, scoped or not
+                    longest = self._longest(key, now)
+                    if longest:
+                        self._grant_quietly(fields["e"], longest, now)
+                    else:
                         self._firewall.revoke([fields["e"]])
-                    elif expiry > now:
-                        self._grant_quietly(fields["e"], expiry, now)
         return True
 
     def _purge(self, now: float) -> None:
@@ -430,8 +647,12 @@ class RedisStore:
             gone = self.replica.expired(now)
             for key in gone:
                 self.replica.remove(key)
+            for grants in self.scoped.values():
+                for key in grants.expired(now):
+                    grants.remove(key)
+                    gone.append(key)
         if gone and self._applier is not None:
-            self._firewall.revoke([entry_text(key) for key in gone])
+            self._close_unless_granted(tuple({entry_text(key) for key in gone}), now)
 
     # ------------------------------------------------------------------ health
     def _went_down(self, error: Exception) -> None:
@@ -481,18 +702,37 @@ class RedisStore:
             return
         self._applier = fd
         now = self._clock()
-        for key, expiry in list(self.replica.items()):
-            if expiry > now:
-                self._grant_quietly(entry_text(key), expiry, now)
+        with self._lock:
+            live = self._open(now)
+        for key, expiry in live.items():
+            self._grant_quietly(entry_text(key), expiry, now)
 
-    def _reapply_difference(self, old: Whitelist, fresh: Whitelist, now: float) -> None:
-        before = {key: expiry for key, expiry in old.items() if expiry > now}
-        gone = [entry_text(key) for key in before if fresh.expiry(key) is None]
+    def _reapply_difference(self, before: dict[Key, int], after: dict[Key, int],
+                            now: float) -> None:
+        gone = [entry_text(key) for key in before if key not in after]
         if gone:
             self._firewall.revoke(gone)
-        for key, expiry in fresh.items():
+        for key, expiry in after.items():
             if before.get(key) != expiry:
                 self._grant_quietly(entry_text(key), expiry, now)
+
+
+def _decode_grant(entry: str, name: str, value: str) -> Grant | None:
+    """One field of a grants hash ("expiry granted_at how scoped"), None if damaged."""
+    parts = value.split(" ")
+    if len(parts) != 4 or parts[2] not in HOWS or parts[3] not in ("0", "1"):
+        return None
+    try:
+        expiry, at = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return Grant(entry, name, expiry, None if at < 0 else at, parts[2], scoped=parts[3] == "1")
+
+
+def encode_grant(grant: Grant) -> str:
+    """A grants hash field's value (migration)."""
+    at = -1 if grant.granted_at is None else grant.granted_at
+    return f"{grant.expires_at} {at} {grant.how} {int(grant.scoped)}"
 
 
 def _token(now: float) -> str:
