@@ -1005,3 +1005,27 @@ def test_key_ports_need_firewalld_monitored_ports() -> None:
     mapping = with_key_ports(["22"])
     del mapping["firewalld"]
     assert "is not one of firewalld.monitored_ports (none)" in str(error_of(mapping))
+
+
+def test_port_scoped_key_is_refused_with_the_redis_backend() -> None:
+    """The redis backend keeps whole-entry grants only: a port scope is a config error
+    naming the key, not a grant silently widened to every monitored port."""
+    text = """
+api_keys:
+  - name: ssh-only
+    key: port-scoped-key-0123456789abcdef
+    max_ttl: 600
+    ports: ["22/tcp"]
+whitelist:
+  backend: redis
+redis:
+  url: redis://127.0.0.1:6379/0
+firewalld:
+  enabled: true
+  monitored_ports: [{port: 22, protocol: tcp}]
+  monitored_ips: ["0.0.0.0/0"]
+"""
+    with pytest.raises(ConfigError) as raised:
+        load_config_text(text)
+    assert "api_keys[0].ports" in str(raised.value)
+    assert "redis" in str(raised.value)

@@ -280,11 +280,15 @@ class RedisStore:
 
     # ------------------------------------------------------------------ knocks
     def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
-              how: str = "knock", scoped: bool = False) -> KnockResult:
+              how: str = "knock", scoped: bool = False,
+              ports: tuple[str, ...] = ()) -> KnockResult:
         """Firewall first, then the server (acknowledged = stored as durably as the server
         is configured to store it); on any failure nothing stays granted. With
         `key_name` the grant is recorded with the entry (one script); a `scoped` grant
-        goes to the scoped set only."""
+        goes to the scoped set only. Port scopes are refused by the config for this
+        backend, so `ports` is always empty here."""
+        if ports:
+            raise StorageError("port-scoped grants are not supported by the redis backend")
         entry = entry_text(key)
         before = self._longest(key, now)
         live = before or None  # what the firewall holds now
