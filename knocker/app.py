@@ -218,7 +218,7 @@ class App:
             except RequestError:
                 pass
             else:
-                allowed = key.allow_remote_whitelist  # the admin keys
+                allowed = key.admin
         if not allowed:
             return _json(HTTPStatus.FORBIDDEN, {"detail": "Forbidden"})
         from .metrics import CONTENT_TYPE

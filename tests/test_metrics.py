@@ -30,7 +30,7 @@ def make_app(tmp_path: Path, enabled: bool = True) -> App:
     config = load_config_text(f"""
 api_keys:
   - {{name: phone, key: {KEY}, max_ttl: 3600}}
-  - {{name: admin, key: {ADMIN}, max_ttl: 3600, allow_remote_whitelist: true}}
+  - {{name: admin, key: {ADMIN}, max_ttl: 3600, admin: true}}
 whitelist:
   storage_path: {tmp_path / "whitelist.json"}
 metrics:

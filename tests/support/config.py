@@ -13,7 +13,7 @@ ADMIN_KEY = "admin-key-0123456789abcdefghijklmnopqrstuvwxyz"
 
 def base_config(directory: Path, **sections: Any) -> dict[str, Any]:
     """A valid config with a normal key ("phone", max_ttl 3600) and an admin key ("admin",
-    max_ttl 86400, allow_remote_whitelist), storage inside `directory`; each keyword
+    max_ttl 86400, allow_remote_whitelist, admin), storage inside `directory`; each keyword
     replaces one top-level section."""
     config: dict[str, Any] = {
         "api_keys": [
