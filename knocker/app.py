@@ -54,9 +54,15 @@ StartResponse = Callable[..., Any]
 _JSON = ("Content-Type", "application/json")
 # Failed knocks that count against the failure budget (docs/api.md#rate-limiting); 429
 # itself does not.
-_COUNTED_FAILURES = frozenset({HTTPStatus.BAD_REQUEST, HTTPStatus.UNAUTHORIZED,
-                               HTTPStatus.FORBIDDEN, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               HTTPStatus.UNSUPPORTED_MEDIA_TYPE})
+_COUNTED_FAILURES = frozenset(
+    {
+        HTTPStatus.BAD_REQUEST,
+        HTTPStatus.UNAUTHORIZED,
+        HTTPStatus.FORBIDDEN,
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    }
+)
 _MAX_SCHEMA = 1 << 20  # a schema Knocker writes is a few kB
 _STATUS_LINES = {status: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
@@ -67,9 +73,14 @@ def _json(status: HTTPStatus, payload: object, headers: Headers | None = None) -
 
 
 class App:
-    def __init__(self, config: Config, store: WhitelistBackend, firewall: Firewall,
-                 clock: Callable[[], float] = time.time,
-                 observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: WhitelistBackend,
+        firewall: Firewall,
+        clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.firewall = firewall
@@ -77,8 +88,11 @@ class App:
         self.observer = observer or create_observer(config, lambda: _live_entries(store))
         metrics = self.observer.metrics
         # /verify counts with one bound call (an mmap write, ~1 us): nothing when off.
-        self._verify_counts = ({True: metrics.verify_allowed, False: metrics.verify_denied}
-                               if metrics is not None else None)
+        self._verify_counts = (
+            {True: metrics.verify_allowed, False: metrics.verify_denied}
+            if metrics is not None
+            else None
+        )
         self._resolver = ProxyResolver(config.server.trusted_proxies)
         self._verifier = Verifier(config, self._resolver)
         self._scopes = HostScopes(config.api_keys)
@@ -86,8 +100,11 @@ class App:
         # Without host-scoped keys /verify asks exactly what it always did.
         self._scoped = self._scoped_allows if self._scopes.active else None
         self._cors: Headers = [("Access-Control-Allow-Origin", config.cors.allowed_origin)]
-        self._openapi = (json.dumps(openapi_document(__version__)).encode()
-                         if config.documentation.enabled else None)
+        self._openapi = (
+            json.dumps(openapi_document(__version__)).encode()
+            if config.documentation.enabled
+            else None
+        )
         self._pages = _web_routes(config)
         if self._openapi is not None:
             from .apidocs import routes as docs_routes  # edge module for /docs
@@ -96,8 +113,10 @@ class App:
         self._started = False
         # /verify answers are constants: build their status lines and headers once.
         empty: Headers = [("Content-Length", "0")]
-        self._verify_answers = {True: (_STATUS_LINES[HTTPStatus.OK], empty),
-                                False: (_STATUS_LINES[HTTPStatus.UNAUTHORIZED], empty)}
+        self._verify_answers = {
+            True: (_STATUS_LINES[HTTPStatus.OK], empty),
+            False: (_STATUS_LINES[HTTPStatus.UNAUTHORIZED], empty),
+        }
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -121,8 +140,9 @@ class App:
             # 500 (CORS on /knock, so a browser can read it), never the server's HTML page.
             path = environ.get("PATH_INFO", "")
             log.exception("unexpected error answering %s", ascii(path)[:100])
-            status, headers, body = _json(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                          {"error": "Internal error; nothing was granted"})
+            status, headers, body = _json(
+                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "Internal error; nothing was granted"}
+            )
             if path == "/knock":
                 headers += self._cors
             headers.append(("Content-Length", str(len(body))))
@@ -137,9 +157,14 @@ class App:
             path = "/" + path.lstrip("/")
         if path == "/verify":  # the hot path: every request to every protected service
             allowed = self._verifier.decide(
-                environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR"),
-                environ.get("HTTP_X_FORWARDED_HOST"), environ.get("HTTP_X_FORWARDED_URI"),
-                self.store.allows, self._clock(), self._scoped)
+                environ.get("REMOTE_ADDR", ""),
+                environ.get("HTTP_X_FORWARDED_FOR"),
+                environ.get("HTTP_X_FORWARDED_HOST"),
+                environ.get("HTTP_X_FORWARDED_URI"),
+                self.store.allows,
+                self._clock(),
+                self._scoped,
+            )
             if self._verify_counts is not None:
                 self._verify_counts[allowed]()
             status_line, headers = self._verify_answers[allowed]
@@ -162,24 +187,37 @@ class App:
             elif method == "DELETE":
                 status, headers, body = self._knock(environ, self._sign_out)
             elif method == "OPTIONS":
-                status, headers, body = HTTPStatus.NO_CONTENT, [
-                    ("Access-Control-Allow-Methods", "POST, DELETE, OPTIONS"),
-                    ("Access-Control-Allow-Headers", "X-Api-Key, Content-Type"),
-                    ("Access-Control-Max-Age", "600")], b""
+                status, headers, body = (
+                    HTTPStatus.NO_CONTENT,
+                    [
+                        ("Access-Control-Allow-Methods", "POST, DELETE, OPTIONS"),
+                        ("Access-Control-Allow-Headers", "X-Api-Key, Content-Type"),
+                        ("Access-Control-Max-Age", "600"),
+                    ],
+                    b"",
+                )
             else:
-                status, headers, body = _json(HTTPStatus.METHOD_NOT_ALLOWED,
-                                              {"error": "Method not allowed"},
-                                              [("Allow", "POST, DELETE, OPTIONS")])
+                status, headers, body = _json(
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    {"error": "Method not allowed"},
+                    [("Allow", "POST, DELETE, OPTIONS")],
+                )
             return status, headers + self._cors, body
         if path == "/grants" or path.startswith("/grants/"):
             return self._grants_route(path, method, environ)
         if method not in ("GET", "HEAD"):
-            known = path in ("/health", "/ready") or path in self._pages or (
-                path == "/openapi.json" and self._openapi is not None) or (
-                path == "/metrics" and self.observer.metrics is not None)
+            known = (
+                path in ("/health", "/ready")
+                or path in self._pages
+                or (path == "/openapi.json" and self._openapi is not None)
+                or (path == "/metrics" and self.observer.metrics is not None)
+            )
             if known:
-                return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"detail": "Method Not Allowed"},
-                             [("Allow", "GET, HEAD")])
+                return _json(
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    {"detail": "Method Not Allowed"},
+                    [("Allow", "GET, HEAD")],
+                )
             return _json(HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
         if path == "/health":
             return _json(HTTPStatus.OK, {"status": "ok"})
@@ -208,10 +246,12 @@ class App:
         """The scrape: only for addresses in metrics.allow or an admin key's holder."""
         metrics = self.observer.metrics
         assert metrics is not None
-        client = self._resolver.client_ip(environ.get("REMOTE_ADDR", ""),
-                                          environ.get("HTTP_X_FORWARDED_FOR"))
+        client = self._resolver.client_ip(
+            environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR")
+        )
         allowed = client is not None and any(
-            client in network for network in self.config.metrics.allow)
+            client in network for network in self.config.metrics.allow
+        )
         if not allowed and environ.get("HTTP_X_API_KEY"):
             try:
                 key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
@@ -223,8 +263,11 @@ class App:
             return _json(HTTPStatus.FORBIDDEN, {"detail": "Forbidden"})
         from .metrics import CONTENT_TYPE
 
-        return HTTPStatus.OK, [("Content-Type", CONTENT_TYPE),
-                               ("Cache-Control", "no-store")], metrics.exposition()
+        return (
+            HTTPStatus.OK,
+            [("Content-Type", CONTENT_TYPE), ("Cache-Control", "no-store")],
+            metrics.exposition(),
+        )
 
     # ------------------------------------------------------------------ /knock
     def _knock(self, environ: dict[str, Any], handler: _Counted) -> Response:
@@ -243,12 +286,16 @@ class App:
         # Check and hold this knock's place in the budgets in one step, so concurrent
         # knocks of one client can never get past a budget together.
         if not self.store.rate_reserve(budget_key, now):
-            self.observer.knock(Record(Event.KNOCK_RATE_LIMITED, who, peer=via, result=429,
-                                       reason="rate limited"), now)
+            self.observer.knock(
+                Record(Event.KNOCK_RATE_LIMITED, who, peer=via, result=429, reason="rate limited"),
+                now,
+            )
             window = self.config.security.knock_rate_limit.window_seconds
-            return _json(HTTPStatus.TOO_MANY_REQUESTS,
-                         {"error": "Too many knocks; try again later"},
-                         [("Retry-After", str(window))])
+            return _json(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                {"error": "Too many knocks; try again later"},
+                [("Retry-After", str(window))],
+            )
         outcome = Outcome.UNCOUNTED
         try:
             response, outcome = handler(environ, client, who, via, now)
@@ -256,8 +303,14 @@ class App:
             self.store.rate_settle(budget_key, outcome, now)
         return response
 
-    def _reserved_knock(self, environ: dict[str, Any], client: IPAddress | None, who: str,
-                        via: str | None, now: float) -> tuple[Response, Outcome]:
+    def _reserved_knock(
+        self,
+        environ: dict[str, Any],
+        client: IPAddress | None,
+        who: str,
+        via: str | None,
+        now: float,
+    ) -> tuple[Response, Outcome]:
         key_name = "-"
         try:
             key = authenticate(self.config.api_keys, environ.get("HTTP_X_API_KEY"))
@@ -265,42 +318,90 @@ class App:
             body = _parse_body(_read_body(environ), environ.get("CONTENT_TYPE"))
             grant = authorize(key, client, body)
         except RequestError as error:
-            self.observer.knock(Record(Event.KNOCK_FAILED, who, key_name, peer=via,
-                                       result=error.status.value, reason=error.message), now)
+            self.observer.knock(
+                Record(
+                    Event.KNOCK_FAILED,
+                    who,
+                    key_name,
+                    peer=via,
+                    result=error.status.value,
+                    reason=error.message,
+                ),
+                now,
+            )
             counted = Outcome.FAILURE if error.status in _COUNTED_FAILURES else Outcome.UNCOUNTED
             return _error(error), counted
         try:
             how = "knock" if body.ip_address is None else "remote"
-            result = self.store.knock(grant.key, grant.ttl, now, key_name=key.name, how=how,
-                                      scoped=key.scoped, ports=tuple(map(str, key.ports)))
+            result = self.store.knock(
+                grant.key,
+                grant.ttl,
+                now,
+                key_name=key.name,
+                how=how,
+                scoped=key.scoped,
+                ports=tuple(map(str, key.ports)),
+            )
         except (StorageError, FirewallError) as error:
-            self.observer.knock(Record(Event.KNOCK_ERROR, who, key_name, grant.entry,
-                                       grant.ttl, error.status.value, error.message,
-                                       peer=via), now)
+            self.observer.knock(
+                Record(
+                    Event.KNOCK_ERROR,
+                    who,
+                    key_name,
+                    grant.entry,
+                    grant.ttl,
+                    error.status.value,
+                    error.message,
+                    peer=via,
+                ),
+                now,
+            )
             return _error(error), Outcome.UNCOUNTED
-        self.observer.knock(Record(Event.EXTEND if result.extended else Event.GRANT, who,
-                                   key_name, result.entry, grant.ttl, 200,
-                                   expires_at=result.expires_at, peer=via), now)
+        self.observer.knock(
+            Record(
+                Event.EXTEND if result.extended else Event.GRANT,
+                who,
+                key_name,
+                result.entry,
+                grant.ttl,
+                200,
+                expires_at=result.expires_at,
+                peer=via,
+            ),
+            now,
+        )
         if result.evicted:
             self.observer.evicted(result.evicted, now)
         # The time actually left: a knock that keeps a longer grant reports that grant's
         # remaining seconds, which every client shows next to expires_at.
         left = max(grant.ttl, int(result.expires_at - now))
-        return _json(HTTPStatus.OK, {"whitelisted_entry": result.entry,
-                                     "expires_at": result.expires_at,
-                                     "expires_in_seconds": left}), Outcome.SUCCESS
+        return _json(
+            HTTPStatus.OK,
+            {
+                "whitelisted_entry": result.entry,
+                "expires_at": result.expires_at,
+                "expires_in_seconds": left,
+            },
+        ), Outcome.SUCCESS
 
     # ------------------------------------------------------------------ grants
     def _grants_route(self, path: str, method: str, environ: dict[str, Any]) -> Response:
         """GET /grants and DELETE /grants/{entry} (docs/api.md#grants)."""
         allowed = "GET, HEAD" if path == "/grants" else "DELETE"
         if path == "/grants/" or method not in allowed.split(", "):
-            return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "Method not allowed"},
-                         [("Allow", allowed)])
+            return _json(
+                HTTPStatus.METHOD_NOT_ALLOWED, {"error": "Method not allowed"}, [("Allow", allowed)]
+            )
         return self._knock(environ, self._admin)
 
-    def _admin(self, environ: dict[str, Any], client: IPAddress | None, who: str,
-               via: str | None, now: float) -> tuple[Response, Outcome]:
+    def _admin(
+        self,
+        environ: dict[str, Any],
+        client: IPAddress | None,
+        who: str,
+        via: str | None,
+        now: float,
+    ) -> tuple[Response, Outcome]:
         path = "/" + environ.get("PATH_INFO", "").lstrip("/")
         key_name = "-"
         try:
@@ -310,22 +411,36 @@ class App:
                 raise RequestError("This key may not manage grants", HTTPStatus.FORBIDDEN)
             if path == "/grants":
                 listed = [self._grant_json(grant, now) for grant in self.store.grants(now)]
-                log.info("grants key=%s client=%s result=200 listed=%d", key_name, who,
-                         len(listed))
+                log.info("grants key=%s client=%s result=200 listed=%d", key_name, who, len(listed))
                 return _json(HTTPStatus.OK, {"grants": listed}), Outcome.SUCCESS
             # PATH_INFO arrives percent-decoded: 10.0.0.0%2F24 is 10.0.0.0/24 here.
-            network = parse_network(path[len("/grants/"):])
+            network = parse_network(path[len("/grants/") :])
             if network is None:
                 raise RequestError("Not an IPv4/IPv6 address or CIDR network")
             ended = self.store.revoke(key_of(network), None, now)
         except KnockerError as error:
-            self.observer.knock(Record(Event.KNOCK_FAILED, who, key_name, peer=via,
-                                       result=error.status.value, reason=error.message), now)
+            self.observer.knock(
+                Record(
+                    Event.KNOCK_FAILED,
+                    who,
+                    key_name,
+                    peer=via,
+                    result=error.status.value,
+                    reason=error.message,
+                ),
+                now,
+            )
             return _grant_error(error), _outcome(error)
         return self._ended(Event.REVOKE, key_name, who, via, canonical(network), ended, now)
 
-    def _sign_out(self, environ: dict[str, Any], client: IPAddress | None, who: str,
-                  via: str | None, now: float) -> tuple[Response, Outcome]:
+    def _sign_out(
+        self,
+        environ: dict[str, Any],
+        client: IPAddress | None,
+        who: str,
+        via: str | None,
+        now: float,
+    ) -> tuple[Response, Outcome]:
         """DELETE /knock: end this key's grants of the caller (or of ip_address)."""
         key_name = "-"
         try:
@@ -337,24 +452,55 @@ class App:
             grant = authorize(key, client, body)
             ended = self.store.revoke(grant.key, key.name, now)
         except KnockerError as error:
-            self.observer.knock(Record(Event.KNOCK_FAILED, who, key_name, peer=via,
-                                       result=error.status.value, reason=error.message), now)
+            self.observer.knock(
+                Record(
+                    Event.KNOCK_FAILED,
+                    who,
+                    key_name,
+                    peer=via,
+                    result=error.status.value,
+                    reason=error.message,
+                ),
+                now,
+            )
             return _grant_error(error), _outcome(error)
         return self._ended(Event.SIGN_OUT, key_name, who, via, grant.entry, ended, now)
 
-    def _ended(self, event: Event, key_name: str, who: str, via: str | None, entry: str,
-               ended: list[Grant], now: float) -> tuple[Response, Outcome]:
+    def _ended(
+        self,
+        event: Event,
+        key_name: str,
+        who: str,
+        via: str | None,
+        entry: str,
+        ended: list[Grant],
+        now: float,
+    ) -> tuple[Response, Outcome]:
         if not ended:
-            self.observer.ended(Record(event, who, key_name, entry, result=404, peer=via,
-                                       reason="no such grant"), now)
+            self.observer.ended(
+                Record(event, who, key_name, entry, result=404, peer=via, reason="no such grant"),
+                now,
+            )
             # Probing for grants counts like a failed knock.
-            return _json(HTTPStatus.NOT_FOUND, {"error": f"No grant of {entry} to end"}), \
-                Outcome.FAILURE
-        self.observer.ended(Record(event, who, key_name, entry, result=200, peer=via,
-                                   reason="ended " + ",".join(grant.key_name or "restored"
-                                                              for grant in ended)), now)
-        return (_json(HTTPStatus.OK, {"removed": [self._grant_json(g, now) for g in ended]}),
-                Outcome.SUCCESS)
+            return _json(
+                HTTPStatus.NOT_FOUND, {"error": f"No grant of {entry} to end"}
+            ), Outcome.FAILURE
+        self.observer.ended(
+            Record(
+                event,
+                who,
+                key_name,
+                entry,
+                result=200,
+                peer=via,
+                reason="ended " + ",".join(grant.key_name or "restored" for grant in ended),
+            ),
+            now,
+        )
+        return (
+            _json(HTTPStatus.OK, {"removed": [self._grant_json(g, now) for g in ended]}),
+            Outcome.SUCCESS,
+        )
 
     def _grant_json(self, grant: Grant, now: float) -> dict[str, object]:
         """A grant as the API shows it; `scope` is its key's hosts and the grant's ports
@@ -364,8 +510,14 @@ class App:
         # A scoped grant whose key is gone (or lost its scopes) passes for no host; a
         # key scoped to ports alone passes for every host.
         hosts = list(key.hosts) if key and key.scoped else []
-        shown["scope"] = ({"hosts": hosts if hosts or not (key and key.ports) else None,
-                           "ports": list(grant.ports) or None} if grant.scoped else None)
+        shown["scope"] = (
+            {
+                "hosts": hosts if hosts or not (key and key.ports) else None,
+                "ports": list(grant.ports) or None,
+            }
+            if grant.scoped
+            else None
+        )
         return shown
 
     def _scoped_allows(self, client: IPAddress, host: str | None, now: float) -> bool:
@@ -384,8 +536,9 @@ def _outcome(error: KnockerError) -> Outcome:
 
 
 # (environ, client, who, via, now) -> (response, what it counts as)
-_Counted = Callable[[dict[str, Any], IPAddress | None, str, str | None, float],
-                    tuple[Response, Outcome]]
+_Counted = Callable[
+    [dict[str, Any], IPAddress | None, str, str | None, float], tuple[Response, Outcome]
+]
 
 
 def _error(error: KnockerError) -> Response:
@@ -394,7 +547,8 @@ def _error(error: KnockerError) -> Response:
     if error.status < 500:
         return _json(error.status, {"error": error.message})
     message = {HTTPStatus.SERVICE_UNAVAILABLE: "Firewall unavailable; nothing was granted"}.get(
-        error.status, "Knock could not be completed; nothing was granted")
+        error.status, "Knock could not be completed; nothing was granted"
+    )
     if isinstance(error, StorageUnavailable):
         message = "Whitelist storage unavailable; nothing was granted"
     return _json(error.status, {"error": message})
@@ -414,8 +568,9 @@ def _read_body(environ: dict[str, Any]) -> bytes:
         return _read_bounded(environ)
     except OSError:
         # The worker's body deadline (TimeoutError) or a client that went away mid-body.
-        raise RequestError("Request body not received in time",
-                           HTTPStatus.REQUEST_TIMEOUT) from None
+        raise RequestError(
+            "Request body not received in time", HTTPStatus.REQUEST_TIMEOUT
+        ) from None
     except RequestError:
         raise
     except Exception:
@@ -454,6 +609,8 @@ def _not_modified(if_none_match: str | None, headers: Headers) -> bool:
     from .webpage import not_modified  # only pages carry an ETag
 
     return not_modified(if_none_match, dict(headers)["ETag"])
+
+
 def _live_entries(store: WhitelistBackend) -> int:
     """Addresses with a live grant: entries() names a port-scoped one once per port
     (docs/firewalld.md#port-scoped-keys)."""
@@ -482,9 +639,11 @@ def _web_routes(config: Config) -> dict[str, tuple[str, bytes, Headers]]:
 
 def configure_logging(level: str) -> None:
     """Knocker's lines on stderr, in the shape of gunicorn's own (one log to read)."""
-    logging.basicConfig(level=getattr(logging, level, logging.INFO),
-                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S %z")
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S %z",
+    )
     logging.getLogger("knocker").setLevel(level)
 
 
@@ -517,8 +676,9 @@ def _write_openapi(path: str) -> None:
     try:
         atomic_write(path, [data], mode=0o644)  # readable by whoever serves the docs
     except OSError as error:
-        raise ConfigError("documentation.openapi_output_path",
-                          f"cannot write {path}: {error.strerror}") from None
+        raise ConfigError(
+            "documentation.openapi_output_path", f"cannot write {path}: {error.strerror}"
+        ) from None
     log.info("OpenAPI description written to %s", path)
 
 
@@ -529,11 +689,14 @@ def _check_paths(config: Config) -> None:
         path = config.documentation.openapi_output_path
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
-            raise ConfigError("documentation.openapi_output_path",
-                              f"directory {directory} does not exist")
+            raise ConfigError(
+                "documentation.openapi_output_path", f"directory {directory} does not exist"
+            )
         if not os.access(directory, os.W_OK):
-            raise ConfigError("documentation.openapi_output_path",
-                              f"directory {directory} is not writable by this user")
+            raise ConfigError(
+                "documentation.openapi_output_path",
+                f"directory {directory} is not writable by this user",
+            )
 
 
 def remove_stale_openapi(path: str) -> bool:
@@ -550,9 +713,12 @@ def remove_stale_openapi(path: str) -> bool:
             return False
         with os.fdopen(os.dup(fd), "rb") as handle:
             document = json.loads(handle.read())
-        ours = (isinstance(document, dict) and "openapi" in document
-                and isinstance(document.get("info"), dict)
-                and document["info"].get("title") == OPENAPI_TITLE)
+        ours = (
+            isinstance(document, dict)
+            and "openapi" in document
+            and isinstance(document.get("info"), dict)
+            and document["info"].get("title") == OPENAPI_TITLE
+        )
         # The name must still lead to the file read (not swapped meanwhile).
         current = os.lstat(path)
         if not ours or (current.st_dev, current.st_ino) != (status.st_dev, status.st_ino):

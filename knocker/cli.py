@@ -50,44 +50,73 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knocker", description=(
-        "Knock-knock gateway: whitelist a device's IP after an API-key knock."))
+    parser = argparse.ArgumentParser(
+        prog="knocker",
+        description=("Knock-knock gateway: whitelist a device's IP after an API-key knock."),
+    )
     parser.add_argument("--version", action="version", version=f"knocker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the service under gunicorn")
-    serve.add_argument("--config", metavar="PATH",
-                       help="knocker.yaml (default: $KNOCKER_CONFIG_PATH, else ./knocker.yaml)")
-    serve.add_argument("--bind", action="append", metavar="HOST:PORT",
-                       help=f"address to listen on, repeatable (default {DEFAULT_BIND}; "
-                            "IPv6 as [::1]:8000)")
-    serve.add_argument("--workers", type=_positive, default=DEFAULT_WORKERS,
-                       help=f"worker processes (default {DEFAULT_WORKERS})")
-    serve.add_argument("--worker-class", choices=sorted(WORKER_CLASSES),
-                       default=DEFAULT_WORKER_CLASS,
-                       help=f"gunicorn worker model (default {DEFAULT_WORKER_CLASS}: each "
-                            "connection a greenlet, with head and body deadlines)")
-    serve.add_argument("--threads", type=_positive, default=DEFAULT_THREADS,
-                       help=f"threads per gthread worker (default {DEFAULT_THREADS}; "
-                            "1 = sync workers; gevent ignores it)")
+    serve.add_argument(
+        "--config",
+        metavar="PATH",
+        help="knocker.yaml (default: $KNOCKER_CONFIG_PATH, else ./knocker.yaml)",
+    )
+    serve.add_argument(
+        "--bind",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"address to listen on, repeatable (default {DEFAULT_BIND}; IPv6 as [::1]:8000)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=DEFAULT_WORKERS,
+        help=f"worker processes (default {DEFAULT_WORKERS})",
+    )
+    serve.add_argument(
+        "--worker-class",
+        choices=sorted(WORKER_CLASSES),
+        default=DEFAULT_WORKER_CLASS,
+        help=f"gunicorn worker model (default {DEFAULT_WORKER_CLASS}: each "
+        "connection a greenlet, with head and body deadlines)",
+    )
+    serve.add_argument(
+        "--threads",
+        type=_positive,
+        default=DEFAULT_THREADS,
+        help=f"threads per gthread worker (default {DEFAULT_THREADS}; "
+        "1 = sync workers; gevent ignores it)",
+    )
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config file and exit 0/1")
-    check.add_argument("path", nargs="?", metavar="PATH",
-                       help="default: $KNOCKER_CONFIG_PATH, else ./knocker.yaml")
+    check.add_argument(
+        "path", nargs="?", metavar="PATH", help="default: $KNOCKER_CONFIG_PATH, else ./knocker.yaml"
+    )
     check.set_defaults(func=_check_config)
 
     key = sub.add_parser("gen-key", help="print a new random API key (256 bits, URL-safe)")
     key.set_defaults(func=_gen_key)
 
-    move = sub.add_parser("migrate", help="copy the live whitelist to the other backend "
-                                          "(docs/redis.md#migrating)")
-    move.add_argument("--to", required=True, choices=("redis", "file"),
-                      help="the backend to copy into (from the other one)")
-    move.add_argument("--force", action="store_true",
-                      help="merge into a target that already holds live entries")
-    move.add_argument("--config", metavar="PATH",
-                      help="knocker.yaml (default: $KNOCKER_CONFIG_PATH, else ./knocker.yaml)")
+    move = sub.add_parser(
+        "migrate", help="copy the live whitelist to the other backend (docs/redis.md#migrating)"
+    )
+    move.add_argument(
+        "--to",
+        required=True,
+        choices=("redis", "file"),
+        help="the backend to copy into (from the other one)",
+    )
+    move.add_argument(
+        "--force", action="store_true", help="merge into a target that already holds live entries"
+    )
+    move.add_argument(
+        "--config",
+        metavar="PATH",
+        help="knocker.yaml (default: $KNOCKER_CONFIG_PATH, else ./knocker.yaml)",
+    )
     move.set_defaults(func=_migrate)
 
     from . import client
@@ -96,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
-         err: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     args = build_parser().parse_args(argv)
     args.out, args.err = out or sys.stdout, err or sys.stderr
     handler: Callable[[argparse.Namespace], int] = args.func
@@ -122,8 +152,7 @@ def _migrate(args: argparse.Namespace, clock: Callable[[], float] = time.time) -
 
         copied, where = migrate(config, args.to, args.force, clock())
     except ImportError:
-        print("knocker: the redis client is missing: pip install 'knocker[redis]'",
-              file=args.err)
+        print("knocker: the redis client is missing: pip install 'knocker[redis]'", file=args.err)
         return 1
     except KnockerError as error:
         print(f"knocker: migrate: {error.message}", file=args.err)
@@ -149,8 +178,11 @@ def _check_config(args: argparse.Namespace) -> int:
     config = _load(path, args.err)
     if config is None:
         return 1
-    print(f"{path}: OK ({len(config.api_keys)} API key(s), firewalld "
-          f"{'enabled' if config.firewalld.enabled else 'disabled'})", file=args.out)
+    print(
+        f"{path}: OK ({len(config.api_keys)} API key(s), firewalld "
+        f"{'enabled' if config.firewalld.enabled else 'disabled'})",
+        file=args.out,
+    )
     return 0
 
 
@@ -194,8 +226,9 @@ def _serve(args: argparse.Namespace, run: Callable[[Any], None] | None = None) -
                 os.environ[_METRICS_DIR_ENV] = previous
 
 
-def _serve_with(args: argparse.Namespace, config: Config, path: str,
-                run: Callable[[Any], None] | None) -> int:
+def _serve_with(
+    args: argparse.Namespace, config: Config, path: str, run: Callable[[Any], None] | None
+) -> int:
     try:
         app = build_app(config)
     except KnockerError as error:
@@ -234,8 +267,11 @@ def _serve_with(args: argparse.Namespace, config: Config, path: str,
 
 def _worker_options(worker_class: str, threads: int) -> dict[str, Any]:
     if worker_class == "gthread":
-        return {"worker_class": "gthread" if threads > 1 else "sync", "threads": threads,
-                "keepalive": 30}  # reverse proxies reuse their connections to /verify
+        return {
+            "worker_class": "gthread" if threads > 1 else "sync",
+            "threads": threads,
+            "keepalive": 30,
+        }  # reverse proxies reuse their connections to /verify
     from . import worker  # imports gevent: only when it serves
 
     return {
@@ -304,8 +340,7 @@ class _Gunicorn(_gunicorn_base()):  # type: ignore[misc]
         except KnockerError as error:
             log.error("SIGHUP: keeping the running config: %s", error.message)
         except Exception as error:  # a reload must never take the running service down
-            log.error("SIGHUP: keeping the running config: unexpected %s",
-                      type(error).__name__)
+            log.error("SIGHUP: keeping the running config: unexpected %s", type(error).__name__)
         else:
             log.info("SIGHUP: config %s reloaded", self._path)
             self._app.close()

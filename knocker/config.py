@@ -151,7 +151,6 @@ class LoggingConfig:
     level: str = "INFO"
 
 
-
 @dataclass(frozen=True)
 class FirewalldConfig:
     # While enabled is false the values are only type-checked, so they may be outside the
@@ -504,11 +503,14 @@ def config_warnings(config: Config) -> list[str]:
         f"server.trusted_proxies: {network} is wider than a /{WIDE_PROXY_PREFIX[network.version]}"
         ": every address in it may set X-Forwarded-For and whitelist any IP"
         for network in config.server.trusted_proxies
-        if network.prefixlen < WIDE_PROXY_PREFIX[network.version]]
+        if network.prefixlen < WIDE_PROXY_PREFIX[network.version]
+    ]
     warnings += [
         f"api_keys[{index}] ({key.name}): shorter than {SHORT_KEY} characters, so easy to "
         "guess; `knocker gen-key` makes a 256-bit one"
-        for index, key in enumerate(config.api_keys) if len(key.key) < SHORT_KEY]
+        for index, key in enumerate(config.api_keys)
+        if len(key.key) < SHORT_KEY
+    ]
     return warnings
 
 
@@ -541,8 +543,11 @@ def parse_config(mapping: object) -> Config:
             if key.ports:
                 # The redis backend keeps whole-entry grants only (docs/redis.md): a port
                 # scope would be widened to every monitored port, so it is refused.
-                _fail(f"api_keys[{index}].ports", "port scopes are not supported with "
-                      "whitelist.backend 'redis' yet (docs/redis.md#limits)")
+                _fail(
+                    f"api_keys[{index}].ports",
+                    "port scopes are not supported with "
+                    "whitelist.backend 'redis' yet (docs/redis.md#limits)",
+                )
     return config
 
 
@@ -572,8 +577,7 @@ def _api_keys(raw: object) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-_API_KEY_FIELDS = ("name", "key", "max_ttl", "allow_remote_whitelist", "admin", "hosts",
-                   "ports")
+_API_KEY_FIELDS = ("name", "key", "max_ttl", "allow_remote_whitelist", "admin", "hosts", "ports")
 
 
 def _api_key(raw: object, index: int) -> ApiKey:
@@ -596,8 +600,15 @@ def _api_key(raw: object, index: int) -> ApiKey:
     admin = _bool(settings.get("admin", False), f"{path}.admin")
     hosts = _scope_hosts(settings.get("hosts"), f"{path}.hosts")
     ports = _scope_ports(settings.get("ports"), f"{path}.ports")
-    return ApiKey(name=name, key=key, max_ttl=max_ttl, allow_remote_whitelist=remote,
-                  admin=admin, hosts=hosts, ports=ports)
+    return ApiKey(
+        name=name,
+        key=key,
+        max_ttl=max_ttl,
+        allow_remote_whitelist=remote,
+        admin=admin,
+        hosts=hosts,
+        ports=ports,
+    )
 
 
 _SCOPE_PORT = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?(?:/([a-z]+))?")
@@ -636,8 +647,10 @@ def _check_port_scopes(keys: tuple[ApiKey, ...], monitored: tuple[MonitoredPort,
         for place, port in enumerate(key.ports):
             if port not in monitored:
                 listed = ", ".join(map(str, monitored)) or "none"
-                _fail(f"api_keys[{index}].ports[{place}]",
-                      f"{port} is not one of firewalld.monitored_ports ({listed})")
+                _fail(
+                    f"api_keys[{index}].ports[{place}]",
+                    f"{port} is not one of firewalld.monitored_ports ({listed})",
+                )
 
 
 def _scope_hosts(raw: object, path: str) -> tuple[str, ...]:
@@ -649,8 +662,11 @@ def _scope_hosts(raw: object, path: str) -> tuple[str, ...]:
         wildcard = text.startswith("*.")
         name = normalize_host_key(text[2:] if wildcard else text)
         if name is None or name == "*" or "*" in name or (wildcard and ":" in name):
-            _fail(f"{path}[{index}]", f"must be a host name (optionally starting with "
-                  f"\"*.\"), without a port, got {_show(text)}")
+            _fail(
+                f"{path}[{index}]",
+                f"must be a host name (optionally starting with "
+                f'"*."), without a port, got {_show(text)}',
+            )
         hosts.append(f"*.{name}" if wildcard else name)
     if raw is not None and not hosts:
         _fail(path, "must list at least one host name (leave it out for every host)")
@@ -770,8 +786,7 @@ def _rate_limit(raw: object) -> RateLimitConfig:
 
 
 def _whitelist(raw: object) -> WhitelistConfig:
-    settings = _section(raw, "whitelist", ("storage_path", "cleanup_interval_seconds",
-                                           "backend"))
+    settings = _section(raw, "whitelist", ("storage_path", "cleanup_interval_seconds", "backend"))
     values: dict[str, Any] = {}
     if "backend" in settings:
         values["backend"] = whitelist_backend(raw)
@@ -809,37 +824,58 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 def _redis(raw: object, backend: str) -> RedisConfig:
     path = "redis"
-    settings = _section(raw, path, ("url", "username", "password_file", "password_env",
-                                    "key_prefix", "tls_ca_file", "connect_timeout_ms",
-                                    "command_timeout_ms", "max_staleness_seconds"))
+    settings = _section(
+        raw,
+        path,
+        (
+            "url",
+            "username",
+            "password_file",
+            "password_env",
+            "key_prefix",
+            "tls_ca_file",
+            "connect_timeout_ms",
+            "command_timeout_ms",
+            "max_staleness_seconds",
+        ),
+    )
     if backend != "redis" and not settings:
         return RedisConfig()
     if "url" not in settings:
-        _fail(f"{path}.url", "is required when whitelist.backend is 'redis'"
-              if backend == "redis" else "is required in a redis section")
+        _fail(
+            f"{path}.url",
+            "is required when whitelist.backend is 'redis'"
+            if backend == "redis"
+            else "is required in a redis section",
+        )
     url = _str(settings["url"], f"{path}.url", "a redis://, rediss:// or unix:// URL")
     if not url.startswith(_REDIS_SCHEMES) or _has_control(url) or " " in url:
         _fail(f"{path}.url", f"must be a redis://, rediss:// or unix:// URL, got {_show(url)}")
     authority = url.split("://", 1)[1].split("/", 1)[0]
     if "@" in authority or "password=" in url:
         # A URL is logged and shown in /ready; the secret goes in a file or the environment.
-        _fail(f"{path}.url", "must not carry credentials; use redis.username and "
-              "redis.password_file or redis.password_env")
+        _fail(
+            f"{path}.url",
+            "must not carry credentials; use redis.username and "
+            "redis.password_file or redis.password_env",
+        )
     values: dict[str, Any] = {"url": url}
     if settings.get("username") is not None:
         values["username"] = _str(settings["username"], f"{path}.username")
     if settings.get("password_file") is not None:
-        values["password_file"] = _file_path(settings["password_file"],
-                                             f"{path}.password_file")
+        values["password_file"] = _file_path(settings["password_file"], f"{path}.password_file")
     if settings.get("password_env") is not None:
         name = _str(settings["password_env"], f"{path}.password_env")
         if not _ENV_NAME.fullmatch(name):
-            _fail(f"{path}.password_env", f"must be an environment variable name, got "
-                  f"{_show(name)}")
+            _fail(
+                f"{path}.password_env", f"must be an environment variable name, got {_show(name)}"
+            )
         values["password_env"] = name
     if "password_file" in values and "password_env" in values:
-        _fail(f"{path}.password_env", "give either redis.password_file or "
-              "redis.password_env, not both")
+        _fail(
+            f"{path}.password_env",
+            "give either redis.password_file or redis.password_env, not both",
+        )
     if settings.get("tls_ca_file") is not None:
         if not url.startswith("rediss://"):
             _fail(f"{path}.tls_ca_file", "needs a rediss:// URL (TLS)")
@@ -849,12 +885,15 @@ def _redis(raw: object, backend: str) -> RedisConfig:
         if _has_control(prefix) or len(prefix) > 100:
             _fail(f"{path}.key_prefix", "must be at most 100 printable characters")
         values["key_prefix"] = prefix
-    for name, low, high in (("connect_timeout_ms", 1, 600_000),
-                            ("command_timeout_ms", 1, 600_000),
-                            ("max_staleness_seconds", 0, 86_400)):
+    for name, low, high in (
+        ("connect_timeout_ms", 1, 600_000),
+        ("command_timeout_ms", 1, 600_000),
+        ("max_staleness_seconds", 0, 86_400),
+    ):
         if name in settings:
-            values[name] = _int(settings[name], f"{path}.{name}",
-                                f"an integer from {low} to {high}", low, high)
+            values[name] = _int(
+                settings[name], f"{path}.{name}", f"an integer from {low} to {high}", low, high
+            )
     return RedisConfig(**values)
 
 

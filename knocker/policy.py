@@ -62,8 +62,9 @@ def parse_body(body: bytes, content_type: str | None) -> KnockBody:
     if media_type != "application/json":
         raise RequestError("Body must be application/json", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
     try:
-        members = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_members,
-                             parse_constant=_refuse_constant)
+        members = json.loads(
+            body.decode("utf-8"), object_pairs_hook=_unique_members, parse_constant=_refuse_constant
+        )
     except UnicodeDecodeError:
         raise RequestError("Body is not valid UTF-8") from None
     except ValueError as error:  # JSONDecodeError and our own refusals
@@ -91,11 +92,12 @@ def authorize(key: ApiKey, client: IPAddress | None, body: KnockBody) -> Grant:
         if network is None:
             raise RequestError("ip_address must be an IPv4/IPv6 address or CIDR network")
         if not key.allow_remote_whitelist:
-            raise RequestError("This key may not whitelist other addresses",
-                               HTTPStatus.FORBIDDEN)
+            raise RequestError("This key may not whitelist other addresses", HTTPStatus.FORBIDDEN)
         if network.prefixlen < WIDEST_PREFIX[network.version]:
-            raise RequestError(f"Network too wide: at most an IPv4 /{WIDEST_PREFIX[4]} or an "
-                               f"IPv6 /{WIDEST_PREFIX[6]}")
+            raise RequestError(
+                f"Network too wide: at most an IPv4 /{WIDEST_PREFIX[4]} or an "
+                f"IPv6 /{WIDEST_PREFIX[6]}"
+            )
     elif client is None:
         raise RequestError("Could not determine the client address")
     else:
@@ -126,10 +128,16 @@ class Verifier:
         for network in security.always_allowed_ips:
             self._always.set(key_of(network), _NEVER)
 
-    def decide(self, peer: str, forwarded_for: str | None, forwarded_host: str | None,
-               forwarded_uri: str | None, allows: Callable[[IPAddress, float], bool],
-               now: float,
-               scoped: Callable[[IPAddress, str | None, float], bool] | None = None) -> bool:
+    def decide(
+        self,
+        peer: str,
+        forwarded_for: str | None,
+        forwarded_host: str | None,
+        forwarded_uri: str | None,
+        allows: Callable[[IPAddress, float], bool],
+        now: float,
+        scoped: Callable[[IPAddress, str | None, float], bool] | None = None,
+    ) -> bool:
         resolver = self._resolver
         trusted = resolver.is_trusted(peer)
         if trusted and self._exclusions.active:

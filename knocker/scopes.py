@@ -21,8 +21,9 @@ class HostScopes:
         below: dict[str, list[str]] = {}  # "example.com" for "*.example.com"
         # Port-only keys: their grants live with the scoped ones (never in whitelist.json)
         # but /verify lets them pass whatever the host.
-        self._everywhere = tuple(dict.fromkeys(
-            key.name for key in keys if key.ports and not key.hosts))
+        self._everywhere = tuple(
+            dict.fromkeys(key.name for key in keys if key.ports and not key.hosts)
+        )
         for key in keys:
             for host in key.hosts:
                 if host.startswith("*."):
@@ -42,7 +43,7 @@ class HostScopes:
         found = self._everywhere + self._exact.get(host, ())
         dot = host.find(".")
         while dot >= 0:
-            more = self._below.get(host[dot + 1:])
+            more = self._below.get(host[dot + 1 :])
             if more:
                 found = found + tuple(name for name in more if name not in found)
             dot = host.find(".", dot + 1)

@@ -244,10 +244,12 @@ class Whitelist:
         bits, guard = _BITS[version], _GUARD[version]
         by_plen = self._tables[version]
         probes = [(plen, bits - plen, by_plen[plen]) for plen in sorted(by_plen, reverse=True)]
-        self._long[version] = tuple((shift, table) for plen, shift, table in probes
-                                    if plen >= guard)
-        self._short[version] = tuple((shift, table) for plen, shift, table in probes
-                                     if plen < guard)
+        self._long[version] = tuple(
+            (shift, table) for plen, shift, table in probes if plen >= guard
+        )
+        self._short[version] = tuple(
+            (shift, table) for plen, shift, table in probes if plen < guard
+        )
 
 
 def granted_expiry(current: int | None, now: float, ttl: int) -> int:

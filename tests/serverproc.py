@@ -32,10 +32,19 @@ __all__ = ["ADMIN_KEY", "KNOCKER", "TEST_KEY", "KnockerProcess", "base_config", 
 
 
 class KnockerProcess:
-    def __init__(self, directory: Path, config: dict[str, Any] | None = None, *,
-                 workers: int = 1, threads: int = 4, host: str = "127.0.0.1",
-                 port: int | None = None, prefix: list[str] | None = None,
-                 env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config: dict[str, Any] | None = None,
+        *,
+        workers: int = 1,
+        threads: int = 4,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.config = config if config is not None else base_config(directory)
@@ -81,16 +90,31 @@ class KnockerProcess:
     # ------------------------------------------------------------------ process
     def command(self) -> list[str]:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return [*self.prefix, KNOCKER, "serve", "--bind", f"{host}:{self.port}",
-                "--workers", str(self.workers), "--threads", str(self.threads),
-                *self.extra_args]
+        return [
+            *self.prefix,
+            KNOCKER,
+            "serve",
+            "--bind",
+            f"{host}:{self.port}",
+            "--workers",
+            str(self.workers),
+            "--threads",
+            str(self.threads),
+            *self.extra_args,
+        ]
 
     def start(self, wait: bool = True, timeout: float = 20.0) -> KnockerProcess:
         env = {**os.environ, "KNOCKER_CONFIG_PATH": str(self.config_path), **self.env}
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(self.command(), cwd=self.directory, env=env,
-                                        stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command(),
+            cwd=self.directory,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         if wait:
             self.wait_healthy(timeout)
@@ -100,8 +124,7 @@ class KnockerProcess:
         def healthy() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"knocker exited with {self.process.returncode}:\n"
-                                   + self.log())
+                raise RuntimeError(f"knocker exited with {self.process.returncode}:\n" + self.log())
             try:
                 return self.request("GET", "/health")[0] == 200
             except OSError:
@@ -158,12 +181,19 @@ class KnockerProcess:
                 pass
 
     # ------------------------------------------------------------------ HTTP
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None,
-                body: bytes | None = None, source: str | None = None,
-                timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        source: str | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, dict[str, str], bytes]:
         """One request on a fresh connection (optionally from a loopback source address)."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout,
-                                          source_address=(source, 0) if source else None)
+        conn = http.client.HTTPConnection(
+            self.host, self.port, timeout=timeout, source_address=(source, 0) if source else None
+        )
         try:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
@@ -171,8 +201,9 @@ class KnockerProcess:
         finally:
             conn.close()
 
-    def knock(self, key: str = TEST_KEY, body: dict[str, Any] | None = None,
-              source: str | None = None) -> tuple[int, dict[str, Any]]:
+    def knock(
+        self, key: str = TEST_KEY, body: dict[str, Any] | None = None, source: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
         headers = {"X-Api-Key": key}
         data = None
         if body is not None:

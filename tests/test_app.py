@@ -68,8 +68,14 @@ class ScriptedFirewall(NullFirewall):
 class Service:
     """One Knocker app under WebTest, with a fake clock and a scripted firewall."""
 
-    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, successes: int = 20,
-                 failures: int = 30, docs: bool = False) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        successes: int = 20,
+        failures: int = 30,
+        docs: bool = False,
+    ) -> None:
         self.directory = tmp_path / "state"
         self.openapi_path = tmp_path / "docs" / "openapi.json"
         self.openapi_path.parent.mkdir(exist_ok=True)
@@ -111,9 +117,16 @@ documentation:
         self.app: App = build_app(self.config, clock=self.clock)
         self.web = TestApp(self.app, extra_environ={"REMOTE_ADDR": CLIENT})
 
-    def knock(self, key: str | None = USER_KEY, payload: object = None, *,
-              raw: bytes | None = None, content_type: str | None = None, peer: str = CLIENT,
-              headers: dict[str, str] | None = None) -> TestResponse:
+    def knock(
+        self,
+        key: str | None = USER_KEY,
+        payload: object = None,
+        *,
+        raw: bytes | None = None,
+        content_type: str | None = None,
+        peer: str = CLIENT,
+        headers: dict[str, str] | None = None,
+    ) -> TestResponse:
         sent: dict[str, str] = {}
         if key is not None:
             sent["X-Api-Key"] = key
@@ -123,13 +136,24 @@ documentation:
         if content_type is not None:
             sent["Content-Type"] = content_type
         sent.update(headers or {})
-        return self.web.post("/knock", params=raw or b"", headers=sent,
-                             extra_environ={"REMOTE_ADDR": peer}, expect_errors=True)
+        return self.web.post(
+            "/knock",
+            params=raw or b"",
+            headers=sent,
+            extra_environ={"REMOTE_ADDR": peer},
+            expect_errors=True,
+        )
 
-    def verify(self, peer: str = CLIENT, method: str = "GET",
-               headers: dict[str, str] | None = None) -> TestResponse:
-        return self.web.request("/verify", method=method, headers=headers or {},
-                                environ={"REMOTE_ADDR": peer}, expect_errors=True)
+    def verify(
+        self, peer: str = CLIENT, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> TestResponse:
+        return self.web.request(
+            "/verify",
+            method=method,
+            headers=headers or {},
+            environ={"REMOTE_ADDR": peer},
+            expect_errors=True,
+        )
 
     def send(self, request: TestRequest) -> TestResponse:
         request.environ.setdefault("REMOTE_ADDR", CLIENT)
@@ -175,10 +199,17 @@ def error_body(response: TestResponse) -> str:
 
 def chunked(body: bytes, key: str = USER_KEY) -> TestRequest:
     """A POST /knock whose body arrives chunked: no Content-Length, just the stream."""
-    return TestRequest.blank("/knock", method="POST", environ={
-        "HTTP_TRANSFER_ENCODING": "chunked", "HTTP_X_API_KEY": key,
-        "CONTENT_TYPE": "application/json", "wsgi.input": io.BytesIO(body),
-        "REMOTE_ADDR": CLIENT})
+    return TestRequest.blank(
+        "/knock",
+        method="POST",
+        environ={
+            "HTTP_TRANSFER_ENCODING": "chunked",
+            "HTTP_X_API_KEY": key,
+            "CONTENT_TYPE": "application/json",
+            "wsgi.input": io.BytesIO(body),
+            "REMOTE_ADDR": CLIENT,
+        },
+    )
 
 
 # --- 200 --------------------------------------------------------------------------------
@@ -193,8 +224,11 @@ def test_knock_whitelists_the_client_with_the_documented_body(service: Service) 
     assert set(body) == KNOCK_KEYS
     assert body["whitelisted_entry"] == CLIENT
     assert type(body["expires_at"]) is int and type(body["expires_in_seconds"]) is int
-    assert body == {"whitelisted_entry": CLIENT, "expires_at": int(NOW) + 3600,
-                    "expires_in_seconds": 3600}
+    assert body == {
+        "whitelisted_entry": CLIENT,
+        "expires_at": int(NOW) + 3600,
+        "expires_in_seconds": 3600,
+    }
     assert service.verify().status_int == 200
 
 
@@ -218,7 +252,8 @@ def test_re_knock_reports_the_actual_longer_expiry(service: Service) -> None:
 
 
 def test_re_knock_that_keeps_a_longer_grant_reports_the_time_actually_left(
-        service: Service) -> None:
+    service: Service,
+) -> None:
     """expires_in_seconds is expires_at minus now when the knock keeps a longer grant
     (the published clients show it next to expires_at)."""
     first = service.knock(payload={"ttl": 3000}).json
@@ -237,8 +272,9 @@ def test_fresh_knock_at_a_fractional_second_reports_its_ttl(service: Service) ->
 @pytest.mark.parametrize("path", ["//knock", "///knock"])
 def test_repeated_leading_slashes_reach_knock(service: Service, path: str) -> None:
     """A base URL with a trailing slash (`http://host/` + `/knock`) still knocks."""
-    response = service.web.post(path, params=b"", headers={"X-Api-Key": USER_KEY},
-                                expect_errors=True)
+    response = service.web.post(
+        path, params=b"", headers={"X-Api-Key": USER_KEY}, expect_errors=True
+    )
     assert response.status_int == 200
     assert response.json["whitelisted_entry"] == CLIENT
     assert service.web.get("//verify", expect_errors=True).status_int == 200
@@ -287,8 +323,7 @@ def test_knock_via_trusted_proxy_whitelists_the_forwarded_client(service: Servic
     assert response.json["whitelisted_entry"] == CLIENT
 
 
-def test_spoofed_forwarded_for_on_knock_from_untrusted_peer_is_ignored(
-        service: Service) -> None:
+def test_spoofed_forwarded_for_on_knock_from_untrusted_peer_is_ignored(service: Service) -> None:
     """An untrusted peer whitelists itself, never the address its X-Forwarded-For claims."""
     response = service.knock(peer=OTHER, headers={"X-Forwarded-For": CLIENT})
     assert response.json["whitelisted_entry"] == OTHER
@@ -298,8 +333,11 @@ def test_spoofed_forwarded_for_on_knock_from_untrusted_peer_is_ignored(
 # --- errors -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", [None, "", "wrong", USER_KEY[:-1], USER_KEY + "0"],
-                         ids=["missing", "empty", "wrong", "prefix", "extended"])
+@pytest.mark.parametrize(
+    "key",
+    [None, "", "wrong", USER_KEY[:-1], USER_KEY + "0"],
+    ids=["missing", "empty", "wrong", "prefix", "extended"],
+)
 def test_missing_or_unknown_key_is_401(service: Service, key: str | None) -> None:
     """No key, an empty key, a wrong key, a prefix or an extension of a key: 401."""
     response = service.knock(key)
@@ -310,13 +348,28 @@ def test_missing_or_unknown_key_is_401(service: Service, key: str | None) -> Non
 
 @pytest.mark.parametrize(
     ("raw", "content_type"),
-    [(b"{", "application/json"), (b"[]", "application/json"),
-     (b'{"ttl": 0}', "application/json"), (b'{"ttl": true}', "application/json"),
-     (b'{"ttl": "60"}', "application/json"), (b'{"ttl": 1.5}', "application/json"),
-     (b'{"extra": 1}', "application/json"), (b'{"ttl": 5, "ttl": 6}', "application/json"),
-     (b'{"ttl": 5, "x": "\xff"}', "application/json")],
-    ids=["syntax", "array", "ttl-zero", "ttl-bool", "ttl-string", "ttl-float", "unknown",
-         "duplicate", "bad-utf8"],
+    [
+        (b"{", "application/json"),
+        (b"[]", "application/json"),
+        (b'{"ttl": 0}', "application/json"),
+        (b'{"ttl": true}', "application/json"),
+        (b'{"ttl": "60"}', "application/json"),
+        (b'{"ttl": 1.5}', "application/json"),
+        (b'{"extra": 1}', "application/json"),
+        (b'{"ttl": 5, "ttl": 6}', "application/json"),
+        (b'{"ttl": 5, "x": "\xff"}', "application/json"),
+    ],
+    ids=[
+        "syntax",
+        "array",
+        "ttl-zero",
+        "ttl-bool",
+        "ttl-string",
+        "ttl-float",
+        "unknown",
+        "duplicate",
+        "bad-utf8",
+    ],
 )
 def test_invalid_body_is_400(service: Service, raw: bytes, content_type: str) -> None:
     """Bodies that are not a valid knock object are 400 with {"error": ...}."""
@@ -388,8 +441,9 @@ def test_small_chunked_body_is_read(service: Service) -> None:
     assert response.json["expires_in_seconds"] == 77
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
-                                          "application/jsonp"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/jsonp"]
+)
 def test_non_json_body_is_415(service: Service, content_type: str) -> None:
     """A non-empty body whose media type is not application/json is 415."""
     response = service.knock(raw=b'{"ttl": 60}', content_type=content_type)
@@ -421,9 +475,11 @@ def test_firewall_failure_is_500_and_grants_nothing(service: Service) -> None:
     assert service.verify().status_int == 401
 
 
-def test_storage_failure_is_500_and_grants_nothing(service: Service,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_storage_failure_is_500_and_grants_nothing(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If the knock cannot be made durable: 500, /verify refuses, the firewall is revoked."""
+
     def fail(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -470,9 +526,14 @@ def test_every_knock_response_carries_the_configured_allow_origin(service: Servi
 
 def test_preflight_is_204_with_exact_cors_headers(service: Service) -> None:
     """OPTIONS /knock is 204 with the allowed origin, methods and headers, and no body."""
-    response = service.web.options("/knock", headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "x-api-key, content-type"})
+    response = service.web.options(
+        "/knock",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key, content-type",
+        },
+    )
     assert response.status_int == 204
     assert response.body == b""
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
@@ -611,16 +672,25 @@ class ExplodingInput:
 
 def test_body_is_not_read_before_authentication(service: Service) -> None:
     """With a wrong key, the body is never touched: 401, whatever it holds."""
-    request = TestRequest.blank("/knock", method="POST", environ={
-        "HTTP_X_API_KEY": "wrong", "CONTENT_TYPE": "application/json",
-        "CONTENT_LENGTH": "100", "wsgi.input": ExplodingInput()})
+    request = TestRequest.blank(
+        "/knock",
+        method="POST",
+        environ={
+            "HTTP_X_API_KEY": "wrong",
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": "100",
+            "wsgi.input": ExplodingInput(),
+        },
+    )
     assert service.send(request).status_int == 401
 
 
 def test_huge_body_with_wrong_key_is_401_not_413(service: Service) -> None:
     """Authentication (401) comes before the body bound (413)."""
-    assert service.knock("wrong", raw=b" " * 100_000,
-                         content_type="application/json").status_int == 401
+    assert (
+        service.knock("wrong", raw=b" " * 100_000, content_type="application/json").status_int
+        == 401
+    )
     response = service.send(chunked(b" " * 100_000, key="wrong"))
     assert response.status_int == 401
 
@@ -647,7 +717,8 @@ def test_rate_limit_comes_before_everything(make: Services) -> None:
 
 
 def test_knock_log_line_names_key_client_entry_ttl_and_result(
-        service: Service, caplog: pytest.LogCaptureFixture) -> None:
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
     """Each knock outcome logs one INFO line with key name, client, entry, ttl and result."""
     with caplog.at_level(logging.INFO, logger="knocker"):
         service.knock(payload={"ttl": 120})
@@ -659,7 +730,8 @@ def test_knock_log_line_names_key_client_entry_ttl_and_result(
 
 
 def test_failed_knock_log_line_names_the_result(
-        service: Service, caplog: pytest.LogCaptureFixture) -> None:
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
     """A refused knock logs its status and client, with the key's name once it is known."""
     with caplog.at_level(logging.INFO, logger="knocker"):
         service.knock("wrong")
@@ -670,8 +742,9 @@ def test_failed_knock_log_line_names_the_result(
     assert "403" in lines[1] and "phone" in lines[1]
 
 
-def test_client_input_cannot_forge_log_lines(service: Service,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_client_input_cannot_forge_log_lines(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
     """Whatever a client puts in its body, each knock outcome stays one log line."""
     forged = "x\n2026-01-01 INFO knocker: knock key=admin client=6.6.6.6 result=200"
     with caplog.at_level(logging.INFO, logger="knocker"):
@@ -683,8 +756,7 @@ def test_client_input_cannot_forge_log_lines(service: Service,
         assert "\n" not in record.getMessage() and "\r" not in record.getMessage()
 
 
-def test_logs_never_contain_an_api_key(service: Service,
-                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_logs_never_contain_an_api_key(service: Service, caplog: pytest.LogCaptureFixture) -> None:
     """No log line ever contains a configured key or a presented one."""
     presented = "near-miss-" + USER_KEY
     with caplog.at_level(logging.DEBUG):
@@ -712,8 +784,9 @@ def test_verify_answers_with_an_empty_body(service: Service, method: str) -> Non
 
 def test_verify_ignores_a_request_body(service: Service) -> None:
     """A body sent to /verify changes nothing."""
-    response = service.web.post("/verify", params=b"x" * 10_000, expect_errors=True,
-                                extra_environ={"REMOTE_ADDR": CLIENT})
+    response = service.web.post(
+        "/verify", params=b"x" * 10_000, expect_errors=True, extra_environ={"REMOTE_ADDR": CLIENT}
+    )
     assert (response.status_int, response.body) == (401, b"")
 
 
@@ -776,8 +849,11 @@ def test_excluded_path_from_untrusted_peer_is_ignored(service: Service) -> None:
 
 def test_host_scoped_exclusion_through_trusted_proxy_passes(service: Service) -> None:
     """X-Forwarded-Host selects excluded_paths_by_host, case-insensitively."""
-    headers = {"X-Forwarded-For": OTHER, "X-Forwarded-Host": "DOCS.example.com",
-               "X-Forwarded-Uri": "/guide"}
+    headers = {
+        "X-Forwarded-For": OTHER,
+        "X-Forwarded-Host": "DOCS.example.com",
+        "X-Forwarded-Uri": "/guide",
+    }
     assert service.verify(peer=PROXY, headers=headers).status_int == 200
     headers["X-Forwarded-Host"] = "app.example.com"
     assert service.verify(peer=PROXY, headers=headers).status_int == 401
@@ -856,8 +932,7 @@ def test_openapi_is_404_and_not_written_when_disabled(service: Service) -> None:
     assert not service.openapi_path.exists()
 
 
-def test_openapi_disabled_leaves_an_existing_file_alone(tmp_path: Path,
-                                                        make: Services) -> None:
+def test_openapi_disabled_leaves_an_existing_file_alone(tmp_path: Path, make: Services) -> None:
     """documentation.enabled false never deletes or rewrites an existing file."""
     existing = tmp_path / "docs" / "openapi.json"
     existing.parent.mkdir()

@@ -28,30 +28,111 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "knocker"
 # Modules by dotted name below knocker/ ("firewalld.rules" is knocker/firewalld/rules.py,
 # "firewalld" its package's __init__.py).
-FIREWALLD_CORE = frozenset({"firewalld.rules", "firewalld.messages", "firewalld.failures",
-                            "firewalld.schedule"})
-FIREWALLD_EDGE = frozenset({"firewalld", "firewalld.backend", "firewalld.bus", "firewalld.calls",
-                            "firewalld.coordination", "firewalld.docker", "firewalld.watcher"})
-STORE_CORE = frozenset({"store.formats", "store.backend", "store.grant_format",
-                        "store.redisscripts"})
-STORE_EDGE = frozenset({"store", "store.files", "store.shm", "store.journal", "store.snapshot",
-                        "store.filestore", "store.grantlog", "store.redisstore",
-                        "store.migrate"})
+FIREWALLD_CORE = frozenset(
+    {"firewalld.rules", "firewalld.messages", "firewalld.failures", "firewalld.schedule"}
+)
+FIREWALLD_EDGE = frozenset(
+    {
+        "firewalld",
+        "firewalld.backend",
+        "firewalld.bus",
+        "firewalld.calls",
+        "firewalld.coordination",
+        "firewalld.docker",
+        "firewalld.watcher",
+    }
+)
+STORE_CORE = frozenset(
+    {"store.formats", "store.backend", "store.grant_format", "store.redisscripts"}
+)
+STORE_EDGE = frozenset(
+    {
+        "store",
+        "store.files",
+        "store.shm",
+        "store.journal",
+        "store.snapshot",
+        "store.filestore",
+        "store.grantlog",
+        "store.redisstore",
+        "store.migrate",
+    }
+)
 CLIENT_CORE = frozenset({"client.journal_format"})
-CLIENT_EDGE = frozenset({"client", "client.commands", "client.events", "client.journald",
-                         "client.knock", "client.loop", "client.service", "client.settings",
-                         "client.grants"})
-CORE = frozenset({"config", "proxies", "whitelist", "policy", "ratelimit", "addresses", "scopes",
-                  "errors"}) | FIREWALLD_CORE | STORE_CORE | CLIENT_CORE
-EDGE = frozenset({"app", "cli", "firewall", "client", "webpage", "openapi", "audit", "events",
-                  "metrics", "apidocs", "worker"}) | FIREWALLD_EDGE | STORE_EDGE | CLIENT_EDGE
-FORBIDDEN_MODULES = frozenset({
-    "os", "sys", "time", "datetime", "io", "pathlib", "shutil", "tempfile", "glob", "mmap",
-    "fcntl", "select", "selectors", "signal", "subprocess", "threading", "multiprocessing",
-    "asyncio", "logging", "http.client", "urllib.request", "random", "secrets",
-    "jeepney.io", "jeepney.bus", "jeepney.auth", "jeepney.fds",
-    "jeepney.find_session_bus", "jeepney.find_system_bus",
-})
+CLIENT_EDGE = frozenset(
+    {
+        "client",
+        "client.commands",
+        "client.events",
+        "client.journald",
+        "client.knock",
+        "client.loop",
+        "client.service",
+        "client.settings",
+        "client.grants",
+    }
+)
+CORE = (
+    frozenset(
+        {"config", "proxies", "whitelist", "policy", "ratelimit", "addresses", "scopes", "errors"}
+    )
+    | FIREWALLD_CORE
+    | STORE_CORE
+    | CLIENT_CORE
+)
+EDGE = (
+    frozenset(
+        {
+            "app",
+            "cli",
+            "firewall",
+            "client",
+            "webpage",
+            "openapi",
+            "audit",
+            "events",
+            "metrics",
+            "apidocs",
+            "worker",
+        }
+    )
+    | FIREWALLD_EDGE
+    | STORE_EDGE
+    | CLIENT_EDGE
+)
+FORBIDDEN_MODULES = frozenset(
+    {
+        "os",
+        "sys",
+        "time",
+        "datetime",
+        "io",
+        "pathlib",
+        "shutil",
+        "tempfile",
+        "glob",
+        "mmap",
+        "fcntl",
+        "select",
+        "selectors",
+        "signal",
+        "subprocess",
+        "threading",
+        "multiprocessing",
+        "asyncio",
+        "logging",
+        "http.client",
+        "urllib.request",
+        "random",
+        "secrets",
+        "jeepney.io",
+        "jeepney.bus",
+        "jeepney.auth",
+        "jeepney.fds",
+        "jeepney.find_session_bus",
+        "jeepney.find_system_bus",
+    }
+)
 PURE_SOCKET_NAMES = frozenset({"inet_pton", "inet_ntop", "AF_INET", "AF_INET6"})
 FORBIDDEN_CALLS = frozenset({"open", "print", "input", "eval", "exec", "__import__"})
 
@@ -107,14 +188,20 @@ def problems_in(source: str, name: str, package: str = "knocker") -> list[str]:
         if (reached := forbidden(module, names)) is not None:
             problems.append(f"{name} imports {reached}")
         if module == "socket" and names and not set(names) <= PURE_SOCKET_NAMES:
-            problems.append(f"{name} imports {sorted(set(names) - PURE_SOCKET_NAMES)} "
-                            "from socket")
+            problems.append(f"{name} imports {sorted(set(names) - PURE_SOCKET_NAMES)} from socket")
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id == "socket" and node.attr not in PURE_SOCKET_NAMES):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "socket"
+            and node.attr not in PURE_SOCKET_NAMES
+        ):
             problems.append(f"{name} uses socket.{node.attr}")
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in FORBIDDEN_CALLS):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in FORBIDDEN_CALLS
+        ):
             problems.append(f"{name} calls {node.func.id}()")
     return problems
 
@@ -134,8 +221,11 @@ def package_of(name: str) -> str:
 
 def knocker_imports(name: str) -> set[str]:
     tree = ast.parse(path_of(name).read_text(encoding="utf-8"))
-    return {classified(module) for module, _ in imports_of(tree, package_of(name))
-            if module.startswith("knocker.")}
+    return {
+        classified(module)
+        for module, _ in imports_of(tree, package_of(name))
+        if module.startswith("knocker.")
+    }
 
 
 def test_core_and_edge_lists_cover_every_module() -> None:
@@ -197,8 +287,10 @@ def test_rule_checker_catches_each_kind_of_breach(source: str) -> None:
 
 def test_rule_checker_accepts_pure_imports() -> None:
     """Pure stdlib, core and the allowed socket conversions pass."""
-    source = ("import socket\nimport ipaddress\nfrom .addresses import parse_ip\n"
-              "from knocker.errors import ConfigError\nsocket.inet_pton(socket.AF_INET, 'x')")
+    source = (
+        "import socket\nimport ipaddress\nfrom .addresses import parse_ip\n"
+        "from knocker.errors import ConfigError\nsocket.inet_pton(socket.AF_INET, 'x')"
+    )
     assert problems_in(source, "sample") == []
 
 
@@ -212,12 +304,18 @@ def test_rule_checker_resolves_relative_imports_inside_a_subpackage() -> None:
     assert problems_in("from . import backend", "sample", package)
     store = "knocker.store"
     assert problems_in("from .files import atomic_write", "sample", store)
-    assert problems_in("from .backend import KnockResult\nfrom ..whitelist import Key",
-                       "sample", store) == []
+    assert (
+        problems_in(
+            "from .backend import KnockResult\nfrom ..whitelist import Key", "sample", store
+        )
+        == []
+    )
 
 
 def test_pure_firewalld_modules_may_build_messages_with_jeepney() -> None:
     """jeepney's message construction is pure: building a call passes the checker."""
-    source = ("from jeepney import DBusAddress, MatchRule, Message, new_method_call\n"
-              "from jeepney.bus_messages import message_bus")
+    source = (
+        "from jeepney import DBusAddress, MatchRule, Message, new_method_call\n"
+        "from jeepney.bus_messages import message_bus"
+    )
     assert problems_in(source, "sample", "knocker.firewalld") == []

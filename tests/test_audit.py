@@ -241,16 +241,24 @@ audit:
         web = TestApp(app, extra_environ={"REMOTE_ADDR": CLIENT})
         assert knock(web) == 200
         assert web.delete("/knock", headers={"X-Api-Key": KEY}).status_int == 200
-        assert web.delete("/knock", headers={"X-Api-Key": KEY}, expect_errors=True
-                          ).status_int == 404
+        assert (
+            web.delete("/knock", headers={"X-Api-Key": KEY}, expect_errors=True).status_int == 404
+        )
         assert knock(web) == 200
-        assert web.delete(f"/grants/{CLIENT}", headers={"X-Api-Key": f"{KEY}-admin"}
-                          ).status_int == 200
+        assert (
+            web.delete(f"/grants/{CLIENT}", headers={"X-Api-Key": f"{KEY}-admin"}).status_int == 200
+        )
     finally:
         app.close()
     events = file_events(tmp_path / "audit.jsonl")
-    ended = [(e["event"], e["key"], e["entry"], e["result"]) for e in events
-             if e["event"] in ("sign_out", "revoke")]
-    assert ended == [("sign_out", "phone", CLIENT, 200), ("sign_out", "phone", CLIENT, 404),
-                     ("revoke", "ops", CLIENT, 200)]
+    ended = [
+        (e["event"], e["key"], e["entry"], e["result"])
+        for e in events
+        if e["event"] in ("sign_out", "revoke")
+    ]
+    assert ended == [
+        ("sign_out", "phone", CLIENT, 200),
+        ("sign_out", "phone", CLIENT, 404),
+        ("revoke", "ops", CLIENT, 200),
+    ]
     assert all(KEY not in json.dumps(e) for e in events)

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("keep_logging")
 @pytest.fixture
 def no_gunicorn(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test instead of starting a server."""
+
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("gunicorn was started")
 
@@ -46,14 +47,17 @@ def write_config(tmp_path: Path, text: str) -> Path:
 
 
 def valid_config(tmp_path: Path) -> Path:
-    return write_config(tmp_path, f"""
+    return write_config(
+        tmp_path,
+        f"""
 api_keys:
   - name: laptop
     key: {SECRET}
     max_ttl: 3600
 whitelist:
   storage_path: {tmp_path / "state" / "whitelist.json"}
-""")
+""",
+    )
 
 
 # --- gen-key ----------------------------------------------------------------------------
@@ -97,18 +101,26 @@ def test_check_config_accepts_a_valid_file(tmp_path: Path) -> None:
     ("text", "key_path"),
     [
         (f"api_keys:\n  - key: {SECRET}\n    max_ttl: -5\n", "api_keys[0].max_ttl"),
-        (f"api_keys:\n  - key: {SECRET}\n    max_ttl: 60\n  - key: {SECRET}\n    max_ttl: 60\n",
-         "api_keys[1].key"),
+        (
+            f"api_keys:\n  - key: {SECRET}\n    max_ttl: 60\n  - key: {SECRET}\n    max_ttl: 60\n",
+            "api_keys[1].key",
+        ),
         (f"api_keys:\n  - key: CHANGE_ME-{SECRET}\n    max_ttl: 60\n", "api_keys[0].key"),
-        (f"api_keys:\n  - key: {SECRET}\n    max_ttl: 60\n    allow_remote_whitelist: 1\n",
-         "api_keys[0].allow_remote_whitelist"),
-        (f"api_keys:\n  - key: {SECRET}\n    max_ttl: 60\nsecurity:\n  max_whitelist_entries: 0\n",
-         "security.max_whitelist_entries"),
+        (
+            f"api_keys:\n  - key: {SECRET}\n    max_ttl: 60\n    allow_remote_whitelist: 1\n",
+            "api_keys[0].allow_remote_whitelist",
+        ),
+        (
+            f"api_keys:\n  - key: {SECRET}\n    max_ttl: 60\n"
+            "security:\n  max_whitelist_entries: 0\n",
+            "security.max_whitelist_entries",
+        ),
     ],
     ids=["max-ttl", "duplicate-key", "placeholder", "bool", "capacity"],
 )
 def test_check_config_rejects_with_the_key_path_and_never_the_secret(
-        tmp_path: Path, text: str, key_path: str) -> None:
+    tmp_path: Path, text: str, key_path: str
+) -> None:
     """An invalid config exits 1 with a message naming the key path and never the secret."""
     code, out, err = run("check-config", str(write_config(tmp_path, text)))
     assert code == 1
@@ -116,20 +128,25 @@ def test_check_config_rejects_with_the_key_path_and_never_the_secret(
     assert SECRET not in out + err
 
 
-@pytest.mark.parametrize("extra", [
-    "security: {excluded_paths: [!!timestamp notatime]}",
-    "security: {excluded_paths: [!unknown /x]}",
-    "cors: {allowed_origin: !!bool maybe}",
-    "documentation: {enabled: true, openapi_output_path: MISSING/openapi.json}",
-    "documentation: {enabled: true, openapi_output_path: A_FILE/openapi.json}",
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "security: {excluded_paths: [!!timestamp notatime]}",
+        "security: {excluded_paths: [!unknown /x]}",
+        "cors: {allowed_origin: !!bool maybe}",
+        "documentation: {enabled: true, openapi_output_path: MISSING/openapi.json}",
+        "documentation: {enabled: true, openapi_output_path: A_FILE/openapi.json}",
+    ],
+)
 def test_check_config_refuses_what_serve_would_refuse_without_a_traceback(
-        tmp_path: Path, extra: str) -> None:
+    tmp_path: Path, extra: str
+) -> None:
     """Odd YAML tags and an openapi_output_path whose directory is missing (or a file)
     exit 1 with one line naming the problem, never a traceback."""
     (tmp_path / "a-file").write_text("")
     extra = extra.replace("MISSING", str(tmp_path / "missing")).replace(
-        "A_FILE", str(tmp_path / "a-file"))
+        "A_FILE", str(tmp_path / "a-file")
+    )
     path = write_config(tmp_path, valid_config(tmp_path).read_text() + extra + "\n")
     code, out, err = run("check-config", str(path))
     assert code == 1
@@ -137,15 +154,17 @@ def test_check_config_refuses_what_serve_would_refuse_without_a_traceback(
     assert SECRET not in out + err
 
 
-def test_check_config_warns_of_wide_proxies_and_short_keys_but_accepts_them(
-        tmp_path: Path) -> None:
+def test_check_config_warns_of_wide_proxies_and_short_keys_but_accepts_them(tmp_path: Path) -> None:
     """A /8 of trusted proxies and an 8-character key: OK (upstream accepts them), with a
     warning each on stderr that never shows the key."""
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
 server: {trusted_proxies: [10.0.0.0/8]}
 api_keys:
   - {name: short, key: s3cr3t99, max_ttl: 60}
-""")
+""",
+    )
     code, out, err = run("check-config", str(path))
     assert code == 0 and "OK" in out
     assert "10.0.0.0/8 is wider than a /16" in err
@@ -154,7 +173,8 @@ api_keys:
 
 
 def test_serve_options_use_the_gevent_worker_and_no_forwarder_headers(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """By default serve hands gunicorn Knocker's gevent worker with its connection cap and
     head deadline, and no forwarder headers; --worker-class gthread keeps threads."""
     monkeypatch.setattr(knocker.cli, "_patch_for_gevent", lambda: None)
@@ -169,7 +189,8 @@ def test_serve_options_use_the_gevent_worker_and_no_forwarder_headers(
     args.out, args.err = io.StringIO(), io.StringIO()
     assert knocker.cli._serve(args, run=capture) == 0
     args = knocker.cli.build_parser().parse_args(
-        ["serve", "--config", str(config), "--worker-class", "gthread", "--threads", "3"])
+        ["serve", "--config", str(config), "--worker-class", "gthread", "--threads", "3"]
+    )
     args.out, args.err = io.StringIO(), io.StringIO()
     assert knocker.cli._serve(args, run=capture) == 0
     gevent, gthread = seen
@@ -187,8 +208,9 @@ def test_check_config_of_a_missing_file_fails(tmp_path: Path) -> None:
     assert str(missing) in err
 
 
-def test_check_config_uses_knocker_config_path(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_config_uses_knocker_config_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without a PATH argument, KNOCKER_CONFIG_PATH names the file."""
     path = write_config(tmp_path, f"api_keys:\n  - key: {SECRET}\n    max_ttl: 0\n")
     monkeypatch.setenv("KNOCKER_CONFIG_PATH", str(path))
@@ -198,7 +220,8 @@ def test_check_config_uses_knocker_config_path(tmp_path: Path,
 
 
 def test_check_config_defaults_to_knocker_yaml_in_the_working_directory(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without a PATH and without the variable, ./knocker.yaml is checked."""
     valid_config(tmp_path)
     monkeypatch.delenv("KNOCKER_CONFIG_PATH", raising=False)
@@ -236,20 +259,24 @@ def test_serve_with_unusable_storage_exits_non_zero(tmp_path: Path) -> None:
     """A valid config whose whitelist directory cannot be created never starts a server."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    path = write_config(tmp_path, f"""
+    path = write_config(
+        tmp_path,
+        f"""
 api_keys:
   - key: {SECRET}
     max_ttl: 60
 whitelist:
   storage_path: {blocker / "whitelist.json"}
-""")
+""",
+    )
     code, _, _ = run("serve", "--config", str(path))
     assert code != 0
 
 
 @pytest.mark.parametrize("option", ["--workers", "--threads"])
-def test_serve_refuses_a_worker_count_below_one(tmp_path: Path, option: str,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_refuses_a_worker_count_below_one(
+    tmp_path: Path, option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--workers 0 or --threads 0 is a usage error."""
     with pytest.raises(SystemExit) as caught:
         main(["serve", "--config", str(valid_config(tmp_path)), option, "0"])
@@ -273,8 +300,9 @@ def test_console_script_is_installed_and_runs() -> None:
     """The `knocker` console script next to this Python answers --help."""
     script = Path(sys.executable).parent / "knocker"
     assert script.exists(), f"no console script at {script}: pip install -e . first"
-    result = subprocess.run([str(script), "--help"], capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0
     assert "gen-key" in result.stdout
 

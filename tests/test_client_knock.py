@@ -303,8 +303,10 @@ def test_grants_list_and_revoke(grants_server: KnockerProcess, tmp_path: Path) -
     """`knocker grants list` shows a table (or --json) and `grants revoke` ends a grant,
     with the key from the environment; a non-admin key exits 5 (403)."""
     url = ["--url", grants_server.url]
-    assert run_cli(["knock", *url, "--key", ADMIN_KEY, "--ip", "10.7.0.0/24"],
-                   tmp_path).returncode == 0
+    assert (
+        run_cli(["knock", *url, "--key", ADMIN_KEY, "--ip", "10.7.0.0/24"], tmp_path).returncode
+        == 0
+    )
     table = run_cli(["grants", "list", *url], tmp_path, KNOCKER_API_KEY=OPS_KEY)
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.splitlines()
@@ -312,13 +314,12 @@ def test_grants_list_and_revoke(grants_server: KnockerProcess, tmp_path: Path) -
     assert any(row.split()[:3] == ["10.7.0.0/24", "admin", "remote"] for row in rows)
     listed = run_cli(["grants", "list", "--json", *url], tmp_path, KNOCKER_API_KEY=OPS_KEY)
     assert {"entry": "10.7.0.0/24", "key_name": "admin"}.items() <= next(
-        g for g in json.loads(listed.stdout)["grants"] if g["entry"] == "10.7.0.0/24").items()
-    revoked = run_cli(["grants", "revoke", "10.7.0.0/24", *url], tmp_path,
-                      KNOCKER_API_KEY=OPS_KEY)
+        g for g in json.loads(listed.stdout)["grants"] if g["entry"] == "10.7.0.0/24"
+    ).items()
+    revoked = run_cli(["grants", "revoke", "10.7.0.0/24", *url], tmp_path, KNOCKER_API_KEY=OPS_KEY)
     assert revoked.returncode == 0, revoked.stderr
     assert "Ended 10.7.0.0/24 (by admin)." in revoked.stdout
-    gone = run_cli(["grants", "revoke", "10.7.0.0/24", *url], tmp_path,
-                   KNOCKER_API_KEY=OPS_KEY)
+    gone = run_cli(["grants", "revoke", "10.7.0.0/24", *url], tmp_path, KNOCKER_API_KEY=OPS_KEY)
     assert gone.returncode == 7
     refused = run_cli(["grants", "list", *url], tmp_path, KNOCKER_API_KEY=TEST_KEY)
     assert refused.returncode == 5 and "admin: true" in refused.stderr
@@ -329,13 +330,30 @@ def test_grants_list_and_revoke(grants_server: KnockerProcess, tmp_path: Path) -
 def test_grants_table_shows_host_and_port_scopes() -> None:
     """The SCOPE column: hosts ("all hosts" when not host-scoped), then the ports of a
     port-scoped grant."""
-    grants = [{"entry": f"192.0.2.{n}", "key_name": "k", "how": "knock",
-               "expires_at": 2_000_000_000, "scope": scope}
-              for n, scope in enumerate([None, {"hosts": ["app.example.com"], "ports": None},
-                                         {"hosts": None, "ports": ["22/tcp"]},
-                                         {"hosts": ["a.example.com"], "ports": ["22/tcp"]}])]
+    grants = [
+        {
+            "entry": f"192.0.2.{n}",
+            "key_name": "k",
+            "how": "knock",
+            "expires_at": 2_000_000_000,
+            "scope": scope,
+        }
+        for n, scope in enumerate(
+            [
+                None,
+                {"hosts": ["app.example.com"], "ports": None},
+                {"hosts": None, "ports": ["22/tcp"]},
+                {"hosts": ["a.example.com"], "ports": ["22/tcp"]},
+            ]
+        )
+    ]
     lines = grants_table(grants, 1_999_999_000).splitlines()[1:]
-    expected = ["all hosts", "app.example.com", "all hosts ports 22/tcp",
-                "a.example.com ports 22/tcp"]
+    expected = [
+        "all hosts",
+        "app.example.com",
+        "all hosts ports 22/tcp",
+        "a.example.com ports 22/tcp",
+    ]
     assert [line.rstrip().endswith("  " + text) for line, text in zip(lines, expected)] == [
-        True] * 4
+        True
+    ] * 4

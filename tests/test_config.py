@@ -912,14 +912,19 @@ def test_unknown_backend_is_refused_by_name() -> None:
 
 def test_redis_url_with_credentials_is_refused_without_echoing_them() -> None:
     """A password in the URL would be logged: refused, and not repeated in the message."""
-    error = error_of(config_with(whitelist={"backend": "redis"},
-                                 redis={"url": "redis://knocker:s3cret-pw@db:6379/0"}))
+    error = error_of(
+        config_with(
+            whitelist={"backend": "redis"}, redis={"url": "redis://knocker:s3cret-pw@db:6379/0"}
+        )
+    )
     assert error.path == "redis.url"
     assert "s3cret-pw" not in str(error)
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://db.example:6380/1",
-                                 "unix:///run/redis/redis.sock"])
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:6379/0", "rediss://db.example:6380/1", "unix:///run/redis/redis.sock"],
+)
 def test_redis_url_schemes_tcp_tls_and_unix_are_accepted(url: str) -> None:
     """redis://, rediss:// and unix:// URLs load with the documented defaults."""
     config = parse_config(config_with(whitelist={"backend": "redis"}, redis={"url": url}))
@@ -928,10 +933,18 @@ def test_redis_url_schemes_tcp_tls_and_unix_are_accepted(url: str) -> None:
     assert config.redis.max_staleness_seconds == 300
 
 
-@pytest.mark.parametrize(("setting", "value"), [
-    ("url", "http://db:6379"), ("command_timeout_ms", 0), ("connect_timeout_ms", True),
-    ("max_staleness_seconds", -1), ("password_env", "not a name"), ("key_prefix", "a\nb"),
-    ("tls_ca_file", "/etc/ssl/private-ca.crt")])
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("url", "http://db:6379"),
+        ("command_timeout_ms", 0),
+        ("connect_timeout_ms", True),
+        ("max_staleness_seconds", -1),
+        ("password_env", "not a name"),
+        ("key_prefix", "a\nb"),
+        ("tls_ca_file", "/etc/ssl/private-ca.crt"),
+    ],
+)
 def test_bad_redis_settings_name_their_key(setting: str, value: object) -> None:
     """Each invalid redis setting is refused at redis.<setting>."""
     section = {"url": "redis://127.0.0.1:6379/0", setting: value}
@@ -941,8 +954,12 @@ def test_bad_redis_settings_name_their_key(setting: str, value: object) -> None:
 
 def test_redis_password_from_file_and_environment_are_exclusive() -> None:
     """password_file and password_env together are refused (which one would win?)."""
-    error = error_of(config_with(whitelist={"backend": "redis"}, redis={
-        "url": "redis://db", "password_file": "/run/secrets/pw", "password_env": "PW"}))
+    error = error_of(
+        config_with(
+            whitelist={"backend": "redis"},
+            redis={"url": "redis://db", "password_file": "/run/secrets/pw", "password_env": "PW"},
+        )
+    )
     assert error.path == "redis.password_env"
 
 
@@ -963,14 +980,21 @@ security:
 
 # --- port-scoped keys (docs/api.md#scoped-keys) ----------------------------------------
 
-PORT_SCOPED_FIREWALLD = {"enabled": True, "monitored_ips": ["192.0.2.0/24"],
-                         "monitored_ports": [{"port": 22}, {"port": 53, "protocol": "udp"}]}
+PORT_SCOPED_FIREWALLD = {
+    "enabled": True,
+    "monitored_ips": ["192.0.2.0/24"],
+    "monitored_ports": [{"port": 22}, {"port": 53, "protocol": "udp"}],
+}
 
 
 def with_key_ports(ports: object) -> dict[str, Any]:
-    return {"api_keys": [{"key": KEY, "max_ttl": 60},
-                         {"name": "ssh", "key": KEY[::-1], "max_ttl": 60, "ports": ports}],
-            "firewalld": PORT_SCOPED_FIREWALLD}
+    return {
+        "api_keys": [
+            {"key": KEY, "max_ttl": 60},
+            {"name": "ssh", "key": KEY[::-1], "max_ttl": 60, "ports": ports},
+        ],
+        "firewalld": PORT_SCOPED_FIREWALLD,
+    }
 
 
 def test_key_ports_accept_the_spellings_of_monitored_ports() -> None:
@@ -983,18 +1007,22 @@ def test_key_ports_accept_the_spellings_of_monitored_ports() -> None:
     assert [str(port) for port in key.ports] == ["22/tcp", "53/udp"]
 
 
-@pytest.mark.parametrize(("ports", "path", "fragment"), [
-    (["2222"], "api_keys[1].ports[0]", "2222/tcp is not one of firewalld.monitored_ports"),
-    (["22", "22/udp"], "api_keys[1].ports[1]", "22/udp is not one of"),
-    (["60000-60100/udp"], "api_keys[1].ports[0]", "single monitored port"),
-    (["ssh"], "api_keys[1].ports[0]", "must be a port like 22"),
-    (["22/sctp"], "api_keys[1].ports[0]", "must be a port like 22"),
-    ([True], "api_keys[1].ports[0]", "must be a port like 22"),
-    ([], "api_keys[1].ports", "at least one port"),
-    ("22", "api_keys[1].ports", "must be a list"),
-])
+@pytest.mark.parametrize(
+    ("ports", "path", "fragment"),
+    [
+        (["2222"], "api_keys[1].ports[0]", "2222/tcp is not one of firewalld.monitored_ports"),
+        (["22", "22/udp"], "api_keys[1].ports[1]", "22/udp is not one of"),
+        (["60000-60100/udp"], "api_keys[1].ports[0]", "single monitored port"),
+        (["ssh"], "api_keys[1].ports[0]", "must be a port like 22"),
+        (["22/sctp"], "api_keys[1].ports[0]", "must be a port like 22"),
+        ([True], "api_keys[1].ports[0]", "must be a port like 22"),
+        ([], "api_keys[1].ports", "at least one port"),
+        ("22", "api_keys[1].ports", "must be a list"),
+    ],
+)
 def test_key_ports_outside_monitored_ports_are_config_errors_naming_the_key(
-        ports: object, path: str, fragment: str) -> None:
+    ports: object, path: str, fragment: str
+) -> None:
     error = error_of(with_key_ports(ports))
     assert error.path == path
     assert fragment in str(error)

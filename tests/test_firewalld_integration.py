@@ -191,13 +191,13 @@ def test_sign_out_and_admin_revoke_close_the_port_within_1_s(
     for source in (client4(5), client4(6), client6(5)):
         knock(knocker, source, 600)
         assert opened(lab, source)
-    status, _, raw = knocker.request("DELETE", "/knock", {"X-Api-Key": TEST_KEY},
-                                     source=client4(5))
+    status, _, raw = knocker.request("DELETE", "/knock", {"X-Api-Key": TEST_KEY}, source=client4(5))
     assert status == 200, raw
     closed = wait_for(lambda: not opened(lab, client4(5), timeout=0.3), 1.0, interval=0.05)
     assert closed is not None, "the signed-out address still connects after 1 s"
-    status, _, raw = knocker.request("DELETE", "/grants/" + quote(client6(5), safe=""),
-                                     {"X-Api-Key": OPS_KEY}, source=client4(6))
+    status, _, raw = knocker.request(
+        "DELETE", "/grants/" + quote(client6(5), safe=""), {"X-Api-Key": OPS_KEY}, source=client4(6)
+    )
     assert status == 200, raw
     closed = wait_for(lambda: not opened(lab, client6(5), timeout=0.3), 1.0, interval=0.05)
     assert closed is not None, "the revoked address still connects after 1 s"
@@ -222,16 +222,16 @@ def test_port_scoped_key_opens_only_its_port_and_sign_out_cuts_back_to_it(
     assert not opened(lab, other, timeout=1.0, port=SECOND)  # another address: unchanged
     status, _, raw = knocker.request("DELETE", "/knock", {"X-Api-Key": TEST_KEY}, source=source)
     assert status == 200, raw
-    closed = wait_for(lambda: not opened(lab, source, timeout=0.3, port=SECOND), 1.0,
-                      interval=0.05)
+    closed = wait_for(lambda: not opened(lab, source, timeout=0.3, port=SECOND), 1.0, interval=0.05)
     assert closed is not None, "the unscoped grant's extra port still connects after 1 s"
     assert opened(lab, source)
     status, _, raw = knocker.request("GET", "/grants", {"X-Api-Key": OPS_KEY}, source=other)
     scopes = {g["entry"]: g["scope"] for g in json.loads(raw)["grants"]}
     assert scopes[source] == {"hosts": None, "ports": [f"{MONITORED}/tcp"]}
     for address in (source, other):
-        status, _, raw = knocker.request("DELETE", "/grants/" + quote(address, safe=""),
-                                         {"X-Api-Key": OPS_KEY}, source=other)
+        status, _, raw = knocker.request(
+            "DELETE", "/grants/" + quote(address, safe=""), {"X-Api-Key": OPS_KEY}, source=other
+        )
         assert status == 200, raw
         closed = wait_for(lambda a=address: not opened(lab, a, timeout=0.3), 1.0, interval=0.05)
         assert closed is not None, f"{address} still connects after its revoke"

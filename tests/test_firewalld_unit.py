@@ -1134,13 +1134,18 @@ class PortLab:
 
     def __init__(self, fake: FakeFirewalld, directory: Path, capacity: int = 100) -> None:
         self.fake, self.directory, self.capacity = fake, directory, capacity
-        self.config = parse_config({
-            "api_keys": [{"name": "k", "key": "k" * 32, "max_ttl": 9000}],
-            "security": {"max_whitelist_entries": capacity},
-            "whitelist": {"storage_path": str(directory / "whitelist.json")},
-            "firewalld": {"enabled": True, "monitored_ips": ["192.0.2.0/24"],
-                          "monitored_ports": [{"port": 22}, {"port": 27015, "protocol": "udp"}]},
-        })
+        self.config = parse_config(
+            {
+                "api_keys": [{"name": "k", "key": "k" * 32, "max_ttl": 9000}],
+                "security": {"max_whitelist_entries": capacity},
+                "whitelist": {"storage_path": str(directory / "whitelist.json")},
+                "firewalld": {
+                    "enabled": True,
+                    "monitored_ips": ["192.0.2.0/24"],
+                    "monitored_ports": [{"port": 22}, {"port": 27015, "protocol": "udp"}],
+                },
+            }
+        )
         self.firewall = over(fake, self.config.firewalld, directory)
         self.store = self._open()
 
@@ -1158,12 +1163,12 @@ class PortLab:
         (self.directory / PREPARED_MARKER).unlink()  # a new service start, a new marker
         self.firewall.prepare(self.store.entries(), self.fake.clock.time())
 
-    def knock(self, ttl: int, name: str, ports: tuple[str, ...] = (),
-              entry: str = ADDRESS) -> None:
+    def knock(self, ttl: int, name: str, ports: tuple[str, ...] = (), entry: str = ADDRESS) -> None:
         key = parse_entry(entry)
         assert key is not None
-        self.store.knock(key, ttl, self.fake.clock.time(), key_name=name,
-                         scoped=bool(ports), ports=ports)
+        self.store.knock(
+            key, ttl, self.fake.clock.time(), key_name=name, scoped=bool(ports), ports=ports
+        )
 
     def revoke(self, name: str | None, entry: str = ADDRESS) -> list[str]:
         key = parse_entry(entry)
@@ -1173,8 +1178,11 @@ class PortLab:
     def open_ports(self, entry: str = ADDRESS) -> dict[str, int]:
         """Monitored port -> the timeout firewalld holds for its accept rule of `entry`."""
         rules = self.fake.runtime.get("knocker", set())
-        return {str(port): self.fake.timeouts.get(accept(entry, port), 0)
-                for port in (SSH, GAME) if accept(entry, port) in rules}
+        return {
+            str(port): self.fake.timeouts.get(accept(entry, port), 0)
+            for port in (SSH, GAME)
+            if accept(entry, port) in rules
+        }
 
 
 @pytest.fixture
@@ -1193,7 +1201,8 @@ def test_port_scoped_knock_opens_only_its_port(ports_lab: PortLab) -> None:
 
 
 def test_unscoped_knock_opens_every_port_without_cutting_a_longer_port_grant(
-        ports_lab: PortLab) -> None:
+    ports_lab: PortLab,
+) -> None:
     """The unscoped grant opens both ports for its time; the longer port-scoped grant
     keeps its own port open for longer, and only that port."""
     ports_lab.knock(600, "ssh-only", ("22/tcp",))
@@ -1232,8 +1241,7 @@ def test_sign_out_of_the_port_scoped_grant_keeps_the_unscoped_one(ports_lab: Por
     assert ports_lab.open_ports() == {"22/tcp": 60, "27015/udp": 60}
 
 
-def test_purge_of_an_expired_unscoped_grant_closes_the_other_ports_only(
-        ports_lab: PortLab) -> None:
+def test_purge_of_an_expired_unscoped_grant_closes_the_other_ports_only(ports_lab: PortLab) -> None:
     """Past the unscoped expiry the purge closes what firewalld's own timer should have
     closed, and leaves the port-scoped grant's port open."""
     ports_lab.knock(60, "phone")
@@ -1249,7 +1257,8 @@ def test_purge_of_an_expired_unscoped_grant_closes_the_other_ports_only(
 
 
 def test_eviction_of_an_unscoped_entry_keeps_what_its_port_grant_allows(
-        fake: FakeFirewalld, tmp_path: Path) -> None:
+    fake: FakeFirewalld, tmp_path: Path
+) -> None:
     lab = PortLab(fake, tmp_path, capacity=1)
     lab.firewall.prepare({}, fake.clock.time())
     try:
@@ -1278,7 +1287,8 @@ def test_restart_restores_a_port_scoped_grant_to_its_port_only(ports_lab: PortLa
 
 
 def test_firewalld_reload_re_applies_a_port_scoped_grant_to_its_port_only(
-        ports_lab: PortLab) -> None:
+    ports_lab: PortLab,
+) -> None:
     ports_lab.knock(60, "phone")
     ports_lab.knock(600, "ssh-only", ("22/tcp",))
     ports_lab.fake.on_reload(None)
@@ -1299,15 +1309,17 @@ def test_failed_port_grant_puts_the_earlier_grant_back(ports_lab: PortLab) -> No
     with pytest.raises(FirewallError):
         ports_lab.knock(600, "ssh-only", ("22/tcp",))
     assert ports_lab.open_ports() == {"22/tcp": 60, "27015/udp": 60}
-    assert [g.key_name for g in ports_lab.store.grants(ports_lab.fake.clock.time())] == [
-        "phone"]
+    assert [g.key_name for g in ports_lab.store.grants(ports_lab.fake.clock.time())] == ["phone"]
 
 
 def test_a_port_the_config_no_longer_monitors_opens_nothing() -> None:
     """target_rules: a bare entry is every monitored port, a one-port target that port
     only when it is still monitored."""
-    assert list(target_rules("192.0.2.9", config())) == [accept("192.0.2.9", SSH),
-                                                          accept("192.0.2.9", GAME)]
+    assert list(target_rules("192.0.2.9", config())) == [
+        accept("192.0.2.9", SSH),
+        accept("192.0.2.9", GAME),
+    ]
     assert target_rules("192.0.2.9 27015/udp", config()) == {
-        accept("192.0.2.9", GAME): "192.0.2.9 27015/udp"}
+        accept("192.0.2.9", GAME): "192.0.2.9 27015/udp"
+    }
     assert target_rules("192.0.2.9 80/tcp", config()) == {}

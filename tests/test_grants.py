@@ -45,18 +45,23 @@ def listing(service: Service, key: str = OPS_KEY) -> TestResponse:
 
 
 def revoke(service: Service, entry: str, key: str = OPS_KEY) -> TestResponse:
-    return service.web.delete(f"/grants/{entry}", headers={"X-Api-Key": key},
-                              expect_errors=True)
+    return service.web.delete(f"/grants/{entry}", headers={"X-Api-Key": key}, expect_errors=True)
 
 
-def sign_out(service: Service, key: str = USER_KEY, payload: object = None,
-             peer: str = CLIENT) -> TestResponse:
+def sign_out(
+    service: Service, key: str = USER_KEY, payload: object = None, peer: str = CLIENT
+) -> TestResponse:
     params = json.dumps(payload).encode() if payload is not None else b""
     headers = {"X-Api-Key": key}
     if payload is not None:
         headers["Content-Type"] = "application/json"
-    return service.web.delete("/knock", params=params, headers=headers,
-                              extra_environ={"REMOTE_ADDR": peer}, expect_errors=True)
+    return service.web.delete(
+        "/knock",
+        params=params,
+        headers=headers,
+        extra_environ={"REMOTE_ADDR": peer},
+        expect_errors=True,
+    )
 
 
 def test_admin_lists_every_live_grant_with_its_key_name_never_the_key(service: Service) -> None:
@@ -66,11 +71,28 @@ def test_admin_lists_every_live_grant_with_its_key_name_never_the_key(service: S
     service.clock.now = NOW + 10
     response = listing(service)
     assert response.status_int == 200
-    assert response.json == {"grants": [
-        {"entry": "10.1.2.0/24", "key_name": "admin", "expires_at": int(NOW) + 50,
-         "expires_in_seconds": 40, "granted_at": int(NOW), "how": "remote", "scope": None},
-        {"entry": CLIENT, "key_name": "phone", "expires_at": int(NOW) + 100,
-         "expires_in_seconds": 90, "granted_at": int(NOW), "how": "knock", "scope": None}]}
+    assert response.json == {
+        "grants": [
+            {
+                "entry": "10.1.2.0/24",
+                "key_name": "admin",
+                "expires_at": int(NOW) + 50,
+                "expires_in_seconds": 40,
+                "granted_at": int(NOW),
+                "how": "remote",
+                "scope": None,
+            },
+            {
+                "entry": CLIENT,
+                "key_name": "phone",
+                "expires_at": int(NOW) + 100,
+                "expires_in_seconds": 90,
+                "granted_at": int(NOW),
+                "how": "knock",
+                "scope": None,
+            },
+        ]
+    }
     assert USER_KEY not in response.text and ADMIN_KEY not in response.text
 
 
@@ -131,8 +153,7 @@ def test_sign_out_ends_only_this_keys_grant(service: Service) -> None:
     service.knock(ADMIN_KEY, {"ip_address": CLIENT, "ttl": 60})
     response = sign_out(service)
     assert response.status_int == 200
-    assert [(g["entry"], g["key_name"]) for g in response.json["removed"]] == [
-        (CLIENT, "phone")]
+    assert [(g["entry"], g["key_name"]) for g in response.json["removed"]] == [(CLIENT, "phone")]
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert [g["key_name"] for g in listing(service).json["grants"]] == ["admin"]
     assert service.verify().status_int == 200
@@ -181,9 +202,17 @@ def test_an_upstream_entry_is_listed_as_restored_and_revocable(service: Service)
     service.app = build_app(service.config, clock=service.clock)
     service.web = TestApp(service.app, extra_environ={"REMOTE_ADDR": CLIENT})
     grants = listing(service).json["grants"]
-    assert grants == [{"entry": "10.9.8.7", "key_name": None, "expires_at": int(NOW) + 99,
-                       "expires_in_seconds": 99, "granted_at": None, "how": "restored",
-                       "scope": None}]
+    assert grants == [
+        {
+            "entry": "10.9.8.7",
+            "key_name": None,
+            "expires_at": int(NOW) + 99,
+            "expires_in_seconds": 99,
+            "granted_at": None,
+            "how": "restored",
+            "scope": None,
+        }
+    ]
     assert revoke(service, "10.9.8.7").status_int == 200
 
 
@@ -243,17 +272,27 @@ class Scoped:
         self.web = TestApp(self.app)
 
     def knock(self, key: str, client: str = CLIENT, **body: object) -> TestResponse:
-        return self.web.post("/knock", params=json.dumps(body).encode(),
-                             headers={"X-Api-Key": key, "Content-Type": "application/json",
-                                      "X-Forwarded-For": client},
-                             extra_environ={"REMOTE_ADDR": PROXY}, expect_errors=True)
+        return self.web.post(
+            "/knock",
+            params=json.dumps(body).encode(),
+            headers={
+                "X-Api-Key": key,
+                "Content-Type": "application/json",
+                "X-Forwarded-For": client,
+            },
+            extra_environ={"REMOTE_ADDR": PROXY},
+            expect_errors=True,
+        )
 
     def verify(self, host: str | None, client: str = CLIENT, peer: str = PROXY) -> int:
         headers = {"X-Forwarded-For": client}
         if host is not None:
             headers["X-Forwarded-Host"] = host
-        return int(self.web.get("/verify", headers=headers, extra_environ={"REMOTE_ADDR": peer},
-                                expect_errors=True).status_int)
+        return int(
+            self.web.get(
+                "/verify", headers=headers, extra_environ={"REMOTE_ADDR": peer}, expect_errors=True
+            ).status_int
+        )
 
 
 @pytest.fixture
@@ -271,8 +310,13 @@ def test_scoped_grant_passes_only_for_its_hosts(scoped: Scoped) -> None:
     assert scoped.verify("APP.example.com:443") == 200
     assert scoped.verify("x.apps.example.com") == 200
     assert scoped.verify("a.b.apps.example.com") == 200
-    for refused in ("other.example.com", "apps.example.com", "example.com",
-                    "app.example.com.evil.test", None):
+    for refused in (
+        "other.example.com",
+        "apps.example.com",
+        "example.com",
+        "app.example.com.evil.test",
+        None,
+    ):
         assert scoped.verify(refused) == 401, refused
     assert scoped.verify("app.example.com", peer=CLIENT) == 401  # host not trusted
 
@@ -286,17 +330,21 @@ def test_unscoped_and_scoped_grants_of_one_address_coexist(scoped: Scoped) -> No
     scoped.clock.now = NOW + 61
     assert scoped.verify("other.example.com") == 401
     assert scoped.verify("app.example.com") == 200
-    signed_out = scoped.web.delete("/knock", headers={"X-Api-Key": SCOPED_KEY,
-                                                      "X-Forwarded-For": CLIENT},
-                                   extra_environ={"REMOTE_ADDR": PROXY}, expect_errors=True)
+    signed_out = scoped.web.delete(
+        "/knock",
+        headers={"X-Api-Key": SCOPED_KEY, "X-Forwarded-For": CLIENT},
+        extra_environ={"REMOTE_ADDR": PROXY},
+        expect_errors=True,
+    )
     assert signed_out.status_int == 200
     assert signed_out.json["removed"][0]["scope"] == {
-        "hosts": ["app.example.com", "*.apps.example.com"], "ports": None}
+        "hosts": ["app.example.com", "*.apps.example.com"],
+        "ports": None,
+    }
     assert scoped.verify("app.example.com") == 401
 
 
-def test_scoped_grants_stay_out_of_whitelist_json_and_survive_a_restart(
-        scoped: Scoped) -> None:
+def test_scoped_grants_stay_out_of_whitelist_json_and_survive_a_restart(scoped: Scoped) -> None:
     """whitelist.json (the upstream format) never holds a scoped grant; the sidecar
     does, and a restart restores it, still scoped."""
     scoped.knock(SCOPED_KEY, client="198.51.100.5")
@@ -309,9 +357,13 @@ def test_scoped_grants_stay_out_of_whitelist_json_and_survive_a_restart(
     assert scoped.verify("other.example.com", client="198.51.100.5") == 401
     listed = scoped.web.get("/grants", headers={"X-Api-Key": OPS_KEY}).json["grants"]
     assert [(g["entry"], g["key_name"], g["scope"]) for g in listed] == [
-        ("198.51.100.5", "app-phone",
-         {"hosts": ["app.example.com", "*.apps.example.com"], "ports": None}),
-        ("198.51.100.6", "phone", None)]
+        (
+            "198.51.100.5",
+            "app-phone",
+            {"hosts": ["app.example.com", "*.apps.example.com"], "ports": None},
+        ),
+        ("198.51.100.6", "phone", None),
+    ]
 
 
 def test_admin_revoke_ends_scoped_and_unscoped_grants(scoped: Scoped) -> None:
@@ -345,10 +397,16 @@ def test_downgrade_round_trip_through_the_upstream_format(scoped: Scoped) -> Non
     assert scoped.verify("other.example.com", client="192.0.2.20") == 401
     assert scoped.verify("app.example.com", client="192.0.2.20") == 200
     assert scoped.verify("other.example.com", client="192.0.2.30") == 200
-    hows = {g["entry"]: g["how"] for g in
-            scoped.web.get("/grants", headers={"X-Api-Key": OPS_KEY}).json["grants"]}
-    assert hows == {"192.0.2.10": "restored", "192.0.2.20": "knock", "192.0.2.21": "knock",
-                    "192.0.2.30": "restored"}
+    hows = {
+        g["entry"]: g["how"]
+        for g in scoped.web.get("/grants", headers={"X-Api-Key": OPS_KEY}).json["grants"]
+    }
+    assert hows == {
+        "192.0.2.10": "restored",
+        "192.0.2.20": "knock",
+        "192.0.2.21": "knock",
+        "192.0.2.30": "restored",
+    }
 
 
 def test_host_scopes_match_names_and_wildcards_by_lookup() -> None:
@@ -366,17 +424,18 @@ api_keys:
     assert not HostScopes(keys[2:]).active
 
 
-@pytest.mark.parametrize("hosts", ['["app.example.com:443"]', '["*"]', '["a.*.com"]', "[]",
-                                   '["*."]', "[1]"])
+@pytest.mark.parametrize(
+    "hosts", ['["app.example.com:443"]', '["*"]', '["a.*.com"]', "[]", '["*."]', "[1]"]
+)
 def test_bad_host_scopes_are_config_errors_naming_the_key(hosts: str) -> None:
     with pytest.raises(ConfigError) as raised:
-        load_config_text(f"api_keys: [{{name: a, key: {USER_KEY}, max_ttl: 60, "
-                         f"hosts: {hosts}}}]")
+        load_config_text(f"api_keys: [{{name: a, key: {USER_KEY}, max_ttl: 60, hosts: {hosts}}}]")
     assert "api_keys[0].hosts" in str(raised.value)
 
 
 def test_firewall_keeps_an_entry_open_for_its_longest_grant_scoped_included(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A scoped grant opens the firewall like any other; a shorter unscoped knock of the
     same address does not cut it; ending one grant re-grants the rest; ending the last
     one closes the entry. entries() (restore, re-apply) includes scoped grants."""
@@ -389,11 +448,17 @@ def test_firewall_keeps_an_entry_open_for_its_longest_grant_scoped_included(
         assert made.knock(USER_KEY, ttl=60).status_int == 200
         assert firewall.granted[-1] == (CLIENT, 3000)
         assert made.app.store.entries() == {CLIENT: int(NOW) + 3000}
-        made.web.delete("/knock", headers={"X-Api-Key": SCOPED_KEY, "X-Forwarded-For": CLIENT},
-                        extra_environ={"REMOTE_ADDR": PROXY})
+        made.web.delete(
+            "/knock",
+            headers={"X-Api-Key": SCOPED_KEY, "X-Forwarded-For": CLIENT},
+            extra_environ={"REMOTE_ADDR": PROXY},
+        )
         assert firewall.granted[-1] == (CLIENT, 60) and firewall.revoked == []
-        made.web.delete("/knock", headers={"X-Api-Key": USER_KEY, "X-Forwarded-For": CLIENT},
-                        extra_environ={"REMOTE_ADDR": PROXY})
+        made.web.delete(
+            "/knock",
+            headers={"X-Api-Key": USER_KEY, "X-Forwarded-For": CLIENT},
+            extra_environ={"REMOTE_ADDR": PROXY},
+        )
         assert firewall.revoked == [CLIENT]
         assert made.app.store.entries() == {}
     finally:
@@ -401,7 +466,8 @@ def test_firewall_keeps_an_entry_open_for_its_longest_grant_scoped_included(
 
 
 def test_scoped_grants_are_capped_like_the_whitelist(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """At max_whitelist_entries scoped grants, a new one evicts the soonest-expiring
     scoped grant (and closes its firewall entry); expired ones make room first."""
     firewall = ScriptedFirewall()
@@ -413,7 +479,10 @@ def test_scoped_grants_are_capped_like_the_whitelist(
         made.knock(SCOPED_KEY, client="192.0.2.3", ttl=300)
         assert firewall.revoked == ["192.0.2.1"]
         assert [made.verify("app.example.com", client=f"192.0.2.{n}") for n in (1, 2, 3)] == [
-            401, 200, 200]
+            401,
+            200,
+            200,
+        ]
         made.clock.now = NOW + 250  # 192.0.2.2 expires: room without evicting 192.0.2.3
         made.knock(SCOPED_KEY, client="192.0.2.4", ttl=300)
         assert made.verify("app.example.com", client="192.0.2.3") == 200
@@ -422,8 +491,7 @@ def test_scoped_grants_are_capped_like_the_whitelist(
         made.app.close()
 
 
-def test_grants_log_index_follows_appends_and_another_processs_compaction(
-        tmp_path: Path) -> None:
+def test_grants_log_index_follows_appends_and_another_processs_compaction(tmp_path: Path) -> None:
     """Two GrantLog views of one file (two workers): appends are seen incrementally, a
     compaction (atomic rename) by one is read afresh by the other, and a torn append is
     kept whole by the next append."""
@@ -493,10 +561,14 @@ def test_port_only_key_passes_verify_for_every_host(ported: Scoped) -> None:
     unscoped key, with any host or none; one also scoped to hosts keeps its hosts."""
     ported.knock(SSH_KEY, client="192.0.2.5")
     ported.knock(APP_SSH_KEY, client="192.0.2.6")
-    assert [ported.verify(host, client="192.0.2.5")
-            for host in ("app.example.com", "other.example.com", None)] == [200, 200, 200]
-    assert [ported.verify(host, client="192.0.2.6")
-            for host in ("app.example.com", "other.example.com", None)] == [200, 401, 401]
+    assert [
+        ported.verify(host, client="192.0.2.5")
+        for host in ("app.example.com", "other.example.com", None)
+    ] == [200, 200, 200]
+    assert [
+        ported.verify(host, client="192.0.2.6")
+        for host in ("app.example.com", "other.example.com", None)
+    ] == [200, 401, 401]
     assert ported.verify(None, client="192.0.2.7") == 401
 
 
@@ -514,14 +586,19 @@ def test_grants_show_a_port_scope_and_keep_it_out_of_whitelist_json(ported: Scop
     assert [(g["entry"], g["key_name"], g["scope"]) for g in listed] == [
         ("192.0.2.5", "ssh", {"hosts": None, "ports": ["22/tcp"]}),
         ("192.0.2.6", "app-ssh", {"hosts": ["app.example.com"], "ports": ["22/tcp"]}),
-        ("192.0.2.7", "phone", None)]
+        ("192.0.2.7", "phone", None),
+    ]
     upstream = json.loads((ported.tmp_path / "whitelist.json").read_text())
     assert list(upstream) == ["192.0.2.7"]
-    records = [json.loads(line) for line in
-               (ported.tmp_path / "whitelist.json.grants").read_bytes().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (ported.tmp_path / "whitelist.json.grants").read_bytes().splitlines()
+    ]
     assert {r["entry"]: r.get("scoped") for r in records} == {
-        "192.0.2.5": {"ports": ["22/tcp"]}, "192.0.2.6": {"ports": ["22/tcp"]},
-        "192.0.2.7": None}
+        "192.0.2.5": {"ports": ["22/tcp"]},
+        "192.0.2.6": {"ports": ["22/tcp"]},
+        "192.0.2.7": None,
+    }
 
 
 def test_host_scopes_add_port_only_keys_to_every_lookup() -> None:
@@ -543,8 +620,10 @@ def test_an_address_open_port_by_port_counts_once_as_a_live_entry(ported: Scoped
     unscoped one; the active-grants gauge still counts the address once."""
     ported.knock(SSH_KEY, client="192.0.2.5", ttl=3600)
     ported.knock(USER_KEY, client="192.0.2.5", ttl=60)
-    assert ported.app.store.entries() == {"192.0.2.5 22/tcp": int(NOW) + 3600,
-                                          "192.0.2.5 8080/tcp": int(NOW) + 60}
+    assert ported.app.store.entries() == {
+        "192.0.2.5 22/tcp": int(NOW) + 3600,
+        "192.0.2.5 8080/tcp": int(NOW) + 60,
+    }
     assert knocker.app._live_entries(ported.app.store) == 1
 
 
@@ -561,8 +640,11 @@ def test_firewall_plan_opens_each_port_for_its_longest_grant() -> None:
     assert firewall_plan(500, [grant(900)], ports, 100) == {"": 900}
     assert firewall_plan(500, [grant(400, ("22/tcp",))], ports, 100) == {"": 500}
     assert firewall_plan(500, [grant(900, ("22/tcp",))], ports, 100) == {
-        "22/tcp": 900, "53/udp": 500}
-    assert firewall_plan(None, [grant(900, ("22/tcp",)), grant(700, ("22/tcp",), "j")],
-                         ports, 100) == {"22/tcp": 900}
+        "22/tcp": 900,
+        "53/udp": 500,
+    }
+    assert firewall_plan(
+        None, [grant(900, ("22/tcp",)), grant(700, ("22/tcp",), "j")], ports, 100
+    ) == {"22/tcp": 900}
     assert firewall_plan(None, [grant(90, ("22/tcp",))], ports, 100) == {}
     assert firewall_plan(90, [], ports, 100) == {}

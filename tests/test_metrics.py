@@ -235,7 +235,12 @@ def test_serve_gives_the_workers_a_fresh_private_directory_and_removes_it(
         server._app.close()  # type: ignore[attr-defined]
 
     args = argparse.Namespace(
-        config=str(config), bind=["127.0.0.1:0"], workers=1, threads=1, out=None, err=None,
+        config=str(config),
+        bind=["127.0.0.1:0"],
+        workers=1,
+        threads=1,
+        out=None,
+        err=None,
         worker_class="gthread",  # in-process: no gevent monkeypatching of the test run
     )
     assert cli._serve(args, run=fake_run) == 0

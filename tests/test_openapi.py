@@ -34,14 +34,19 @@ APP_SOURCE = Path(knocker.app.__file__)
 
 
 def docs_config(directory: Path, **sections: Any) -> Config:
-    return make_config(directory, documentation={
-        "enabled": True, "openapi_output_path": str(directory / "openapi.json")}, **sections)
+    return make_config(
+        directory,
+        documentation={"enabled": True, "openapi_output_path": str(directory / "openapi.json")},
+        **sections,
+    )
 
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[App]:
-    built = build_app(docs_config(tmp_path, metrics={"enabled": True, "allow": [CLIENT]}),
-                      clock=lambda: 1_700_000_000.0)
+    built = build_app(
+        docs_config(tmp_path, metrics={"enabled": True, "allow": [CLIENT]}),
+        clock=lambda: 1_700_000_000.0,
+    )
     yield built
     built.close()
 
@@ -57,8 +62,12 @@ def document() -> dict[str, Any]:
 
 
 def operations(document: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(path, method) for path, item in document["paths"].items()
-            for method in item if method in METHODS]
+    return [
+        (path, method)
+        for path, item in document["paths"].items()
+        for method in item
+        if method in METHODS
+    ]
 
 
 def paths_the_app_routes() -> set[str]:
@@ -66,12 +75,20 @@ def paths_the_app_routes() -> set[str]:
     `path in ("/x", ...)`): the routes as the code spells them."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(APP_SOURCE.read_text())):
-        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) \
-                and node.left.id == "path":
+        if (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Name)
+            and node.left.id == "path"
+        ):
             for right in node.comparators:
                 items = right.elts if isinstance(right, ast.Tuple | ast.Set | ast.List) else [right]
-                found.update(item.value for item in items if isinstance(item, ast.Constant)
-                             and isinstance(item.value, str) and item.value.startswith("/"))
+                found.update(
+                    item.value
+                    for item in items
+                    if isinstance(item, ast.Constant)
+                    and isinstance(item.value, str)
+                    and item.value.startswith("/")
+                )
     return found
 
 
@@ -82,8 +99,7 @@ def test_document_is_openapi_3_and_json(document: dict[str, Any]) -> None:
     assert json.loads(json.dumps(document)) == document
 
 
-def test_every_documented_operation_is_a_real_route(web: TestApp,
-                                                    document: dict[str, Any]) -> None:
+def test_every_documented_operation_is_a_real_route(web: TestApp, document: dict[str, Any]) -> None:
     """Each documented path answers its documented method with neither 404 nor 405."""
     assert operations(document)
     for path, method in operations(document):
@@ -91,8 +107,7 @@ def test_every_documented_operation_is_a_real_route(web: TestApp,
         assert response.status_int not in (404, 405), (method, path, response.status)
 
 
-def test_every_route_the_app_serves_is_documented(web: TestApp,
-                                                 document: dict[str, Any]) -> None:
+def test_every_route_the_app_serves_is_documented(web: TestApp, document: dict[str, Any]) -> None:
     """Each path app.py routes, asked with each method, is documented wherever the app
     answers it (HEAD counts as documented with GET; /openapi.json describes the others)."""
     paths = paths_the_app_routes()
@@ -117,7 +132,8 @@ class FailingFirewall(NullFirewall):
 
 
 def test_documented_knock_responses_are_the_ones_the_app_gives(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, document: dict[str, Any]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, document: dict[str, Any]
+) -> None:
     """Every status POST /knock really returns is documented, and every documented one is
     produced here by a request that earns it."""
     firewall = FailingFirewall()
@@ -125,6 +141,7 @@ def test_documented_knock_responses_are_the_ones_the_app_gives(
     limits = {"knock_rate_limit": {"window_seconds": 60, "failed_requests": 5}}
     app = build_app(docs_config(tmp_path, security=limits), clock=lambda: 1_700_000_000.0)
     try:
+
         def knock(client: str, key: str = KEY, **kwargs: Any) -> int:
             web = TestApp(app, extra_environ={"REMOTE_ADDR": client})
             headers = {"X-Api-Key": key, **kwargs.pop("headers", {})}
@@ -146,13 +163,11 @@ def test_documented_knock_responses_are_the_ones_the_app_gives(
         seen.add(knock("198.51.100.2"))
     finally:
         app.close()
-    assert {str(status) for status in seen} == set(
-        document["paths"]["/knock"]["post"]["responses"])
+    assert {str(status) for status in seen} == set(document["paths"]["/knock"]["post"]["responses"])
     assert HTTPStatus.TOO_MANY_REQUESTS in seen
 
 
-def test_knock_200_schema_matches_a_real_response(web: TestApp,
-                                                  document: dict[str, Any]) -> None:
+def test_knock_200_schema_matches_a_real_response(web: TestApp, document: dict[str, Any]) -> None:
     """The KnockResponse schema lists exactly the keys and types a real 200 carries."""
     schema = document["components"]["schemas"]["KnockResponse"]
     response = web.post("/knock", headers={"X-Api-Key": KEY}).json
@@ -163,8 +178,7 @@ def test_knock_200_schema_matches_a_real_response(web: TestApp,
         assert type(value) is python_type[schema["properties"][name]["type"]], name
 
 
-def test_knock_error_schema_matches_a_real_error(web: TestApp,
-                                                 document: dict[str, Any]) -> None:
+def test_knock_error_schema_matches_a_real_error(web: TestApp, document: dict[str, Any]) -> None:
     """The Error schema is the {"error": "..."} body a refused knock carries."""
     schema = document["components"]["schemas"]["Error"]
     body = web.post("/knock", headers={"X-Api-Key": "wrong"}, expect_errors=True).json
@@ -179,8 +193,7 @@ def test_knock_request_schema_matches_the_accepted_body(document: dict[str, Any]
     assert schema["properties"]["ttl"]["minimum"] == 1
     assert schema["properties"]["ttl"]["maximum"] == MAX_TTL
     assert schema["properties"]["ip_address"]["maxLength"] == 100
-    assert str(MAX_BODY) in document["paths"]["/knock"]["post"]["responses"]["413"][
-        "description"]
+    assert str(MAX_BODY) in document["paths"]["/knock"]["post"]["responses"]["413"]["description"]
 
 
 def test_every_schema_reference_resolves(document: dict[str, Any]) -> None:
@@ -193,8 +206,9 @@ def test_every_schema_reference_resolves(document: dict[str, Any]) -> None:
         assert name in document["components"]["schemas"], ref
 
 
-def test_served_and_written_documents_are_the_document(web: TestApp, tmp_path: Path,
-                                                       document: dict[str, Any]) -> None:
+def test_served_and_written_documents_are_the_document(
+    web: TestApp, tmp_path: Path, document: dict[str, Any]
+) -> None:
     """/openapi.json and the file at openapi_output_path hold the same document."""
     assert web.get("/openapi.json").json == document
     assert json.loads((tmp_path / "openapi.json").read_text()) == document
@@ -218,15 +232,17 @@ documentation:
 
 
 def test_schema_file_knocker_wrote_is_removed_when_docs_are_disabled(
-        app: App, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app: App, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The file a docs-enabled start wrote is deleted by a docs-disabled start, logged."""
     written = tmp_path / "openapi.json"
     assert written.is_file()
     with caplog.at_level(logging.INFO, logger="knocker"):
         build_without_docs(tmp_path, written)
     assert not written.exists()
-    assert any("removed" in r.getMessage() and str(written) in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "removed" in r.getMessage() and str(written) in r.getMessage() for r in caplog.records
+    )
 
 
 def test_symlink_to_a_knocker_schema_is_not_followed(app: App, tmp_path: Path) -> None:
@@ -238,12 +254,15 @@ def test_symlink_to_a_knocker_schema_is_not_followed(app: App, tmp_path: Path) -
     assert link.is_symlink() and target.is_file()
 
 
-@pytest.mark.parametrize("content", [
-    '{"openapi": "3.0.3", "info": {"title": "Someone else", "version": "1"}}',
-    '{"info": {"title": "Knocker"}}',
-    "not json at all",
-    "",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"openapi": "3.0.3", "info": {"title": "Someone else", "version": "1"}}',
+        '{"info": {"title": "Knocker"}}',
+        "not json at all",
+        "",
+    ],
+)
 def test_files_knocker_did_not_write_are_kept(tmp_path: Path, content: str) -> None:
     """Another API's schema, a non-OpenAPI document, garbage or an empty file: kept."""
     path = tmp_path / "openapi.json"

@@ -63,8 +63,18 @@ def test_right_key_authenticates_as_its_entry() -> None:
         "kéy-ünïcode",
         "\u20ac" + USER.key,  # outside latin-1: must not crash
     ],
-    ids=["missing", "empty", "wrong", "prefix", "first-char", "extension", "case", "space",
-         "latin1", "non-latin1"],
+    ids=[
+        "missing",
+        "empty",
+        "wrong",
+        "prefix",
+        "first-char",
+        "extension",
+        "case",
+        "space",
+        "latin1",
+        "non-latin1",
+    ],
 )
 def test_anything_but_an_exact_key_is_401(presented: str | None) -> None:
     """Missing, empty, wrong, prefix, extended and non-ASCII keys are all 401."""
@@ -123,8 +133,12 @@ def test_null_members_mean_absent() -> None:
 
 @pytest.mark.parametrize(
     "content_type",
-    ["application/json", "application/json; charset=utf-8", "Application/JSON",
-     "application/json ;charset=UTF-8"],
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/json ;charset=UTF-8",
+    ],
 )
 def test_json_media_type_with_parameters_is_accepted(content_type: str) -> None:
     """application/json is accepted in any case and with parameters such as charset."""
@@ -133,8 +147,15 @@ def test_json_media_type_with_parameters_is_accepted(content_type: str) -> None:
 
 @pytest.mark.parametrize(
     "content_type",
-    [None, "", "text/plain", "application/x-www-form-urlencoded", "application/jsonx",
-     "application/json-patch+json", "multipart/form-data; boundary=x"],
+    [
+        None,
+        "",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/jsonx",
+        "application/json-patch+json",
+        "multipart/form-data; boundary=x",
+    ],
 )
 def test_non_json_media_type_is_415(content_type: str | None) -> None:
     """A non-empty body that is not application/json is 415."""
@@ -160,8 +181,22 @@ def test_non_json_media_type_is_415(content_type: str | None) -> None:
         b'{"ttl": 5, "ttl": 6}',
         b'{"ip_address": "1.2.3.4", "ip_address": "1.2.3.4"}',
     ],
-    ids=["bad-utf8", "bom", "truncated", "form", "nan", "infinity", "array", "string",
-         "number", "null", "unknown-member", "member-case", "duplicate-ttl", "duplicate-ip"],
+    ids=[
+        "bad-utf8",
+        "bom",
+        "truncated",
+        "form",
+        "nan",
+        "infinity",
+        "array",
+        "string",
+        "number",
+        "null",
+        "unknown-member",
+        "member-case",
+        "duplicate-ttl",
+        "duplicate-ip",
+    ],
 )
 def test_malformed_body_is_400(raw: bytes) -> None:
     """Invalid UTF-8, non-JSON, non-objects, unknown or duplicate members are 400."""
@@ -169,9 +204,21 @@ def test_malformed_body_is_400(raw: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "ttl", [True, False, 1.0, 60.5, "60", 0, -1, MAX_TTL + 1, 10**30, [60], {"s": 60}],
-    ids=["true", "false", "float-int", "float", "string", "zero", "negative", "too-big",
-         "huge", "list", "object"],
+    "ttl",
+    [True, False, 1.0, 60.5, "60", 0, -1, MAX_TTL + 1, 10**30, [60], {"s": 60}],
+    ids=[
+        "true",
+        "false",
+        "float-int",
+        "float",
+        "string",
+        "zero",
+        "negative",
+        "too-big",
+        "huge",
+        "list",
+        "object",
+    ],
 )
 def test_ttl_must_be_an_integer_in_range(ttl: object) -> None:
     """ttl must be a JSON integer, not bool/float/string, with 1 <= ttl <= 315360000."""
@@ -193,8 +240,9 @@ def test_ip_address_must_be_a_short_string(ip_address: object) -> None:
 # --- authorize --------------------------------------------------------------------------
 
 
-def grant(key: ApiKey, payload: dict[str, object] | None = None,
-          client: IPAddress | None = CLIENT) -> Grant:
+def grant(
+    key: ApiKey, payload: dict[str, object] | None = None, client: IPAddress | None = CLIENT
+) -> Grant:
     return authorize(key, client, body(payload) if payload is not None else KnockBody())
 
 
@@ -219,8 +267,9 @@ def test_unresolved_client_without_ip_address_is_400() -> None:
 @pytest.mark.parametrize(
     ("requested", "effective"), [(None, 3600), (60, 60), (3600, 3600), (999_999, 3600)]
 )
-def test_effective_ttl_is_min_of_requested_and_max_ttl(requested: int | None,
-                                                      effective: int) -> None:
+def test_effective_ttl_is_min_of_requested_and_max_ttl(
+    requested: int | None, effective: int
+) -> None:
     """Effective ttl = min(requested, max_ttl); absent means max_ttl."""
     assert grant(USER, {"ttl": requested}).ttl == effective
 
@@ -320,8 +369,14 @@ class Allows:
         return address in self.allowed
 
 
-def decide(config: Config, peer: str, allows: Allows, xff: str | None = None,
-           host: str | None = None, uri: str | None = None) -> bool:
+def decide(
+    config: Config,
+    peer: str,
+    allows: Allows,
+    xff: str | None = None,
+    host: str | None = None,
+    uri: str | None = None,
+) -> bool:
     verifier = Verifier(config, ProxyResolver(config.server.trusted_proxies))
     return verifier.decide(peer, xff, host, uri, allows, NOW)
 
@@ -370,10 +425,12 @@ def test_traversal_out_of_an_excluded_prefix_is_not_excluded(config: Config) -> 
 def test_host_scoped_exclusion_via_trusted_proxy_passes(config: Config) -> None:
     """excluded_paths_by_host applies to X-Forwarded-Host from a trusted proxy."""
     allows = Allows()
-    assert decide(config, PROXY, allows, xff="203.0.113.8", host="Docs.Example.com:443",
-                  uri="/anything")
-    assert not decide(config, PROXY, allows, xff="203.0.113.8", host="www.example.com",
-                      uri="/anything")
+    assert decide(
+        config, PROXY, allows, xff="203.0.113.8", host="Docs.Example.com:443", uri="/anything"
+    )
+    assert not decide(
+        config, PROXY, allows, xff="203.0.113.8", host="www.example.com", uri="/anything"
+    )
 
 
 def test_host_scoped_exclusion_from_untrusted_peer_is_ignored(config: Config) -> None:

@@ -437,8 +437,10 @@ def test_nested_and_overlapping_prefixes_match_exactly_as_each_one_alone() -> No
     rng = random.Random(11)
     names = ["a", "b", "a0", "a.b", "ab", "a-"]
     for _ in range(300):
-        prefixes = ["/" + "/".join(rng.choice(names) for _ in range(rng.randint(1, 3)))
-                    for _ in range(rng.randint(1, 12))]
+        prefixes = [
+            "/" + "/".join(rng.choice(names) for _ in range(rng.randint(1, 3)))
+            for _ in range(rng.randint(1, 12))
+        ]
         if rng.random() < 0.05:
             prefixes.append("/")
         exclusions = Exclusions(tuple(prefixes))

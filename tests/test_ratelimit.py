@@ -22,8 +22,9 @@ NOW = 1_700_000_000.0
 SALT = b"0123456789abcdef"
 
 
-def limiter(window: int = 60, successes: int = 3, failures: int = 3,
-            slots: int | None = None) -> RateLimiter:
+def limiter(
+    window: int = 60, successes: int = 3, failures: int = 3, slots: int | None = None
+) -> RateLimiter:
     config = RateLimitConfig(window, successes, failures)
     layout = layout_for(config) if slots is None else Layout(slots, successes, failures)
     return RateLimiter(config, bytearray(layout.size), SALT, layout)
@@ -169,8 +170,9 @@ def test_buffer_smaller_than_layout_is_refused() -> None:
         RateLimiter(config, bytearray(layout.size - 1), SALT, layout)
 
 
-@pytest.mark.parametrize(("successes", "failures"),
-                         [(0, 0), (20, 30), (100_000, 100_000), (10**9, 10**9)])
+@pytest.mark.parametrize(
+    ("successes", "failures"), [(0, 0), (20, 30), (100_000, 100_000), (10**9, 10**9)]
+)
 def test_layout_is_bounded_and_bucket_aligned(successes: int, failures: int) -> None:
     """Between 64 and 4096 slots, a multiple of the bucket size, within the byte budget."""
     layout = layout_for(RateLimitConfig(60, successes, failures))
@@ -193,8 +195,9 @@ def test_client_keys_are_16_bytes_and_distinct_across_families() -> None:
 
 
 @pytest.mark.parametrize(("successes", "failures", "allowed"), [(3, 30, 3), (30, 5, 5)])
-def test_concurrent_reservations_never_exceed_a_budget(successes: int, failures: int,
-                                                       allowed: int) -> None:
+def test_concurrent_reservations_never_exceed_a_budget(
+    successes: int, failures: int, allowed: int
+) -> None:
     """16 knocks in flight at once (reserved, none settled yet): exactly as many get a
     place as the smaller budget has, since each might end either way."""
     rl = limiter(successes=successes, failures=failures)

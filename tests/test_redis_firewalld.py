@@ -108,8 +108,9 @@ def test_revocation_on_host_a_closes_the_port_on_both_hosts(
     a, b = hosts
     assert b.knock(body={"ttl": 600}, source=client4(9))[0] == 200
     assert opens_within(a, client4(9), 3) is not None
-    status, _, raw = a.request("DELETE", f"/grants/{client4(9)}", {"X-Api-Key": OPS_KEY},
-                               source=client4(10))
+    status, _, raw = a.request(
+        "DELETE", f"/grants/{client4(9)}", {"X-Api-Key": OPS_KEY}, source=client4(10)
+    )
     assert status == 200, raw
     for knocker in (a, b):
         deadline = time.monotonic() + 3

@@ -80,9 +80,7 @@ def test_knock_records_who_granted_and_every_instance_lists_it(instances: Instan
     # a re-knock never shortens the key's own grant
     a.knock(key("198.51.100.7"), 10, NOW + 3, key_name="phone")
     assert shown(a.grants(NOW + 3))[1][2] == int(NOW) + 100
-    assert shown(a.grants(NOW + 60)) == [
-        ("198.51.100.7", "phone", int(NOW) + 100, "knock", False)
-    ]
+    assert shown(a.grants(NOW + 60)) == [("198.51.100.7", "phone", int(NOW) + 100, "knock", False)]
 
 
 def test_revoking_one_keys_grant_cuts_the_entry_back_on_every_instance(
@@ -93,13 +91,19 @@ def test_revoking_one_keys_grant_cuts_the_entry_back_on_every_instance(
     a, b = instances.open(), instances.open()
     a.knock(key("198.51.100.7"), 100, NOW, key_name="phone")
     a.knock(key("198.51.100.7"), 50, NOW, key_name="admin")
-    wait_until(lambda: b.replica.expiry(key("198.51.100.7")) == int(NOW) + 100, 5,
-               what="b follows the knock")
+    wait_until(
+        lambda: b.replica.expiry(key("198.51.100.7")) == int(NOW) + 100,
+        5,
+        what="b follows the knock",
+    )
     ended = b.revoke(key("198.51.100.7"), "phone", NOW + 1)
     assert shown(ended) == [("198.51.100.7", "phone", int(NOW) + 100, "knock", False)]
     assert b.replica.expiry(key("198.51.100.7")) == int(NOW) + 50
-    wait_until(lambda: a.replica.expiry(key("198.51.100.7")) == int(NOW) + 50, 5,
-               what="a follows the revocation")
+    wait_until(
+        lambda: a.replica.expiry(key("198.51.100.7")) == int(NOW) + 50,
+        5,
+        what="a follows the revocation",
+    )
     assert shown(a.grants(NOW + 1)) == [("198.51.100.7", "admin", int(NOW) + 50, "knock", False)]
     assert a.revoke(key("198.51.100.7"), "phone", NOW + 1) == []  # nothing left of it
     assert shown(a.revoke(key("198.51.100.7"), None, NOW + 2)) == [
@@ -137,8 +141,11 @@ def test_scoped_grant_stays_out_of_the_whitelist_and_reaches_every_replica(
     a, b = instances.open(), instances.open()
     result = a.knock(key("198.51.100.20"), 100, NOW, key_name="app-phone", scoped=True)
     assert result.expires_at == int(NOW) + 100
-    wait_until(lambda: b.scoped_allows(ip("198.51.100.20"), ("app-phone",), NOW), 5,
-               what="b holds the scoped grant")
+    wait_until(
+        lambda: b.scoped_allows(ip("198.51.100.20"), ("app-phone",), NOW),
+        5,
+        what="b holds the scoped grant",
+    )
     assert not b.scoped_allows(ip("198.51.100.20"), ("phone",), NOW)
     assert not a.allows(ip("198.51.100.20"), NOW) and not b.allows(ip("198.51.100.20"), NOW)
     assert b.entries() == {"198.51.100.20": int(NOW) + 100}  # the firewall opens it
@@ -152,8 +159,11 @@ def test_scoped_grant_stays_out_of_the_whitelist_and_reaches_every_replica(
     assert shown(c.revoke(key("198.51.100.20"), "app-phone", NOW)) == [
         ("198.51.100.20", "app-phone", int(NOW) + 100, "knock", True)
     ]
-    wait_until(lambda: not a.scoped_allows(ip("198.51.100.20"), ("app-phone",), NOW), 5,
-               what="a drops the scoped grant")
+    wait_until(
+        lambda: not a.scoped_allows(ip("198.51.100.20"), ("app-phone",), NOW),
+        5,
+        what="a drops the scoped grant",
+    )
     assert a.allows(ip("198.51.100.20"), NOW)
     assert not b.scoped_allows(ip("198.51.100.20"), ("app-phone",), NOW + 200)  # expiry
 
@@ -164,8 +174,9 @@ def test_scoped_grants_are_capped_like_the_whitelist(instances: Instances) -> No
     a.knock(key("198.51.100.32"), 100, NOW, key_name="app-phone", scoped=True)
     result = a.knock(key("198.51.100.33"), 200, NOW, key_name="app-phone", scoped=True)
     assert result.evicted == ("198.51.100.32",)
-    wait_until(lambda: b.scoped_allows(ip("198.51.100.33"), ("app-phone",), NOW), 5,
-               what="b follows")
+    wait_until(
+        lambda: b.scoped_allows(ip("198.51.100.33"), ("app-phone",), NOW), 5, what="b follows"
+    )
     assert not b.scoped_allows(ip("198.51.100.32"), ("app-phone",), NOW)
     assert [g.entry for g in a.grants(NOW)] == ["198.51.100.31", "198.51.100.33"]
 
@@ -174,9 +185,7 @@ def test_an_evicted_entry_takes_its_unscoped_records_along(instances: Instances)
     a = instances.open(security={"max_whitelist_entries": 1})
     a.knock(key("198.51.100.41"), 100, NOW, key_name="phone")
     a.knock(key("198.51.100.41"), 100, NOW, key_name="app-phone", scoped=True)
-    assert a.knock(key("198.51.100.42"), 200, NOW, key_name="phone").evicted == (
-        "198.51.100.41",
-    )
+    assert a.knock(key("198.51.100.42"), 200, NOW, key_name="phone").evicted == ("198.51.100.41",)
     with instances.server.client() as client:
         assert list(client.hgetall("knocker:grants:198.51.100.41")) == ["app-phone"]
     assert shown(a.grants(NOW)) == [
@@ -194,8 +203,9 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 def write_config(directory: Path, server: RedisServer, backend: str) -> Path:
     config = base_config(directory, redis={"url": server.url})
-    config["api_keys"].append({"name": "app-phone", "key": SCOPED_KEY, "max_ttl": 600,
-                               "hosts": ["app.example.com"]})
+    config["api_keys"].append(
+        {"name": "app-phone", "key": SCOPED_KEY, "max_ttl": 600, "hosts": ["app.example.com"]}
+    )
     config["whitelist"]["backend"] = backend
     directory.mkdir(exist_ok=True)
     path = directory / "knocker.yaml"
@@ -215,13 +225,22 @@ def test_migrate_copies_grant_records_both_ways(tmp_path: Path, server: RedisSer
     finally:
         source.close()
     assert len(listed) == 2
-    assert run("migrate", "--to", "redis", "--config",
-               str(write_config(tmp_path / "a", server, "redis")))[0] == 0
+    assert (
+        run(
+            "migrate",
+            "--to",
+            "redis",
+            "--config",
+            str(write_config(tmp_path / "a", server, "redis")),
+        )[0]
+        == 0
+    )
     with server.client() as client:
         assert list(client.zrange("knocker:whitelist", 0, -1)) == ["198.51.100.51"]
         assert list(client.zrange("knocker:scoped", 0, -1)) == ["198.51.100.52 app-phone"]
-    code, _, err = run("migrate", "--to", "file", "--config",
-                       str(write_config(tmp_path / "b", server, "file")))
+    code, _, err = run(
+        "migrate", "--to", "file", "--config", str(write_config(tmp_path / "b", server, "file"))
+    )
     assert code == 0, err
     target = FileStore(make_config(tmp_path / "b"), NullFirewall())
     try:
@@ -233,9 +252,14 @@ def test_migrate_copies_grant_records_both_ways(tmp_path: Path, server: RedisSer
 
 
 # ------------------------------------------------------------------ two real instances
-def request(process: Any, method: str, path: str, key_: str,
-            body: dict[str, Any] | None = None, source: str | None = None
-            ) -> tuple[int, Any]:
+def request(
+    process: Any,
+    method: str,
+    path: str,
+    key_: str,
+    body: dict[str, Any] | None = None,
+    source: str | None = None,
+) -> tuple[int, Any]:
     headers = {"X-Api-Key": key_}
     data = None
     if body is not None:
@@ -245,15 +269,21 @@ def request(process: Any, method: str, path: str, key_: str,
     return status, json.loads(raw) if raw else {}
 
 
-ADMIN_CONFIG = {"name": "admin", "key": ADMIN_KEY, "max_ttl": 86400,
-                "allow_remote_whitelist": True, "admin": True}
+ADMIN_CONFIG = {
+    "name": "admin",
+    "key": ADMIN_KEY,
+    "max_ttl": 86400,
+    "allow_remote_whitelist": True,
+    "admin": True,
+}
 
 
 def test_grants_api_and_sign_out_across_two_instances(cluster: Cluster, tmp_path: Path) -> None:
     """GET /grants on B lists A's knocks; DELETE /grants/{entry} on A and DELETE /knock
     on B end grants that the other instance's /verify then refuses."""
-    cluster.start(workers=(1, 2), api_keys=[
-        {"name": "phone", "key": TEST_KEY, "max_ttl": 3600}, ADMIN_CONFIG])
+    cluster.start(
+        workers=(1, 2), api_keys=[{"name": "phone", "key": TEST_KEY, "max_ttl": 3600}, ADMIN_CONFIG]
+    )
     a, b = cluster.instances
     assert a.knock(TEST_KEY, {"ttl": 600}, source="127.0.0.71")[0] == 200
     assert a.knock(TEST_KEY, {"ttl": 600}, source="127.0.0.72")[0] == 200
@@ -261,7 +291,9 @@ def test_grants_api_and_sign_out_across_two_instances(cluster: Cluster, tmp_path
     status, body = request(b, "GET", "/grants", ADMIN_KEY)
     assert status == 200, body
     assert [(g["entry"], g["key_name"], g["how"]) for g in body["grants"]] == [
-        ("127.0.0.71", "phone", "knock"), ("127.0.0.72", "phone", "knock")]
+        ("127.0.0.71", "phone", "knock"),
+        ("127.0.0.72", "phone", "knock"),
+    ]
     assert request(b, "GET", "/grants", TEST_KEY)[0] == 403
     status, body = request(a, "DELETE", "/grants/127.0.0.71", ADMIN_KEY)
     assert status == 200, body
@@ -276,9 +308,11 @@ def test_grants_api_and_sign_out_across_two_instances(cluster: Cluster, tmp_path
 def test_host_scoped_grant_on_one_instance_passes_on_another_only_for_its_host(
     cluster: Cluster,
 ) -> None:
-    keys = [{"name": "phone", "key": TEST_KEY, "max_ttl": 3600}, ADMIN_CONFIG,
-            {"name": "app-phone", "key": SCOPED_KEY, "max_ttl": 600,
-             "hosts": ["app.example.com"]}]
+    keys = [
+        {"name": "phone", "key": TEST_KEY, "max_ttl": 3600},
+        ADMIN_CONFIG,
+        {"name": "app-phone", "key": SCOPED_KEY, "max_ttl": 600, "hosts": ["app.example.com"]},
+    ]
     for index, count in enumerate((1, 2)):  # behind a proxy on 127.0.0.1
         directory = cluster.tmp_path / f"knocker{index}"
         config = shared_config(directory, cluster.server, api_keys=keys)
@@ -289,14 +323,26 @@ def test_host_scoped_grant_on_one_instance_passes_on_another_only_for_its_host(
     assert a.knock(SCOPED_KEY, {"ttl": 600}, source="127.0.0.81")[0] == 200
 
     def verify(process: Any, host: str) -> int:
-        return int(process.verify(source="127.0.0.1", headers={
-            "X-Forwarded-For": "127.0.0.81", "X-Forwarded-Host": host}))
+        return int(
+            process.verify(
+                source="127.0.0.1",
+                headers={"X-Forwarded-For": "127.0.0.81", "X-Forwarded-Host": host},
+            )
+        )
 
-    wait_until(lambda: all(verify(b, "app.example.com") == 200 for _ in range(6)), 3,
-               interval=0.02, what="b honours the scoped grant")
+    wait_until(
+        lambda: all(verify(b, "app.example.com") == 200 for _ in range(6)),
+        3,
+        interval=0.02,
+        what="b honours the scoped grant",
+    )
     assert verify(b, "other.example.com") == 401
     assert verify(a, "other.example.com") == 401
     status, body = request(b, "DELETE", "/grants/127.0.0.81", ADMIN_KEY)
     assert status == 200, body
-    wait_until(lambda: all(verify(a, "app.example.com") == 401 for _ in range(6)), 3,
-               interval=0.02, what="a drops the scoped grant")
+    wait_until(
+        lambda: all(verify(a, "app.example.com") == 401 for _ in range(6)),
+        3,
+        interval=0.02,
+        what="a drops the scoped grant",
+    )

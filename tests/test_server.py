@@ -31,8 +31,9 @@ def _server(tmp_path: Path, workers: int, **config: Any) -> KnockerProcess:
     return KnockerProcess(tmp_path, base_config(tmp_path, **config), workers=workers)
 
 
-def _file_when(server: KnockerProcess, wanted: Callable[[dict[str, int]], bool],
-               timeout: float = 5.0) -> dict[str, int]:
+def _file_when(
+    server: KnockerProcess, wanted: Callable[[dict[str, int]], bool], timeout: float = 5.0
+) -> dict[str, int]:
     """whitelist.json once `wanted` holds (it follows the journal about a second behind),
     or as it is at the deadline."""
     deadline = time.monotonic() + timeout
@@ -47,8 +48,9 @@ def _file_when(server: KnockerProcess, wanted: Callable[[dict[str, int]], bool],
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-def test_knock_is_honoured_by_every_worker_on_the_next_request(tmp_path: Path,
-                                                               workers: int) -> None:
+def test_knock_is_honoured_by_every_worker_on_the_next_request(
+    tmp_path: Path, workers: int
+) -> None:
     """A knock answered by any worker lets the client through on every later connection."""
     with _server(tmp_path, workers) as server:
         assert server.verify(source="127.0.0.31") == 401
@@ -65,11 +67,13 @@ def test_api_key_header_name_is_case_insensitive_on_the_wire(tmp_path: Path) -> 
     WebTest hands the app an environ that is already folded, so only a real server shows it."""
     with _server(tmp_path, 1) as server:
         for n, name in enumerate(("x-api-key", "X-API-KEY", "X-Api-Key")):
-            status, _, body = server.request("POST", "/knock", {name: TEST_KEY},
-                                             source=f"127.0.0.5{n}")
+            status, _, body = server.request(
+                "POST", "/knock", {name: TEST_KEY}, source=f"127.0.0.5{n}"
+            )
             assert status == 200, (name, body)
-        assert server.request("POST", "/knock", {"x-api-key": "wrong"},
-                              source="127.0.0.59")[0] == 401
+        assert (
+            server.request("POST", "/knock", {"x-api-key": "wrong"}, source="127.0.0.59")[0] == 401
+        )
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -96,7 +100,8 @@ def _prefill(server: KnockerProcess, count: int) -> None:
 @pytest.mark.parametrize("prefill", [10, 5000])
 @pytest.mark.parametrize("workers", [1, 3])
 def test_kill_9_under_concurrent_knocks_loses_no_acknowledged_knock(
-        tmp_path: Path, workers: int, prefill: int) -> None:
+    tmp_path: Path, workers: int, prefill: int
+) -> None:
     """SIGKILL of the whole process tree while 8 clients knock: every 200 survives."""
     server = _server(tmp_path, workers, security={**UNLIMITED, "max_whitelist_entries": 100000})
     _prefill(server, prefill)
@@ -137,7 +142,8 @@ def test_kill_9_under_concurrent_knocks_loses_no_acknowledged_knock(
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_500_concurrent_knocks_from_distinct_addresses_all_reach_the_file(
-        tmp_path: Path, workers: int) -> None:
+    tmp_path: Path, workers: int
+) -> None:
     """500 clients knocking at once from their own loopback addresses are all persisted."""
     sources = [f"127.1.{n // 250}.{n % 250 + 1}" for n in range(500)]
     with _server(tmp_path, workers) as server:
@@ -151,8 +157,9 @@ def test_500_concurrent_knocks_from_distinct_addresses_all_reach_the_file(
 
 def test_rate_limit_is_global_across_workers(tmp_path: Path) -> None:
     """The failure budget holds however the kernel spreads connections over 3 workers."""
-    config = {"knock_rate_limit": {"window_seconds": 60, "failed_requests": 5,
-                                   "successful_requests": 0}}
+    config = {
+        "knock_rate_limit": {"window_seconds": 60, "failed_requests": 5, "successful_requests": 0}
+    }
     with _server(tmp_path, 3, security=config) as server:
         statuses = [server.knock("wrong-key", source="127.0.0.51")[0] for _ in range(12)]
         assert statuses == [401] * 5 + [429] * 7
@@ -176,15 +183,21 @@ def test_eviction_is_seen_by_every_worker(tmp_path: Path) -> None:
 
 def test_expired_entries_are_purged_from_memory_and_file(tmp_path: Path) -> None:
     """A grant ends at its TTL on every worker and leaves whitelist.json at the next purge."""
-    config = base_config(tmp_path, whitelist={"storage_path": str(tmp_path / "whitelist.json"),
-                                              "cleanup_interval_seconds": 1})
+    config = base_config(
+        tmp_path,
+        whitelist={"storage_path": str(tmp_path / "whitelist.json"), "cleanup_interval_seconds": 1},
+    )
     with KnockerProcess(tmp_path, config, workers=3) as server:
         # 3 s: long enough to be in whitelist.json first (it trails the journal by ~1 s)
         assert server.knock(TEST_KEY, {"ttl": 3}, source="127.0.0.71")[0] == 200
         assert server.knock(TEST_KEY, {"ttl": 3600}, source="127.0.0.72")[0] == 200
         assert "127.0.0.71" in _file_when(server, lambda f: "127.0.0.71" in f)
-        wait_until(lambda: "127.0.0.71" not in server.whitelist_file(), 8, interval=0.2,
-                   what="the purge of the expired entry")
+        wait_until(
+            lambda: "127.0.0.71" not in server.whitelist_file(),
+            8,
+            interval=0.2,
+            what="the purge of the expired entry",
+        )
         assert set(server.whitelist_file()) == {"127.0.0.72"}
         assert [server.verify(source="127.0.0.71") for _ in range(10)] == [401] * 10
 
@@ -255,15 +268,19 @@ def test_logs_one_line_per_knock_and_never_the_key(tmp_path: Path) -> None:
         server.stop()
     lines = [line for line in server.log().splitlines() if "knocker.audit: event=" in line]
     assert len(lines) == 2
-    assert "event=grant client=127.0.0.101 key=phone entry=127.0.0.101 ttl=3600 result=200" \
-        in lines[0]
+    assert (
+        "event=grant client=127.0.0.101 key=phone entry=127.0.0.101 ttl=3600 result=200" in lines[0]
+    )
     assert "event=knock_failed client=127.0.0.101" in lines[1] and "result=401" in lines[1]
     assert TEST_KEY not in server.log() and "not-a-key" not in server.log()
     assert "verify" not in server.log().lower()
 
 
-@pytest.mark.parametrize("worker", [[], ["--worker-class", "knocker.worker.KnockerWorker"]],
-                         ids=["sync", "knocker-worker"])
+@pytest.mark.parametrize(
+    "worker",
+    [[], ["--worker-class", "knocker.worker.KnockerWorker"]],
+    ids=["sync", "knocker-worker"],
+)
 def test_plain_gunicorn_serves_the_factory(tmp_path: Path, worker: list[str]) -> None:
     """`gunicorn 'knocker.app:create_app()'` works with KNOCKER_CONFIG_PATH, with
     gunicorn's default worker and with Knocker's gevent worker (README, Plain gunicorn)."""
@@ -271,10 +288,21 @@ def test_plain_gunicorn_serves_the_factory(tmp_path: Path, worker: list[str]) ->
     gunicorn = str(Path(KNOCKER).with_name("gunicorn"))
     env = {**os.environ, "KNOCKER_CONFIG_PATH": str(server.config_path)}
     process = subprocess.Popen(
-        [gunicorn, "--bind", f"127.0.0.1:{server.port}", "--workers", "2", *worker,
-         "--no-control-socket", "knocker.app:create_app()"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "gunicorn.log").open("wb"))
+        [
+            gunicorn,
+            "--bind",
+            f"127.0.0.1:{server.port}",
+            "--workers",
+            "2",
+            *worker,
+            "--no-control-socket",
+            "knocker.app:create_app()",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "gunicorn.log").open("wb"),
+    )
     server.process = process
     try:
         server.wait_healthy()
@@ -314,16 +342,23 @@ def test_example_config_as_make_run_writes_it_lets_this_machine_knock(tmp_path: 
 
 # The request shapes of the published clients, as they reach the wire when their base URL
 # ends in a slash (base + "/knock"): the Go CLI (net/http) and the Android app (OkHttp).
-_GO_CLIENT = {"User-Agent": "Go-http-client/1.1", "Content-Type": "application/json",
-              "Accept-Encoding": "gzip"}
-_ANDROID_CLIENT = {"User-Agent": "okhttp/4.12.0",
-                   "Content-Type": "application/json; charset=utf-8",
-                   "Accept-Encoding": "gzip", "Connection": "Keep-Alive"}
+_GO_CLIENT = {
+    "User-Agent": "Go-http-client/1.1",
+    "Content-Type": "application/json",
+    "Accept-Encoding": "gzip",
+}
+_ANDROID_CLIENT = {
+    "User-Agent": "okhttp/4.12.0",
+    "Content-Type": "application/json; charset=utf-8",
+    "Accept-Encoding": "gzip",
+    "Connection": "Keep-Alive",
+}
 
 
 @pytest.mark.parametrize("client", [_GO_CLIENT, _ANDROID_CLIENT], ids=["go", "android"])
 def test_published_clients_knock_through_a_trailing_slash_base_url(
-        tmp_path: Path, client: dict[str, str]) -> None:
+    tmp_path: Path, client: dict[str, str]
+) -> None:
     """`POST //knock` as the Go and Android clients send it is a knock; a re-knock that
     keeps the longer grant reports the seconds actually left."""
     with _server(tmp_path, 1) as server:
@@ -389,7 +424,8 @@ def test_sign_out_ends_this_keys_grant_on_every_worker(tmp_path: Path, workers: 
         assert server.verify(source="127.0.0.82") == 401
         status, _, raw = server.request("GET", "/grants", {"X-Api-Key": OPS_KEY})
         assert [(g["entry"], g["key_name"]) for g in json.loads(raw)["grants"]] == [
-            ("127.0.0.83", "phone")]
+            ("127.0.0.83", "phone")
+        ]
 
 
 SCOPED_KEY = "scoped-key-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -397,26 +433,29 @@ SCOPED_KEY = "scoped-key-0123456789abcdefghijklmnopqrstuvwxyz"
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_host_scoped_grant_passes_only_for_its_host_on_every_worker(
-        tmp_path: Path, workers: int) -> None:
+    tmp_path: Path, workers: int
+) -> None:
     """A knock with a key scoped to app.example.com: every worker lets the address
     through for that host at once, for no other; sign-out withdraws it everywhere."""
     config = _with_ops_key(tmp_path)
-    config["api_keys"].append({"name": "app-phone", "key": SCOPED_KEY, "max_ttl": 600,
-                               "hosts": ["app.example.com"]})
+    config["api_keys"].append(
+        {"name": "app-phone", "key": SCOPED_KEY, "max_ttl": 600, "hosts": ["app.example.com"]}
+    )
     config["server"] = {"trusted_proxies": ["127.0.0.1"]}
 
     def verify(host: str) -> int:
-        return server.verify(headers={"X-Forwarded-For": "192.0.2.44",
-                                      "X-Forwarded-Host": host})
+        return server.verify(headers={"X-Forwarded-For": "192.0.2.44", "X-Forwarded-Host": host})
 
     with KnockerProcess(tmp_path, config, workers=workers) as server:
-        knocked = server.request("POST", "/knock", {"X-Api-Key": SCOPED_KEY,
-                                                   "X-Forwarded-For": "192.0.2.44"})
+        knocked = server.request(
+            "POST", "/knock", {"X-Api-Key": SCOPED_KEY, "X-Forwarded-For": "192.0.2.44"}
+        )
         assert knocked[0] == 200
         assert [verify("app.example.com") for _ in range(12)] == [200] * 12
         assert [verify("other.example.com") for _ in range(12)] == [401] * 12
         assert not server.storage_path.exists() or "192.0.2.44" not in server.whitelist_file()
-        signed_out = server.request("DELETE", "/knock", {"X-Api-Key": SCOPED_KEY,
-                                                        "X-Forwarded-For": "192.0.2.44"})
+        signed_out = server.request(
+            "DELETE", "/knock", {"X-Api-Key": SCOPED_KEY, "X-Forwarded-For": "192.0.2.44"}
+        )
         assert signed_out[0] == 200
         assert [verify("app.example.com") for _ in range(12)] == [401] * 12

@@ -64,8 +64,9 @@ def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
 
 
-def store_config(directory: Path, capacity: int = 10_000, cleanup: int = 60,
-                 failures: int = 3) -> Config:
+def store_config(
+    directory: Path, capacity: int = 10_000, cleanup: int = 60, failures: int = 3
+) -> Config:
     return load_config_text(f"""
 api_keys:
   - key: store-test-key-0a1b2c3d4e5f
@@ -100,13 +101,23 @@ class Opener:
     def journal(self) -> Path:
         return self.directory / "whitelist.json.journal"
 
-    def __call__(self, directory: Path | None = None, clock: FakeClock | None = None,
-                 firewall: RecordingFirewall | None = None, **settings: int) -> FileStore:
+    def __call__(
+        self,
+        directory: Path | None = None,
+        clock: FakeClock | None = None,
+        firewall: RecordingFirewall | None = None,
+        **settings: int,
+    ) -> FileStore:
         config = store_config(directory or self.directory, **settings)
         clock = clock or self.clock
-        store = FileStore(config, firewall or self.firewall, clock=clock,
-                          monotonic=clock.monotonic, sleep=clock.sleep,
-                          **self.tuning)  # type: ignore[arg-type]
+        store = FileStore(
+            config,
+            firewall or self.firewall,
+            clock=clock,
+            monotonic=clock.monotonic,
+            sleep=clock.sleep,
+            **self.tuning,
+        )  # type: ignore[arg-type]
         self.opened.append(store)
         return store
 
@@ -158,6 +169,7 @@ def write_whitelist(opener: Opener, data: object) -> None:
 def failing(error_number: int = errno.EIO) -> Callable[..., None]:
     def fail(*args: object) -> None:
         raise OSError(error_number, os.strerror(error_number))
+
     return fail
 
 
@@ -199,8 +211,7 @@ def test_knock_is_allowed_immediately(opener: Opener) -> None:
     assert not store.allows(ip("10.1.3.1"), NOW)
 
 
-def test_whitelist_json_follows_the_journal_within_the_snapshot_delay(
-        opener: Opener) -> None:
+def test_whitelist_json_follows_the_journal_within_the_snapshot_delay(opener: Opener) -> None:
     """whitelist.json is rewritten in the background once the journal has held changes
     for SNAPSHOT_DELAY, not on the knock's path; the snapshot empties the journal."""
     store = opener()
@@ -227,7 +238,8 @@ def test_reopen_restores_every_entry(opener: Opener) -> None:
 
 
 def test_crash_after_journaled_knocks_loses_nothing(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After a crash, replaying the journal over whitelist.json restores every knock."""
     store = opener()
     expected = {}
@@ -243,7 +255,8 @@ def test_crash_after_journaled_knocks_loses_nothing(
 
 
 def test_reopen_folds_the_journal_into_whitelist_json(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A restart that replayed a journal leaves one complete whitelist.json behind."""
     store = opener()
     store.knock(key("198.51.100.1"), 60, NOW)
@@ -251,17 +264,21 @@ def test_reopen_folds_the_journal_into_whitelist_json(
     directory = opener.crash_copy()
     opener(directory)
     assert opener.file(directory / "whitelist.json") == {
-        "198.51.100.1": int(NOW) + 60, "198.51.100.2": int(NOW) + 60}
+        "198.51.100.1": int(NOW) + 60,
+        "198.51.100.2": int(NOW) + 60,
+    }
     assert (directory / "whitelist.json.journal").read_bytes() == b""
 
 
-def test_torn_last_journal_line_is_ignored(opener: Opener,
-                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_torn_last_journal_line_is_ignored(
+    opener: Opener, caplog: pytest.LogCaptureFixture
+) -> None:
     """A last journal line without its newline (crash mid-append) is ignored quietly."""
     opener.directory.mkdir(parents=True)
     expiry = int(NOW) + 100
-    opener.journal.write_bytes(journal_line(f"+ 198.51.100.1 {expiry}")
-                               + journal_line(f"+ 198.51.100.2 {expiry}")[:-5])
+    opener.journal.write_bytes(
+        journal_line(f"+ 198.51.100.1 {expiry}") + journal_line(f"+ 198.51.100.2 {expiry}")[:-5]
+    )
     with caplog.at_level(logging.WARNING, logger="knocker"):
         store = opener()
     assert store.entries() == {"198.51.100.1": expiry}
@@ -269,14 +286,18 @@ def test_torn_last_journal_line_is_ignored(opener: Opener,
 
 
 def test_damaged_middle_journal_line_skips_only_that_record_and_is_kept_aside(
-        opener: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    opener: Opener, caplog: pytest.LogCaptureFixture
+) -> None:
     """A line whose checksum fails costs that record only (the later ones carry their
     own checksums); the damaged journal is copied to .corrupt-<time> before the repair."""
     opener.directory.mkdir(parents=True)
     expiry = int(NOW) + 100
     damaged = journal_line(f"+ 198.51.100.2 {expiry}").replace(b"198.51", b"198.52")
-    original = (journal_line(f"+ 198.51.100.1 {expiry}") + damaged
-                + journal_line(f"+ 198.51.100.3 {expiry}"))
+    original = (
+        journal_line(f"+ 198.51.100.1 {expiry}")
+        + damaged
+        + journal_line(f"+ 198.51.100.3 {expiry}")
+    )
     opener.journal.write_bytes(original)
     with caplog.at_level(logging.WARNING, logger="knocker"):
         store = opener()
@@ -302,8 +323,10 @@ def test_journal_removal_record_is_replayed(opener: Opener) -> None:
 
 def test_upstream_whitelist_json_loads_as_is(opener: Opener) -> None:
     """An upstream whitelist.json ({"entry": unix_int}) is read unchanged."""
-    write_whitelist(opener, {"1.2.3.4": int(NOW) + 100, "10.0.0.0/24": int(NOW) + 200,
-                             "2001:db8::1": int(NOW) + 300})
+    write_whitelist(
+        opener,
+        {"1.2.3.4": int(NOW) + 100, "10.0.0.0/24": int(NOW) + 200, "2001:db8::1": int(NOW) + 300},
+    )
     store = opener()
     assert store.allows(ip("1.2.3.4"), NOW)
     assert store.allows(ip("10.0.0.77"), NOW)
@@ -316,16 +339,21 @@ def test_whitelist_json_is_written_back_in_the_upstream_shape(opener: Opener) ->
     write_whitelist(opener, {"1.2.3.4": int(NOW) + 100, "10.0.0.0/24": int(NOW) + 200})
     store = opener()
     store.knock(key("203.0.113.7"), 60, NOW)
-    assert opener.file() == {"1.2.3.4": int(NOW) + 100, "10.0.0.0/24": int(NOW) + 200,
-                             "203.0.113.7": int(NOW) + 60}
+    assert opener.file() == {
+        "1.2.3.4": int(NOW) + 100,
+        "10.0.0.0/24": int(NOW) + 200,
+        "203.0.113.7": int(NOW) + 60,
+    }
 
 
 @pytest.mark.parametrize(
-    "raw", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe\x00", b'{"1.2.3.4": 17'],
+    "raw",
+    [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe\x00", b'{"1.2.3.4": 17'],
     ids=["syntax", "array", "string", "binary", "truncated"],
 )
 def test_corrupt_whitelist_json_is_moved_aside_and_service_starts_empty(
-        opener: Opener, caplog: pytest.LogCaptureFixture, raw: bytes) -> None:
+    opener: Opener, caplog: pytest.LogCaptureFixture, raw: bytes
+) -> None:
     """A file that is not a JSON object is renamed <name>.corrupt-<unix>, logged at ERROR,
     and the service starts with an empty whitelist."""
     opener.directory.mkdir(parents=True)
@@ -335,17 +363,18 @@ def test_corrupt_whitelist_json_is_moved_aside_and_service_starts_empty(
     aside = opener.directory / f"whitelist.json.corrupt-{int(NOW)}"
     assert aside.read_bytes() == raw
     assert len(store.replica) == 0
-    assert any(r.levelno == logging.ERROR and "corrupt" in r.getMessage()
-               for r in caplog.records)
+    assert any(r.levelno == logging.ERROR and "corrupt" in r.getMessage() for r in caplog.records)
     store.knock(key("203.0.113.7"), 60, NOW)
     assert opener.file() == {"203.0.113.7": int(NOW) + 60}
 
 
 def test_invalid_entries_are_skipped_with_a_warning(
-        opener: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    opener: Opener, caplog: pytest.LogCaptureFixture
+) -> None:
     """Invalid entries are skipped (WARNING naming them), valid ones still load."""
-    write_whitelist(opener, {"not-an-ip": int(NOW) + 100, "1.2.3.4": "tomorrow",
-                             "5.6.7.8": int(NOW) + 100})
+    write_whitelist(
+        opener, {"not-an-ip": int(NOW) + 100, "1.2.3.4": "tomorrow", "5.6.7.8": int(NOW) + 100}
+    )
     with caplog.at_level(logging.WARNING, logger="knocker"):
         store = opener()
     assert store.entries() == {"5.6.7.8": int(NOW) + 100}
@@ -393,7 +422,8 @@ def test_tick_purges_entries_that_expire_after_loading(opener: Opener) -> None:
 
 
 def test_purge_of_journaled_entries_reaches_the_file(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On the journal path too, expired entries are gone from whitelist.json after a purge."""
     store = opener(cleanup=60)
     store.knock(key("198.51.100.1"), 10, NOW)
@@ -486,8 +516,9 @@ def test_firewall_is_granted_before_the_whitelist_changes(opener: Opener) -> Non
     assert opener.firewall.calls == [("grant", "203.0.113.7", 60)]
 
 
-@pytest.mark.parametrize("error", [FirewallUnavailable("firewalld is gone"),
-                                   FirewallError("rule refused")])
+@pytest.mark.parametrize(
+    "error", [FirewallUnavailable("firewalld is gone"), FirewallError("rule refused")]
+)
 def test_firewall_failure_grants_nothing(opener: Opener, error: FirewallError) -> None:
     """When the firewall grant fails, nothing is persisted or visible, to any worker."""
     store = opener()
@@ -503,7 +534,8 @@ def test_firewall_failure_grants_nothing(opener: Opener, error: FirewallError) -
 
 
 def test_persistence_failure_revokes_a_new_firewall_grant(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If the journal cannot be made durable, the new grant is revoked from the firewall,
     StorageError is raised and the entry is nowhere."""
     store = opener()
@@ -512,15 +544,18 @@ def test_persistence_failure_revokes_a_new_firewall_grant(
         patch.setattr(os, "fdatasync", failing())
         with pytest.raises(StorageError):
             store.knock(key("203.0.113.7"), 60, NOW)
-    assert opener.firewall.calls[-2:] == [("grant", "203.0.113.7", 60),
-                                          ("revoke", ("203.0.113.7",), None)]
+    assert opener.firewall.calls[-2:] == [
+        ("grant", "203.0.113.7", 60),
+        ("revoke", ("203.0.113.7",), None),
+    ]
     assert not store.allows(ip("203.0.113.7"), NOW)
     assert opener.file() == {"198.51.100.1": int(NOW) + 60}
     assert "203.0.113.7" not in opener(opener.crash_copy()).entries()
 
 
 def test_persistence_failure_restores_an_extended_grant(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If an extension cannot be persisted, the firewall gets the old remaining ttl back and
     the old expiry stays."""
     store = opener()
@@ -529,14 +564,17 @@ def test_persistence_failure_restores_an_extended_grant(
         patch.setattr(os, "fdatasync", failing())
         with pytest.raises(StorageError):
             store.knock(key("203.0.113.7"), 1000, NOW + 10)
-    assert opener.firewall.calls[-2:] == [("grant", "203.0.113.7", 1000),
-                                          ("grant", "203.0.113.7", 90)]
+    assert opener.firewall.calls[-2:] == [
+        ("grant", "203.0.113.7", 1000),
+        ("grant", "203.0.113.7", 90),
+    ]
     assert store.replica.expiry(key("203.0.113.7")) == int(NOW) + 100
     assert opener.file() == {"203.0.113.7": int(NOW) + 100}
 
 
 def test_journal_sync_failure_leaves_nothing_on_disk(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A journaled knock whose fdatasync fails is revoked and is not granted after a
     restart either: the journal must not keep it."""
     store = opener()
@@ -552,7 +590,8 @@ def test_journal_sync_failure_leaves_nothing_on_disk(
 
 
 def test_snapshot_whose_rename_is_not_durable_keeps_the_journal(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A snapshot whose rename cannot be made durable (directory fsync fails) fails
     without emptying the journal: a crash then still restores every knock."""
     store = opener()
@@ -574,7 +613,8 @@ def test_snapshot_whose_rename_is_not_durable_keeps_the_journal(
 
 
 def test_store_recovers_after_a_persistence_failure(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Once the disk works again, the next knock succeeds and the file is valid."""
     store = opener()
     with monkeypatch.context() as patch:
@@ -648,8 +688,11 @@ def test_reservations_are_shared_between_workers(opener: Opener) -> None:
     failure budget of 3, three unsettled reservations leave none for a fourth."""
     first, second = opener(failures=3), opener(failures=3)
     client = ipaddress.IPv6Address("::ffff:203.0.113.8").packed
-    assert [first.rate_reserve(client, NOW), second.rate_reserve(client, NOW),
-            first.rate_reserve(client, NOW)] == [True] * 3
+    assert [
+        first.rate_reserve(client, NOW),
+        second.rate_reserve(client, NOW),
+        first.rate_reserve(client, NOW),
+    ] == [True] * 3
     assert not second.rate_reserve(client, NOW)
     first.rate_settle(client, Outcome.UNCOUNTED, NOW)  # e.g. a 500: nothing counted
     assert second.rate_reserve(client, NOW)
@@ -657,7 +700,8 @@ def test_reservations_are_shared_between_workers(opener: Opener) -> None:
 
 @pytest.mark.parametrize("snapshotted", [True, False], ids=["snapshot", "journal"])
 def test_lagging_worker_reloads_from_disk_after_a_ring_overrun(
-        opener: Opener, caplog: pytest.LogCaptureFixture, snapshotted: bool) -> None:
+    opener: Opener, caplog: pytest.LogCaptureFixture, snapshotted: bool
+) -> None:
     """A process that fell more than a ring behind rebuilds its replica from disk (the
     snapshot, or the journal it has not yet been folded into) and answers correctly."""
     opener.tuning["ring_capacity"] = 4
@@ -707,8 +751,7 @@ def test_entries_lists_only_live_entries(opener: Opener) -> None:
     assert store.entries() == {"198.51.100.2": int(NOW) + 100}
 
 
-def test_ready_reports_a_vanished_directory_and_a_closed_store(
-        opener: Opener) -> None:
+def test_ready_reports_a_vanished_directory_and_a_closed_store(opener: Opener) -> None:
     """ready() is None while usable and explains why not otherwise."""
     store = opener()
     assert store.ready() is None
@@ -719,7 +762,8 @@ def test_ready_reports_a_vanished_directory_and_a_closed_store(
 
 
 def test_a_worker_that_waited_for_the_lock_does_not_snapshot_again(
-        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two workers decide a snapshot is due; the first writes it, a knock lands, and the
     second, once it holds the lock, finds the new journal too young to snapshot."""
     first, second = opener(), opener()
@@ -728,8 +772,11 @@ def test_a_worker_that_waited_for_the_lock_does_not_snapshot_again(
     writes: list[int] = []
     for store in (first, second):
         original = store._write_snapshot
-        monkeypatch.setattr(store, "_write_snapshot",
-                            lambda *a, _w=original, **k: (writes.append(1), _w(*a, **k))[1])
+        monkeypatch.setattr(
+            store,
+            "_write_snapshot",
+            lambda *a, _w=original, **k: (writes.append(1), _w(*a, **k))[1],
+        )
     opener.clock.now = NOW + 30  # long past the snapshot spacing of a tiny whitelist
     first.tick(opener.clock.now)
     assert len(writes) == 1 and opener.journal.stat().st_size == 0
@@ -815,8 +862,14 @@ def test_maintenance_thread_runs_on_the_injected_clock_and_sleep(opener: Opener)
         else:
             time.sleep(0.005)
 
-    store = FileStore(store_config(opener.directory), opener.firewall, clock=clock,
-                      monotonic=clock.monotonic, sleep=sleep, tick=0.25)
+    store = FileStore(
+        store_config(opener.directory),
+        opener.firewall,
+        clock=clock,
+        monotonic=clock.monotonic,
+        sleep=sleep,
+        tick=0.25,
+    )
     opener.opened.append(store)
     store.knock(key("198.51.100.1"), 600, NOW)
     store.start()
@@ -837,7 +890,8 @@ STORAGE_FILES = ["whitelist.json", "whitelist.json.journal", "whitelist.json.shm
 
 @pytest.mark.parametrize("name", STORAGE_FILES)
 def test_symlink_at_a_storage_path_is_refused_and_its_target_untouched(
-        opener: Opener, tmp_path: Path, name: str) -> None:
+    opener: Opener, tmp_path: Path, name: str
+) -> None:
     """A symlink planted at any storage path is refused, naming the file; the file it
     points to is neither truncated nor written."""
     opener.directory.mkdir(parents=True)
@@ -879,8 +933,7 @@ def test_storage_file_owned_by_another_user_is_refused(opener: Opener, name: str
         opener()
 
 
-def test_storage_directory_writable_by_everyone_is_refused_unless_sticky(
-        opener: Opener) -> None:
+def test_storage_directory_writable_by_everyone_is_refused_unless_sticky(opener: Opener) -> None:
     """A world-writable storage directory lets anyone replace the files: refused, unless
     it is sticky (then only the owner may rename or remove them)."""
     opener.directory.mkdir(parents=True)
@@ -908,12 +961,15 @@ def test_temp_file_names_are_unpredictable_and_never_followed(opener: Opener) ->
 
 
 def test_nan_infinite_and_huge_expiries_are_skipped_one_by_one(
-        opener: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    opener: Opener, caplog: pytest.LogCaptureFixture
+) -> None:
     """NaN, Infinity and expiries past 2^63 cost their entry only, with a warning; the
     file is not moved aside and knocks on those entries work."""
     opener.directory.mkdir(parents=True)
-    opener.path.write_text('{"1.2.3.4": NaN, "1.2.3.5": Infinity, "1.2.3.6": -Infinity, '
-                           f'"1.2.3.7": {2**63}, "1.2.3.8": 1e300, "5.6.7.8": {int(NOW) + 100}}}')
+    opener.path.write_text(
+        '{"1.2.3.4": NaN, "1.2.3.5": Infinity, "1.2.3.6": -Infinity, '
+        f'"1.2.3.7": {2**63}, "1.2.3.8": 1e300, "5.6.7.8": {int(NOW) + 100}}}'
+    )
     with caplog.at_level(logging.WARNING, logger="knocker"):
         store = opener()
     assert store.entries() == {"5.6.7.8": int(NOW) + 100}
@@ -933,8 +989,9 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mount = tmp_path / "small"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)], check=True
+    )
     try:
         yield mount
     finally:
@@ -958,7 +1015,8 @@ def fill(directory: Path) -> Path:
 
 
 def test_shm_is_allocated_at_creation_and_a_full_filesystem_refuses_to_start(
-        small_fs: Path) -> None:
+    small_fs: Path,
+) -> None:
     """The .shm gets its blocks at creation (posix_fallocate): on a filesystem without
     room for it the store refuses to open, naming the file, instead of dying of SIGBUS
     on a later write to the map."""
@@ -974,12 +1032,14 @@ def test_shm_is_allocated_at_creation_and_a_full_filesystem_refuses_to_start(
 
 
 def test_full_filesystem_makes_ready_fail_and_knocks_grant_nothing_until_space_returns(
-        small_fs: Path) -> None:
+    small_fs: Path,
+) -> None:
     """With the storage filesystem full, ready() says why, a knock fails with nothing
     granted, and both recover once space is freed."""
     firewall = RecordingFirewall()
-    store = FileStore(store_config(small_fs / "state"), firewall, clock=FakeClock(),
-                      ring_capacity=64)
+    store = FileStore(
+        store_config(small_fs / "state"), firewall, clock=FakeClock(), ring_capacity=64
+    )
     try:
         assert store.ready() is None
         filler = fill(small_fs)
@@ -997,7 +1057,8 @@ def test_full_filesystem_makes_ready_fail_and_knocks_grant_nothing_until_space_r
 
 @pytest.mark.server
 def test_full_disk_under_a_real_service_fails_knocks_and_ready_but_kills_no_worker(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """knocker serve with its storage on a small tmpfs that the test fills: /ready is
     503, knocks from new addresses are 500 with nothing granted, no worker dies (same
     pids), /verify keeps answering; freeing space brings both back."""
@@ -1007,11 +1068,13 @@ def test_full_disk_under_a_real_service_fails_knocks_and_ready_but_kills_no_work
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mount = tmp_path / "small"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)], check=True
+    )
     try:
-        config = base_config(mount, security={"knock_rate_limit": {
-            "successful_requests": 0, "failed_requests": 0}})
+        config = base_config(
+            mount, security={"knock_rate_limit": {"successful_requests": 0, "failed_requests": 0}}
+        )
         with KnockerProcess(tmp_path / "run", config, workers=2) as server:
             assert server.process is not None
             for _ in range(100):  # both workers forked (bounded: 10 s)
@@ -1045,7 +1108,8 @@ def test_full_disk_under_a_real_service_fails_knocks_and_ready_but_kills_no_work
 
 @pytest.mark.server
 def test_concurrent_knocks_of_one_client_never_exceed_its_budgets_across_workers(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """64 simultaneous valid knocks from one client over 3 workers get at most the
     success budget of 200s; 32 simultaneous wrong-key knocks at most the failure budget
     of 401s; the rest are 429."""
@@ -1053,12 +1117,21 @@ def test_concurrent_knocks_of_one_client_never_exceed_its_budgets_across_workers
 
     from tests.serverproc import KnockerProcess, base_config
 
-    config = base_config(tmp_path, security={"knock_rate_limit": {
-        "window_seconds": 600, "successful_requests": 3, "failed_requests": 5}})
+    config = base_config(
+        tmp_path,
+        security={
+            "knock_rate_limit": {
+                "window_seconds": 600,
+                "successful_requests": 3,
+                "failed_requests": 5,
+            }
+        },
+    )
     server = KnockerProcess(tmp_path, config, workers=3, threads=8)
     with server, ThreadPoolExecutor(max_workers=64) as pool:
         valid = list(pool.map(lambda _: server.knock(source="127.0.0.95")[0], range(64)))
-        wrong = list(pool.map(lambda _: server.knock("wrong-key", source="127.0.0.96")[0],
-                              range(32)))
+        wrong = list(
+            pool.map(lambda _: server.knock("wrong-key", source="127.0.0.96")[0], range(32))
+        )
     assert set(valid) <= {200, 429} and 1 <= valid.count(200) <= 3, valid
     assert set(wrong) <= {401, 429} and 1 <= wrong.count(401) <= 5, wrong

@@ -246,6 +246,7 @@ class Browser:
 
     def wait_until(self, condition: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
         """wait_until, a WebDriver error (element not there yet) counting as "not yet"."""
+
         def attempt() -> Any:
             try:
                 return condition()
@@ -279,6 +280,7 @@ def chromedriver() -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             if process.poll() is not None:
                 raise RuntimeError("chromedriver exited: " + Path(log.name).read_text())
@@ -538,7 +540,7 @@ def test_open_page_knocks_again_before_the_entry_expires(
 def test_sign_out_button_ends_this_devices_grant(
     browser: Browser, page_server: KnockerProcess
 ) -> None:
-    """"Sign out this device" sends DELETE ./knock: the grant ends at the server, the page
+    """ "Sign out this device" sends DELETE ./knock: the grant ends at the server, the page
     says so and schedules no knock that would undo it; a second press finds nothing."""
     knock_with_key(browser, page_server)
     browser.wait_until(lambda: "Access granted" in browser.text("#status"), what="knock")

@@ -72,8 +72,18 @@ def test_non_canonical_entries_parse_to_their_canonical_form(text: str, expected
 
 @pytest.mark.parametrize(
     "text",
-    ["", "1.2.3.4/", "1.2.3.4/33", "1.2.3.4/ 24", "1.2.3.4/-0", "01.2.3.4", "fe80::1%eth0",
-     "example.com", "1.2.3.4 ", "::1/129"],
+    [
+        "",
+        "1.2.3.4/",
+        "1.2.3.4/33",
+        "1.2.3.4/ 24",
+        "1.2.3.4/-0",
+        "01.2.3.4",
+        "fe80::1%eth0",
+        "example.com",
+        "1.2.3.4 ",
+        "::1/129",
+    ],
 )
 def test_invalid_entries_do_not_parse(text: str) -> None:
     """Anything that is not an address or network parses to None."""
@@ -146,9 +156,15 @@ def test_lookup_probes_one_table_per_prefix_length_in_use() -> None:
 
 def test_removing_an_entry_keeps_its_neighbours_allowed() -> None:
     """Removing one of several entries in the same /16 or /64 leaves the others working."""
-    table = filled({"10.1.2.3": int(NOW) + 60, "10.1.9.9": int(NOW) + 60,
-                    "10.1.2.0/24": int(NOW) + 60, "2001:db8::1": int(NOW) + 60,
-                    "2001:db8::2": int(NOW) + 60})
+    table = filled(
+        {
+            "10.1.2.3": int(NOW) + 60,
+            "10.1.9.9": int(NOW) + 60,
+            "10.1.2.0/24": int(NOW) + 60,
+            "2001:db8::1": int(NOW) + 60,
+            "2001:db8::2": int(NOW) + 60,
+        }
+    )
     table.remove(key("10.1.2.3"))
     table.remove(key("2001:db8::1"))
     assert table.allows(ip("10.1.9.9"), NOW)
@@ -161,12 +177,14 @@ def test_removing_an_entry_keeps_its_neighbours_allowed() -> None:
 
 @pytest.mark.parametrize(
     ("entry", "inside", "outside"),
-    [("10.0.0.0/8", "10.200.1.1", "11.0.0.1"), ("10.1.0.0/16", "10.1.255.255", "10.2.0.0"),
-     ("2001:db8::/32", "2001:db8:ffff::1", "2001:db9::1"),
-     ("2001:db8:0:1::/64", "2001:db8:0:1:ffff::1", "2001:db8:0:2::1")],
+    [
+        ("10.0.0.0/8", "10.200.1.1", "11.0.0.1"),
+        ("10.1.0.0/16", "10.1.255.255", "10.2.0.0"),
+        ("2001:db8::/32", "2001:db8:ffff::1", "2001:db9::1"),
+        ("2001:db8:0:1::/64", "2001:db8:0:1:ffff::1", "2001:db8:0:2::1"),
+    ],
 )
-def test_wide_networks_loaded_from_disk_still_match(entry: str, inside: str,
-                                                    outside: str) -> None:
+def test_wide_networks_loaded_from_disk_still_match(entry: str, inside: str, outside: str) -> None:
     """Networks wider than a knock may grant (e.g. from an upstream file) still match."""
     table = filled({entry: int(NOW) + 60, "192.0.2.1": int(NOW) + 60})
     assert table.allows(ip(inside), NOW)
@@ -193,10 +211,22 @@ def test_remove_deletes_only_that_entry() -> None:
 
 def test_as_dict_uses_canonical_entry_text() -> None:
     """as_dict() yields the upstream whitelist.json shape: canonical entry -> int expiry."""
-    table = filled({"192.0.2.7/32": 100, "10.0.0.9/24": 200, "2001:DB8::1": 300,
-                    "::1.2.3.4": 400, "::ffff:10.0.0.1": 500})
-    assert table.as_dict() == {"192.0.2.7": 100, "10.0.0.0/24": 200, "2001:db8::1": 300,
-                               "::102:304": 400, "10.0.0.1": 500}
+    table = filled(
+        {
+            "192.0.2.7/32": 100,
+            "10.0.0.9/24": 200,
+            "2001:DB8::1": 300,
+            "::1.2.3.4": 400,
+            "::ffff:10.0.0.1": 500,
+        }
+    )
+    assert table.as_dict() == {
+        "192.0.2.7": 100,
+        "10.0.0.0/24": 200,
+        "2001:db8::1": 300,
+        "::102:304": 400,
+        "10.0.0.1": 500,
+    }
 
 
 def test_as_dict_leaves_out_entries_expired_at_now() -> None:
@@ -309,8 +339,11 @@ def test_load_entries_adds_to_an_existing_whitelist() -> None:
     """Loading keeps what the whitelist already holds and never shortens it."""
     table = filled({"192.0.2.1": 1_800_000_000, "192.0.2.2": 1_800_000_000})
     load_entries({"192.0.2.2": 1_700_000_100, "192.0.2.3": 1_700_000_100}.items(), NOW, table)
-    assert table.as_dict() == {"192.0.2.1": 1_800_000_000, "192.0.2.2": 1_800_000_000,
-                               "192.0.2.3": 1_700_000_100}
+    assert table.as_dict() == {
+        "192.0.2.1": 1_800_000_000,
+        "192.0.2.2": 1_800_000_000,
+        "192.0.2.3": 1_700_000_100,
+    }
 
 
 def test_load_entries_drops_expired_entries_silently() -> None:
@@ -321,8 +354,13 @@ def test_load_entries_drops_expired_entries_silently() -> None:
 
 def test_load_entries_skips_invalid_entries_with_a_complaint() -> None:
     """Invalid addresses and non-numeric expiries are skipped, each named in a problem."""
-    data = {"not-an-ip": 1_800_000_000, "1.2.3.4": "soon", "1.2.3.5": True,
-            "1.2.3.6": None, "1.2.3.7": 1_800_000_000}
+    data = {
+        "not-an-ip": 1_800_000_000,
+        "1.2.3.4": "soon",
+        "1.2.3.5": True,
+        "1.2.3.6": None,
+        "1.2.3.7": 1_800_000_000,
+    }
     entries, problems = loaded(data)
     assert entries == {"1.2.3.7": 1_800_000_000}
     assert len(problems) == 4
@@ -356,14 +394,19 @@ def test_canonical_pairs_reads_knockers_own_layout() -> None:
     assert list(canonical_pairs(b"{}")) == []
 
 
-@pytest.mark.parametrize("raw", [
-    b'{\n  "1.2.3.4": 1800000000\n}',            # indented (upstream's json.dump)
-    b'{"1.2.3.4":1800000000}',                   # other separators
-    b'{"1.2.3.4": 1800000000, "1.2.3.5": 1.5}',  # a float
-    b'{"1.2.3.4": 1800000000, "x\\"": 1}',     # an escape
-    b'{"1.2.3.4": 1800000000',                   # torn
-    b'[]', b'', b'{"1.2.3.4": 1800000000}garbage}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{\n  "1.2.3.4": 1800000000\n}',  # indented (upstream's json.dump)
+        b'{"1.2.3.4":1800000000}',  # other separators
+        b'{"1.2.3.4": 1800000000, "1.2.3.5": 1.5}',  # a float
+        b'{"1.2.3.4": 1800000000, "x\\"": 1}',  # an escape
+        b'{"1.2.3.4": 1800000000',  # torn
+        b"[]",
+        b"",
+        b'{"1.2.3.4": 1800000000}garbage}',
+    ],
+)
 def test_canonical_pairs_leaves_every_other_layout_to_the_json_parser(raw: bytes) -> None:
     """Anything but the exact canonical layout raises NotCanonical (JSON parser decides)."""
     with pytest.raises(NotCanonical):
@@ -374,9 +417,16 @@ def test_canonical_pairs_leaves_every_other_layout_to_the_json_parser(raw: bytes
 def test_json_pieces_are_exactly_the_snapshot_json(per_piece: int) -> None:
     """Streamed snapshot text equals json.dumps of as_dict, whatever the piece size, and
     reports the soonest expiry written (expired entries left out)."""
-    table = filled({"1.2.3.4": 1_800_000_003, "10.0.0.0/24": 1_800_000_001,
-                    "2001:db8::1": 1_800_000_002, "::102:304": 1_800_000_005,
-                    "2001:db8::/64": 1_800_000_004, "192.0.2.9": int(NOW) - 1})
+    table = filled(
+        {
+            "1.2.3.4": 1_800_000_003,
+            "10.0.0.0/24": 1_800_000_001,
+            "2001:db8::1": 1_800_000_002,
+            "::102:304": 1_800_000_005,
+            "2001:db8::/64": 1_800_000_004,
+            "192.0.2.9": int(NOW) - 1,
+        }
+    )
     soonest = [0.0]
     text = b"".join(json_pieces(table, NOW, soonest, per_piece))
     expected = json.dumps(table.as_dict(NOW), separators=(", ", ": ")).encode()
@@ -392,8 +442,14 @@ def test_load_entries_skips_non_finite_and_out_of_range_expiries_one_by_one() ->
     """NaN, infinities and expiries past MAX_EXPIRY are complaints about their entry only;
     the other entries load."""
     table = Whitelist()
-    data = {"1.2.3.4": float("nan"), "1.2.3.5": float("inf"), "1.2.3.6": float("-inf"),
-            "1.2.3.7": 2**63, "1.2.3.8": 1e300, "5.6.7.8": 1_700_000_100}
+    data = {
+        "1.2.3.4": float("nan"),
+        "1.2.3.5": float("inf"),
+        "1.2.3.6": float("-inf"),
+        "1.2.3.7": 2**63,
+        "1.2.3.8": 1e300,
+        "5.6.7.8": 1_700_000_100,
+    }
     seen, problems = load_entries(data.items(), NOW, table)
     assert seen == 6
     assert table.as_dict() == {"5.6.7.8": 1_700_000_100}

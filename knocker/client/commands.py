@@ -242,8 +242,10 @@ def _run_sign_out(
         removed = grants.sign_out(settings, transport, ip=args.ip)
     except KnockFailed as failure:
         return _failed("sign-out", failure, args.json, out, err)
-    print(json.dumps({"removed": removed}) if args.json else grants.describe_removed(removed),
-          file=out)
+    print(
+        json.dumps({"removed": removed}) if args.json else grants.describe_removed(removed),
+        file=out,
+    )
     return EXIT_OK
 
 
@@ -299,12 +301,17 @@ def run_grants(
     except KnockFailed as failure:
         return _failed(f"grants {args.verb}", failure, args.json, out, err)
     if args.verb == "list":
-        print(json.dumps({"grants": listed}) if args.json
-              else grants.grants_table(listed, clock()), file=out)
+        print(
+            json.dumps({"grants": listed}) if args.json else grants.grants_table(listed, clock()),
+            file=out,
+        )
     else:
-        print(json.dumps({"removed": removed}) if args.json
-              else grants.describe_removed(removed).replace("Signed out: ended", "Ended"),
-              file=out)
+        print(
+            json.dumps({"removed": removed})
+            if args.json
+            else grants.describe_removed(removed).replace("Signed out: ended", "Ended"),
+            file=out,
+        )
     return EXIT_OK
 
 

@@ -130,8 +130,11 @@ def _scope_text(scope: object) -> str:
     its ports when port-scoped."""
     hosts = scope.get("hosts") if isinstance(scope, dict) else None
     ports = scope.get("ports") if isinstance(scope, dict) else None
-    text = ("all hosts" if not isinstance(hosts, list)
-            else ",".join(str(host) for host in hosts) or "none")
+    text = (
+        "all hosts"
+        if not isinstance(hosts, list)
+        else ",".join(str(host) for host in hosts) or "none"
+    )
     if isinstance(ports, list):
         text += " ports " + ",".join(str(port) for port in ports)
     return _text(text)[:60]

@@ -267,8 +267,12 @@ class FirewalldFirewall:
                 # runtime-only rule on the machine (fail2ban's bans, an admin's tests).
                 # Only our own leftovers go.
                 step = "removing leftover grants"
-                wanted = {one_port for target, x in entries.items() if x - now > 0
-                          for one_port in target_rules(target, self.config).values()}
+                wanted = {
+                    one_port
+                    for target, x in entries.items()
+                    if x - now > 0
+                    for one_port in target_rules(target, self.config).values()
+                }
                 for rule in stray_grants(client.rich_rules(zone), wanted):
                     log.info("firewalld: removing leftover grant %s", rule)
                     remove_rule(client, zone, rule)
@@ -333,8 +337,13 @@ class FirewalldFirewall:
             with self._mutating(doing) as client:
                 self._settle_unsettled(client)
                 try:
-                    grant_all(client, self.config.zone_name, list(rules), ttl,
-                              lambda rule: self._remaining(rules[rule]))
+                    grant_all(
+                        client,
+                        self.config.zone_name,
+                        list(rules),
+                        ttl,
+                        lambda rule: self._remaining(rules[rule]),
+                    )
                 except GrantFailed as failed:
                     self._unsettled.update({rule: rules[rule] for rule in failed.unsettled})
                     if is_unavailable(failed.cause):

@@ -199,7 +199,9 @@ def stray_grants(rules: Iterable[str], wanted: set[str]) -> list[str]:
         if match is None:
             continue
         network = parse_network(match.group(1))
-        if network is None or port_target(
-                canonical(network), f"{match.group(2)}/{match.group(3)}") not in wanted:
+        if (
+            network is None
+            or port_target(canonical(network), f"{match.group(2)}/{match.group(3)}") not in wanted
+        ):
             stray.append(rule)
     return stray

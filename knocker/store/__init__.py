@@ -39,8 +39,10 @@ def open_backend(
         try:
             from .redisstore import RedisStore  # needs the optional redis client
         except ImportError as error:
-            raise StorageError("whitelist.backend is 'redis' but the redis client is "
-                               "missing: pip install 'knocker[redis]'") from error
+            raise StorageError(
+                "whitelist.backend is 'redis' but the redis client is "
+                "missing: pip install 'knocker[redis]'"
+            ) from error
 
         return RedisStore(config, firewall, clock=clock)
     return FileStore(config, firewall, clock=clock, offload=_offload_for_this_process())

@@ -44,9 +44,16 @@ class WhitelistBackend(Protocol):
         """entry -> expiry of the whole live whitelist (the firewall's re-apply)."""
         ...
 
-    def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
-              how: str = "knock", scoped: bool = False,
-              ports: tuple[str, ...] = ()) -> KnockResult:
+    def knock(
+        self,
+        key: Key,
+        ttl: int,
+        now: float,
+        key_name: str | None = None,
+        how: str = "knock",
+        scoped: bool = False,
+        ports: tuple[str, ...] = (),
+    ) -> KnockResult:
         """Grant `key` for `ttl` seconds (firewall first); raises StorageError or
         FirewallError with nothing granted anywhere. With `key_name`, also record the
         grant (that key's, `how` = knock or remote) for grants() and revoke(). A
@@ -55,8 +62,7 @@ class WhitelistBackend(Protocol):
         "22/tcp"): the grant opens only those monitored ports in the firewall."""
         ...
 
-    def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...],
-                      now: float) -> bool:
+    def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...], now: float) -> bool:
         """/verify for scoped grants: has a key among `key_names` a live scoped grant
         covering `address`? Hash lookups, like allows()."""
         ...

@@ -240,8 +240,12 @@ class FileStore:
         for entry, grants in self._grant_log.all().items():
             if any(g.scoped and g.expires_at > now for g in grants.values()):
                 # Its unscoped time joins the plan: one target, or one per port.
-                live.update(self._targets(entry, firewall_plan(
-                    live.pop(entry, None), grants.values(), self._ports, now)))
+                live.update(
+                    self._targets(
+                        entry,
+                        firewall_plan(live.pop(entry, None), grants.values(), self._ports, now),
+                    )
+                )
         return live
 
     # ------------------------------------------------------------------ rate limits
@@ -258,9 +262,16 @@ class FileStore:
             self._limiter.settle(client, outcome, now)
 
     # ------------------------------------------------------------------ knocks
-    def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
-              how: str = "knock", scoped: bool = False,
-              ports: tuple[str, ...] = ()) -> KnockResult:
+    def knock(
+        self,
+        key: Key,
+        ttl: int,
+        now: float,
+        key_name: str | None = None,
+        how: str = "knock",
+        scoped: bool = False,
+        ports: tuple[str, ...] = (),
+    ) -> KnockResult:
         """Grant `key` for `ttl` seconds: firewall, then disk, then memory. On any
         failure nothing stays granted anywhere (docs/api.md#order-of-checks). With
         `key_name` the grant is also recorded in the grants log (who, when, how); a
@@ -292,8 +303,7 @@ class FileStore:
             evicted = tuple(entry_text(victim) for victim in victims)
             # An evicted entry keeps what its scoped grants allow (under the lock: a
             # plan applied after a concurrent revoke could reopen what it closed).
-            kept = [e for e in evicted
-                    if any(g.scoped for g in self._grant_log.of(e).values())]
+            kept = [e for e in evicted if any(g.scoped for g in self._grant_log.of(e).values())]
             for victim in kept:
                 self._settle_to(victim, self._plan(victim, now), now)
         try:
@@ -311,12 +321,14 @@ class FileStore:
                 "whitelist full (%d entries): evicted %s", self._capacity, ", ".join(evicted)
             )
             self._firewall.revoke([e for e in evicted if e not in kept])
-        return KnockResult(entry=entry, expires_at=expiry, evicted=evicted,
-                           extended=live is not None)
+        return KnockResult(
+            entry=entry, expires_at=expiry, evicted=evicted, extended=live is not None
+        )
 
     # ------------------------------------------------------------------ grants
-    def _knock_scoped(self, key: Key, ttl: int, now: float, key_name: str,
-                      how: str, ports: tuple[str, ...]) -> KnockResult:
+    def _knock_scoped(
+        self, key: Key, ttl: int, now: float, key_name: str, how: str, ports: tuple[str, ...]
+    ) -> KnockResult:
         """A scoped key's grant (hosts:, ports:): firewall (its ports only), then the
         grants log (fsynced), then this process's scoped index; other processes see it
         at their next scoped lookup."""
@@ -328,14 +340,20 @@ class FileStore:
             self._refresh_grants()
             victims = self._scoped_victims(entry, key_name, now)
             earlier = self._grant_log.of(entry).get(key_name)
-            live = (earlier.expires_at if earlier and earlier.scoped
-                    and earlier.expires_at > now else None)
+            live = (
+                earlier.expires_at
+                if earlier and earlier.scoped and earlier.expires_at > now
+                else None
+            )
             expiry = granted_expiry(live, now, ttl)
             grant = Grant(entry, key_name, expiry, int(now), how, scoped=True, ports=ports)
             before = self._plan(entry, now)
-            after = firewall_plan(self._unscoped_expiry(key, now), [
-                *(g for g in self._grant_log.of(entry).values() if g.key_name != key_name),
-                grant], self._ports, now)
+            after = firewall_plan(
+                self._unscoped_expiry(key, now),
+                [*(g for g in self._grant_log.of(entry).values() if g.key_name != key_name), grant],
+                self._ports,
+                now,
+            )
             self._open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
             lines = b"".join(revoke_line(v.entry, v.key_name) for v in victims)
             try:
@@ -350,10 +368,8 @@ class FileStore:
                 self._settle_to(gone, self._plan(gone, now), now)
         evicted = tuple(f"{v.entry} ({v.key_name})" for v in victims)
         if evicted:
-            log.warning("scoped grants full (%d): evicted %s", self._capacity,
-                        ", ".join(evicted))
-        return KnockResult(entry=entry, expires_at=expiry,
-                           evicted=tuple(v.entry for v in victims))
+            log.warning("scoped grants full (%d): evicted %s", self._capacity, ", ".join(evicted))
+        return KnockResult(entry=entry, expires_at=expiry, evicted=tuple(v.entry for v in victims))
 
     # ------------------------------------------------------------------ firewall plans
     def _plan(self, entry: str, now: float) -> Plan:
@@ -369,8 +385,10 @@ class FileStore:
 
     def _targets(self, entry: str, plan: Plan) -> dict[str, int]:
         """A plan as firewall targets (firewall.py): the entry, or one target per port."""
-        return {entry if port == "" else port_target(entry, port): expiry
-                for port, expiry in plan.items()}
+        return {
+            entry if port == "" else port_target(entry, port): expiry
+            for port, expiry in plan.items()
+        }
 
     def _open(self, entry: str, plan: Plan, now: float) -> None:
         """Make the firewall hold `plan` for `entry`; FirewallError from a grant."""
@@ -407,20 +425,27 @@ class FileStore:
         """Scoped grants to evict so that this one keeps them within
         security.max_whitelist_entries: the soonest-expiring first. A cheap count
         first; the O(n) pass only when the scoped grants are full."""
-        if (self._grant_log.of(entry).get(key_name) is not None
-                or sum(map(len, self._scoped.values())) < self._capacity):
+        if (
+            self._grant_log.of(entry).get(key_name) is not None
+            or sum(map(len, self._scoped.values())) < self._capacity
+        ):
             return []
         with self._scoped_lock:  # the count included expired grants: drop them now
             for table in self._scoped.values():
                 for gone in table.expired(now):
                     table.remove(gone)
-        live = sorted((g for grants in self._grant_log.all().values()
-                       for g in grants.values() if g.scoped and g.expires_at > now),
-                      key=lambda g: g.expires_at)
-        return live[:max(0, len(live) - self._capacity + 1)]
+        live = sorted(
+            (
+                g
+                for grants in self._grant_log.all().values()
+                for g in grants.values()
+                if g.scoped and g.expires_at > now
+            ),
+            key=lambda g: g.expires_at,
+        )
+        return live[: max(0, len(live) - self._capacity + 1)]
 
-    def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...],
-                      now: float) -> bool:
+    def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...], now: float) -> bool:
         """/verify for host-scoped grants: has one of `key_names` a live grant covering
         `address`? One stat of the grants log, then hash lookups."""
         if self._grant_log.stale():
@@ -469,12 +494,17 @@ class FileStore:
         if not self._scoped and not self._grant_log.stale():
             return 0
         self._refresh_grants()
-        until = max((g.expires_at for g in self._grant_log.of(entry).values()
-                     if g.scoped and g.expires_at > now), default=None)
+        until = max(
+            (
+                g.expires_at
+                for g in self._grant_log.of(entry).values()
+                if g.scoped and g.expires_at > now
+            ),
+            default=None,
+        )
         return 0 if until is None else max(1, math.ceil(until - now))
 
-    def _note_grant(self, entry: str, key_name: str, ttl: int, how: str,
-                    now: float) -> int | None:
+    def _note_grant(self, entry: str, key_name: str, ttl: int, how: str, now: float) -> int | None:
         """Record `key_name`'s grant of `entry` in the grants log (under the writer
         lock): its own expiry, never shorter than its earlier live grant. The descriptor
         to sync, or None when it could not be written (logged: the grant itself stands,
@@ -484,8 +514,11 @@ class FileStore:
                 self._compact_grants(now)
             self._refresh_grants()
             earlier = self._grant_log.of(entry).get(key_name)
-            live = (earlier.expires_at if earlier and not earlier.scoped
-                    and earlier.expires_at > now else None)
+            live = (
+                earlier.expires_at
+                if earlier and not earlier.scoped and earlier.expires_at > now
+                else None
+            )
             grant = Grant(entry, key_name, granted_expiry(live, now, ttl), int(now), how)
             return self._grant_log.append(grant_line(grant))
         except (OSError, StorageError) as error:
@@ -509,8 +542,11 @@ class FileStore:
         return result
 
     def _unscoped_grants(self, entry: str, expiry: int, now: float) -> list[Grant]:
-        grants = [g for g in self._grant_log.of(entry).values()
-                  if not g.scoped and now < g.expires_at <= expiry]
+        grants = [
+            g
+            for g in self._grant_log.of(entry).values()
+            if not g.scoped and now < g.expires_at <= expiry
+        ]
         if not grants or expiry > max(g.expires_at for g in grants):
             grants.append(Grant(entry, None, expiry, None, "restored"))
         return grants
@@ -520,24 +556,33 @@ class FileStore:
         entry = entry_text(key)
         self._refresh_grants()
         expiry = self.replica.expiry(key)
-        grants = [] if expiry is None or expiry <= now else self._unscoped_grants(
-            entry, expiry, now)
-        return grants + [g for g in self._grant_log.of(entry).values()
-                         if g.scoped and g.expires_at > now]
+        grants = (
+            [] if expiry is None or expiry <= now else self._unscoped_grants(entry, expiry, now)
+        )
+        return grants + [
+            g for g in self._grant_log.of(entry).values() if g.scoped and g.expires_at > now
+        ]
 
     def _compact_grants(self, now: float) -> None:
         grants = self._grants_by_entry(now)
-        self._grant_log.rewrite(encode_grants(
-            g for entry_grants in grants.values() for g in entry_grants
-            if g.key_name is not None))
+        self._grant_log.rewrite(
+            encode_grants(
+                g
+                for entry_grants in grants.values()
+                for g in entry_grants
+                if g.key_name is not None
+            )
+        )
 
     def grants(self, now: float) -> list[Grant]:
         """Every live grant (GET /grants), ordered by entry then key name."""
         with self._journal.writing():
             self._catch_up()
             by_entry = self._grants_by_entry(now)
-        return sorted((g for grants in by_entry.values() for g in grants),
-                      key=lambda g: (g.entry, g.key_name or "", g.scoped))
+        return sorted(
+            (g for grants in by_entry.values() for g in grants),
+            key=lambda g: (g.entry, g.key_name or "", g.scoped),
+        )
 
     def revoke(self, key: Key, key_name: str | None, now: float) -> list[Grant]:
         """End the grants of `key` made by `key_name` (None: every grant of it) in

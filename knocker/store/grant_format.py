@@ -42,10 +42,14 @@ class Grant:
 
     def as_json(self, now: float) -> dict[str, object]:
         """The grant as GET /grants and DELETE answers show it (docs/api.md#grants)."""
-        return {"entry": self.entry, "key_name": self.key_name,
-                "expires_at": self.expires_at,
-                "expires_in_seconds": max(0, int(self.expires_at - now)),
-                "granted_at": self.granted_at, "how": self.how}
+        return {
+            "entry": self.entry,
+            "key_name": self.key_name,
+            "expires_at": self.expires_at,
+            "expires_in_seconds": max(0, int(self.expires_at - now)),
+            "granted_at": self.granted_at,
+            "how": self.how,
+        }
 
 
 def port_target(entry: str, port: object) -> str:
@@ -58,8 +62,9 @@ def port_target(entry: str, port: object) -> str:
 Plan = dict[str, int]
 
 
-def firewall_plan(unscoped: int | None, grants: Iterable[Grant], ports: Iterable[str],
-                  now: float) -> Plan:
+def firewall_plan(
+    unscoped: int | None, grants: Iterable[Grant], ports: Iterable[str], now: float
+) -> Plan:
     """What the firewall should hold for one entry: every monitored port until its
     longest grant without a port scope (the whitelist's expiry, host-scoped grants);
     when a port-scoped grant runs longer, each monitored port on its own, so that the
@@ -81,8 +86,13 @@ def firewall_plan(unscoped: int | None, grants: Iterable[Grant], ports: Iterable
 def grant_line(grant: Grant) -> bytes:
     """One record: a key's grant of an entry until expires_at (replaces its earlier one)."""
     record: dict[str, object] = {
-        "op": "grant", "entry": grant.entry, "key": grant.key_name,
-        "expires_at": grant.expires_at, "granted_at": grant.granted_at, "how": grant.how}
+        "op": "grant",
+        "entry": grant.entry,
+        "key": grant.key_name,
+        "expires_at": grant.expires_at,
+        "granted_at": grant.granted_at,
+        "how": grant.how,
+    }
     if grant.ports:
         # Not a boolean: a reader from before port scopes drops the record rather than
         # take it for a host-scoped grant of every port (never widen).
@@ -135,8 +145,12 @@ def fold_grants(data: bytes, now: float) -> dict[GrantId, Grant]:
     """The grants a whole log holds that are live at `now`."""
     index: GrantIndex = {}
     apply_lines(index, data)
-    return {grant.ident: grant for grants in index.values() for grant in grants.values()
-            if grant.expires_at > now}
+    return {
+        grant.ident: grant
+        for grants in index.values()
+        for grant in grants.values()
+        if grant.expires_at > now
+    }
 
 
 def _parse(line: bytes) -> Grant | tuple[str, str | None] | None:
@@ -151,18 +165,26 @@ def _parse(line: bytes) -> Grant | tuple[str, str | None] | None:
         return None
     if record.get("op") == "revoke":
         return entry, key_name
-    expires_at, granted_at, how = (record.get("expires_at"), record.get("granted_at"),
-                                   record.get("how"))
+    expires_at, granted_at, how = (
+        record.get("expires_at"),
+        record.get("granted_at"),
+        record.get("how"),
+    )
     scoped, ports = record.get("scoped", False), ()
     if isinstance(scoped, dict):
         listed = scoped.get("ports")
-        if not (isinstance(listed, list) and listed
-                and all(isinstance(port, str) for port in listed)):
+        if not (
+            isinstance(listed, list) and listed and all(isinstance(port, str) for port in listed)
+        ):
             return None
         scoped, ports = True, tuple(listed)
-    if (record.get("op") != "grant" or type(expires_at) is not int or how not in HOWS
-            or not (granted_at is None or type(granted_at) is int)
-            or type(scoped) is not bool):
+    if (
+        record.get("op") != "grant"
+        or type(expires_at) is not int
+        or how not in HOWS
+        or not (granted_at is None or type(granted_at) is int)
+        or type(scoped) is not bool
+    ):
         return None
     return Grant(entry, key_name, expires_at, granted_at, how, scoped, ports)
 

@@ -67,7 +67,7 @@ class GrantLog:
             if info.st_size > offset:
                 data = os.pread(fd, info.st_size - offset, offset)
                 # Only whole lines: a torn tail is read again once it is complete.
-                data = data[:data.rfind(b"\n") + 1]
+                data = data[: data.rfind(b"\n") + 1]
                 changed = apply_lines(self._index, data)
                 if touched is not None:
                     touched.extend(changed)

@@ -101,8 +101,12 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
     if earlier and not earlier.endswith(b"\n"):
         earlier += b"\n"
     kept = fold_grants(earlier, now)
-    recorded = [g for g in grants if g.key_name is not None
-                and not (g.ident in kept and kept[g.ident].expires_at >= g.expires_at)]
+    recorded = [
+        g
+        for g in grants
+        if g.key_name is not None
+        and not (g.ident in kept and kept[g.ident].expires_at >= g.expires_at)
+    ]
     atomic_write(log_path, [earlier, encode_grants(recorded)])
     atomic_write(file_target.location, [encode_whitelist(merged)])
     return len(entries), file_target.location

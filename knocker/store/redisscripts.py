@@ -53,7 +53,6 @@ class Keys:
         return f"{self.rate}{'s' if success else 'f'}:{client.hex()}"
 
 
-
 # Shared by the scripts that touch grant records: a field is "expiry granted_at how s".
 GRANT_HELPERS = """
 local function grant_fields(hkey)
@@ -101,7 +100,9 @@ end
 # Expired entries are purged here, by the server, before anything is counted: an expired
 # entry is never held against the capacity nor evicted in place of a live one. Readers
 # filter by score (> now), so an entry is gone at its expiry even before a purge.
-KNOCK = GRANT_HELPERS + """
+KNOCK = (
+    GRANT_HELPERS
+    + """
 local clock = redis.call('TIME')
 local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 if server_ms > tonumber(ARGV[7]) then
@@ -152,6 +153,7 @@ if #KEYS == 6 then
 end
 return {string.format('%d', expiry), evicted, seq}
 """
+)
 
 # KEYS: whitelist, changes, seq
 # ARGV: now, stream maxlen, origin, then entry, expiry pairs (migration: a whole whitelist)
@@ -223,7 +225,9 @@ return 0
 #    sequence number, the entry's unscoped expiry (0: none)}
 # A host-scoped key's grant: in the scoped set and the entry's grants hash only, never
 # in the whitelist set. Scoped grants are held to the same capacity as the whitelist.
-SCOPED_KNOCK = GRANT_HELPERS + """
+SCOPED_KNOCK = (
+    GRANT_HELPERS
+    + """
 local clock = redis.call('TIME')
 local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 if server_ms > tonumber(ARGV[7]) then
@@ -271,6 +275,7 @@ local unscoped = redis.call('ZSCORE', KEYS[1], entry)
 if not unscoped or tonumber(unscoped) <= now then unscoped = 0 end
 return {string.format('%d', expiry), evicted, seq, string.format('%d', tonumber(unscoped))}
 """
+)
 
 # KEYS: whitelist, changes, seq, grants of the entry, scoped grants
 # ARGV: entry, key name ('': every grant of the entry), now, stream maxlen, origin
@@ -280,7 +285,9 @@ return {string.format('%d', expiry), evicted, seq, string.format('%d', tonumber(
 # The same rule as the file backend: an ended unscoped grant cuts the entry back to the
 # longest unscoped grant left (an entry that ran longer than every recorded grant has a
 # `restored` one); ended scoped grants leave the scoped set. Every change is streamed.
-REVOKE = GRANT_HELPERS + """
+REVOKE = (
+    GRANT_HELPERS
+    + """
 local entry, name, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local current = redis.call('ZSCORE', KEYS[1], entry)
 current = current and tonumber(current) or 0
@@ -338,11 +345,14 @@ settle(KEYS[4], now)
 local left = cut and keep or current
 return {reply, string.format('%d', longest), seq, string.format('%d', left)}
 """
+)
 
 # KEYS: grants of one entry, scoped grants, changes, seq
 # ARGV: now, stream maxlen, origin, entry, then key name, record pairs (migration)
 # -> records stored. A record already there with a later expiry is kept.
-LOAD_GRANTS = GRANT_HELPERS + """
+LOAD_GRANTS = (
+    GRANT_HELPERS
+    + """
 local now, stored = tonumber(ARGV[1]), 0
 local present = grant_fields(KEYS[1])
 for i = 5, #ARGV, 2 do
@@ -363,3 +373,4 @@ end
 settle(KEYS[1], now)
 return stored
 """
+)

@@ -279,9 +279,16 @@ class RedisStore:
         return [self._keys.budget(client, True), self._keys.budget(client, False)]
 
     # ------------------------------------------------------------------ knocks
-    def knock(self, key: Key, ttl: int, now: float, key_name: str | None = None,
-              how: str = "knock", scoped: bool = False,
-              ports: tuple[str, ...] = ()) -> KnockResult:
+    def knock(
+        self,
+        key: Key,
+        ttl: int,
+        now: float,
+        key_name: str | None = None,
+        how: str = "knock",
+        scoped: bool = False,
+        ports: tuple[str, ...] = (),
+    ) -> KnockResult:
         """Firewall first, then the server (acknowledged = stored as durably as the server
         is configured to store it); on any failure nothing stays granted. With
         `key_name` the grant is recorded with the entry (one script); a `scoped` grant
@@ -295,15 +302,20 @@ class RedisStore:
         if scoped and key_name is not None:
             return self._knock_scoped(key, entry, ttl, now, key_name, how, live)
         previous = self.replica.expiry(key)
-        wanted = granted_expiry(previous if previous is not None and previous > now else None,
-                                now, ttl)
+        wanted = granted_expiry(
+            previous if previous is not None and previous > now else None, now, ttl
+        )
         # raises: nothing changed
         self._firewall.grant(entry, _seconds_left(max(wanted, before), now))
         # The script refuses to run after the moment we stop waiting for it (a paused
         # server that resumes later must not store a knock that was answered 503).
         deadline_ms = int((self._wall() + self._timeout) * 1000)
-        keys = [self._keys.whitelist, self._keys.changes, self._keys.seq,
-                self._keys.grants_of(entry)]
+        keys = [
+            self._keys.whitelist,
+            self._keys.changes,
+            self._keys.seq,
+            self._keys.grants_of(entry),
+        ]
         args: list[Any] = [
             entry,
             repr(now),
@@ -353,11 +365,16 @@ class RedisStore:
                 "whitelist full (%d entries): evicted %s", self._capacity, ", ".join(evicted)
             )
             self._close_unless_granted(evicted, now)
-        return KnockResult(entry=entry, expires_at=expiry, evicted=evicted,
-                           extended=previous is not None and previous > now)
+        return KnockResult(
+            entry=entry,
+            expires_at=expiry,
+            evicted=evicted,
+            extended=previous is not None and previous > now,
+        )
 
-    def _knock_scoped(self, key: Key, entry: str, ttl: int, now: float, key_name: str,
-                      how: str, live: int | None) -> KnockResult:
+    def _knock_scoped(
+        self, key: Key, entry: str, ttl: int, now: float, key_name: str, how: str, live: int | None
+    ) -> KnockResult:
         """A host-scoped key's grant: firewall, then the SCOPED_KNOCK script, then this
         process's scoped index (other processes follow the change stream)."""
         earlier = self.scoped.get(key_name, Whitelist()).expiry(key)
@@ -365,10 +382,25 @@ class RedisStore:
         wanted = granted_expiry(earlier, now, ttl)
         self._firewall.grant(entry, _seconds_left(max(wanted, live or 0), now))
         deadline_ms = int((self._wall() + self._timeout) * 1000)
-        keys = [self._keys.whitelist, self._keys.changes, self._keys.seq,
-                self._keys.grants_of(entry), self._keys.scoped]
-        args: list[Any] = [entry, repr(now), wanted, self._capacity, STREAM_MAXLEN,
-                           self._origin, deadline_ms, self._keys.grants, key_name, how]
+        keys = [
+            self._keys.whitelist,
+            self._keys.changes,
+            self._keys.seq,
+            self._keys.grants_of(entry),
+            self._keys.scoped,
+        ]
+        args: list[Any] = [
+            entry,
+            repr(now),
+            wanted,
+            self._capacity,
+            STREAM_MAXLEN,
+            self._origin,
+            deadline_ms,
+            self._keys.grants,
+            key_name,
+            how,
+        ]
         pending = getattr(self._reservation, "pending", None)
         if pending is not None and pending[1] == now:
             keys += self._budget_keys(pending[0])
@@ -393,11 +425,11 @@ class RedisStore:
             if self._seq < int(reply[2]):
                 self._set_scoped(key_name, key, expiry)
         if evicted:
-            log.warning("scoped grants full (%d): evicted %s", self._capacity,
-                        ", ".join(evicted))
+            log.warning("scoped grants full (%d): evicted %s", self._capacity, ", ".join(evicted))
             self._close_unless_granted(evicted, now)
-        return KnockResult(entry=entry, expires_at=expiry, evicted=evicted,
-                           extended=earlier is not None)
+        return KnockResult(
+            entry=entry, expires_at=expiry, evicted=evicted, extended=earlier is not None
+        )
 
     def _set_scoped(self, key_name: str, key: Key, expiry: int) -> None:
         """Under self._lock: record (or with REMOVED, drop) a scoped grant in memory."""
@@ -441,8 +473,11 @@ class RedisStore:
             raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
         result: list[Grant] = []
         for text, fields in zip(names, records, strict=True):
-            found = [g for g in (_decode_grant(text, n, v) for n, v in fields.items())
-                     if g is not None and g.expires_at > now]
+            found = [
+                g
+                for g in (_decode_grant(text, n, v) for n, v in fields.items())
+                if g is not None and g.expires_at > now
+            ]
             expiry = entries.get(text)
             if expiry is not None:
                 unscoped = [g for g in found if not g.scoped and g.expires_at <= expiry]
@@ -459,15 +494,26 @@ class RedisStore:
         entry = entry_text(key)
         try:
             reply = self._revoke_script(
-                keys=[self._keys.whitelist, self._keys.changes, self._keys.seq,
-                      self._keys.grants_of(entry), self._keys.scoped],
+                keys=[
+                    self._keys.whitelist,
+                    self._keys.changes,
+                    self._keys.seq,
+                    self._keys.grants_of(entry),
+                    self._keys.scoped,
+                ],
                 args=[entry, key_name or "", repr(now), STREAM_MAXLEN, self._origin],
             )
         except redis.RedisError as error:
             raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
         ended = [
-            Grant(entry, name or None, int(expiry), None if int(at) < 0 else int(at), how,
-                  scoped=flag == "1")
+            Grant(
+                entry,
+                name or None,
+                int(expiry),
+                None if int(at) < 0 else int(at),
+                how,
+                scoped=flag == "1",
+            )
             for name, expiry, at, how, flag in reply[0]
         ]
         if not ended:
@@ -530,10 +576,17 @@ class RedisStore:
             args: list[Any] = [repr(now), STREAM_MAXLEN, self._origin, entry]
             for grant in records:
                 args += [grant.key_name, encode_grant(grant)]
-            stored += int(self._load_grants_script(
-                keys=[self._keys.grants_of(entry), self._keys.scoped, self._keys.changes,
-                      self._keys.seq],
-                args=args))
+            stored += int(
+                self._load_grants_script(
+                    keys=[
+                        self._keys.grants_of(entry),
+                        self._keys.scoped,
+                        self._keys.changes,
+                        self._keys.seq,
+                    ],
+                    args=args,
+                )
+            )
         return stored
 
     def stored_count(self, now: float) -> int:
@@ -711,8 +764,9 @@ class RedisStore:
         for key, expiry in live.items():
             self._grant_quietly(entry_text(key), expiry, now)
 
-    def _reapply_difference(self, before: dict[Key, int], after: dict[Key, int],
-                            now: float) -> None:
+    def _reapply_difference(
+        self, before: dict[Key, int], after: dict[Key, int], now: float
+    ) -> None:
         gone = [entry_text(key) for key in before if key not in after]
         if gone:
             self._firewall.revoke(gone)

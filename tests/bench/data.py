@@ -58,8 +58,9 @@ def miss_addresses(count: int, rng: random.Random) -> list[str]:
     """`count` distinct addresses outside every generated entry, 2 IPv4 : 1 IPv6."""
     v4 = rng.sample(range(1 << 17), (2 * count + 2) // 3)
     v6 = rng.sample(range(1 << 40), count - len(v4))
-    return ([str(ipaddress.IPv4Address(_V4_MISS + n)) for n in v4]
-            + [str(ipaddress.IPv6Address(_V6_MISS + (n << 24))) for n in v6])
+    return [str(ipaddress.IPv4Address(_V4_MISS + n)) for n in v4] + [
+        str(ipaddress.IPv6Address(_V6_MISS + (n << 24))) for n in v6
+    ]
 
 
 def verify_pool(entries: dict[str, int], distinct: int, seed: int = 2) -> list[str]:
@@ -94,8 +95,11 @@ def write_scoped_grants(path: Path, entries: dict[str, int], key_name: str) -> P
     """whitelist.json.grants holding `entries` as grants of the host-scoped `key_name`."""
     from knocker.store.grant_format import Grant, encode_grants
 
-    path.write_bytes(encode_grants(
-        Grant(entry, key_name, expiry, expiry - 3600, "knock", scoped=True)
-        for entry, expiry in entries.items()))
+    path.write_bytes(
+        encode_grants(
+            Grant(entry, key_name, expiry, expiry - 3600, "knock", scoped=True)
+            for entry, expiry in entries.items()
+        )
+    )
     path.chmod(0o600)
     return path

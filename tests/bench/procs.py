@@ -32,23 +32,33 @@ def wait_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: f
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n"
-                               + log.read_text(errors="replace")[-4000:])
+            raise RuntimeError(
+                f"{process.args!r} exited with {process.returncode}:\n"
+                + log.read_text(errors="replace")[-4000:]
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s:\n"
-                                   + log.read_text(errors="replace")[-4000:]) from None
+                raise RuntimeError(
+                    f"nothing listens on 127.0.0.1:{port} after {timeout} s:\n"
+                    + log.read_text(errors="replace")[-4000:]
+                ) from None
             time.sleep(0.02)
 
 
 class Proc:
     """One foreground server process; `ports` are waited for after the start."""
 
-    def __init__(self, name: str, command: list[str], workdir: Path, ports: list[int],
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        workdir: Path,
+        ports: list[int],
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.command = command
         self.workdir = workdir
@@ -65,9 +75,15 @@ class Proc:
     def start(self, timeout: float = 20.0) -> Proc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, cwd=self.workdir, env=self.env,
-                                            stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=self.workdir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         for port in self.ports:
             wait_port(port, self.process, self.log_path, timeout)
         return self
@@ -85,35 +101,66 @@ class Proc:
             process.wait(10)
 
 
-def floor_server(workdir: Path, port: int, workers: int, threads: int,
-                 worker_class: str = "gthread") -> Proc:
+def floor_server(
+    workdir: Path, port: int, workers: int, threads: int, worker_class: str = "gthread"
+) -> Proc:
     """tests.bench.floor:app under gunicorn with the options `knocker serve` uses for
     `worker_class` (gthread, or gevent: Knocker's own worker, deadlines included)."""
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
     repo = Path(__file__).resolve().parents[2]
     if worker_class == "gevent":
-        model = ["--worker-class", "knocker.worker.KnockerWorker",
-                 "--worker-connections", "1000", "--keep-alive", "10"]
+        model = [
+            "--worker-class",
+            "knocker.worker.KnockerWorker",
+            "--worker-connections",
+            "1000",
+            "--keep-alive",
+            "10",
+        ]
     else:
-        model = ["--threads", str(threads), "--worker-class",
-                 "gthread" if threads > 1 else "sync", "--keep-alive", "30"]
-    return Proc(f"floor-{worker_class}", [
-        gunicorn, "--bind", f"127.0.0.1:{port}", "--workers", str(workers), *model,
-        # As `knocker serve` does: no control socket (gunicorn >= 25.1 opens one at a
-        # per-user path by default, taking over another server's).
-        "--no-control-socket", "--log-level", "warning",
-        "--chdir", str(repo),
-        "tests.bench.floor:app"], workdir, [port])
+        model = [
+            "--threads",
+            str(threads),
+            "--worker-class",
+            "gthread" if threads > 1 else "sync",
+            "--keep-alive",
+            "30",
+        ]
+    return Proc(
+        f"floor-{worker_class}",
+        [
+            gunicorn,
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            *model,
+            # As `knocker serve` does: no control socket (gunicorn >= 25.1 opens one at a
+            # per-user path by default, taking over another server's).
+            "--no-control-socket",
+            "--log-level",
+            "warning",
+            "--chdir",
+            str(repo),
+            "tests.bench.floor:app",
+        ],
+        workdir,
+        [port],
+    )
 
 
 def nginx_server(workdir: Path, ports: list[int]) -> Proc:
     """nginx answering `return 200` on every port (the upstream and the auth floor)."""
     exe = which("nginx")
     assert exe is not None
-    servers = "".join(f"    server {{ listen 127.0.0.1:{port}; location / {{ return 200; }} }}\n"
-                      for port in ports)
-    temp = "".join(f"    {kind}_temp_path {workdir}/{kind};\n"
-                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    servers = "".join(
+        f"    server {{ listen 127.0.0.1:{port}; location / {{ return 200; }} }}\n"
+        for port in ports
+    )
+    temp = "".join(
+        f"    {kind}_temp_path {workdir}/{kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "nginx.conf"
     config.write_text(
@@ -121,14 +168,23 @@ def nginx_server(workdir: Path, ports: list[int]) -> Proc:
         f"pid {workdir}/nginx.pid;\nerror_log {workdir}/error.log warn;\n"
         "events { worker_connections 4096; }\n"
         "http {\n    access_log off;\n    keepalive_requests 1000000;\n"
-        f"{temp}{servers}}}\n")
+        f"{temp}{servers}}}\n"
+    )
     # -e: nginx opens its error log before reading the config; keep it out of /var/log.
-    return Proc("nginx", [exe, "-e", str(workdir / "error.log"), "-p", f"{workdir}/",
-                          "-c", str(config)], workdir, ports)
+    return Proc(
+        "nginx",
+        [exe, "-e", str(workdir / "error.log"), "-p", f"{workdir}/", "-c", str(config)],
+        workdir,
+        ports,
+    )
 
 
-def caddy_server(workdir: Path, sites: dict[int, int], upstream: int | None,
-                 respond_ports: list[int] | None = None) -> Proc:
+def caddy_server(
+    workdir: Path,
+    sites: dict[int, int],
+    upstream: int | None,
+    respond_ports: list[int] | None = None,
+) -> Proc:
     """Caddy with one site per port: forward_auth to sites[port]'s /verify, then the
     upstream (nginx `return 200`), or a `respond 200` when there is no nginx; plus a bare
     `respond 200` site on each of respond_ports (an auth floor without nginx).
@@ -156,7 +212,15 @@ def caddy_server(workdir: Path, sites: dict[int, int], upstream: int | None,
     config = workdir / "Caddyfile"
     config.write_text("{\n    admin off\n    auto_https off\n}\n" + "".join(blocks))
     # Caddy keeps its state under $HOME and $XDG_*: keep it in our directory.
-    env = {"HOME": str(workdir), "XDG_DATA_HOME": str(workdir / "data"),
-           "XDG_CONFIG_HOME": str(workdir / "config")}
-    return Proc("caddy", [exe, "run", "--adapter", "caddyfile", "--config", str(config)],
-                workdir, [*sites, *(respond_ports or [])], env)
+    env = {
+        "HOME": str(workdir),
+        "XDG_DATA_HOME": str(workdir / "data"),
+        "XDG_CONFIG_HOME": str(workdir / "config"),
+    }
+    return Proc(
+        "caddy",
+        [exe, "run", "--adapter", "caddyfile", "--config", str(config)],
+        workdir,
+        [*sites, *(respond_ports or [])],
+        env,
+    )

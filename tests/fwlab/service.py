@@ -29,8 +29,10 @@ def firewalld_section(version: str, **overrides: Any) -> dict[str, Any]:
         "zone_priority": -100 if version.startswith("2.") else None,
         "zone_target": "ACCEPT",
         "default_action": "drop",
-        "monitored_ports": [{"port": Lab.MONITORED, "protocol": "tcp"},
-                            {"port": Lab.SECOND, "protocol": "tcp"}],
+        "monitored_ports": [
+            {"port": Lab.MONITORED, "protocol": "tcp"},
+            {"port": Lab.SECOND, "protocol": "tcp"},
+        ],
         "monitored_ips": [NET4, NET6],
     }
     section.update(overrides)
@@ -64,8 +66,14 @@ class NetnsKnocker(KnockerProcess):
         # An admin key for the grants API (DELETE /grants/{entry}).
         config["api_keys"].append({"name": "ops", "key": OPS_KEY, "max_ttl": 600, "admin": True})
         if any(p["port"] == Lab.MONITORED for p in firewalld.get("monitored_ports", [])):
-            config["api_keys"].append({"name": "port-only", "key": PORT_KEY, "max_ttl": 600,
-                                       "ports": [f"{Lab.MONITORED}/tcp"]})
+            config["api_keys"].append(
+                {
+                    "name": "port-only",
+                    "key": PORT_KEY,
+                    "max_ttl": 600,
+                    "ports": [f"{Lab.MONITORED}/tcp"],
+                }
+            )
         super().__init__(
             directory,
             config,

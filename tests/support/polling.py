@@ -9,8 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, *, interval: float = 0.1,
-               what: str = "") -> T:
+def wait_until(
+    predicate: Callable[[], T], timeout: float, *, interval: float = 0.1, what: str = ""
+) -> T:
     """Call `predicate` until it returns something truthy and return that; AssertionError
     naming `what` after `timeout` seconds. The predicate may raise to give up early (a
     process that died, say). Checked once more at the deadline, so a slow last step
@@ -21,6 +22,8 @@ def wait_until(predicate: Callable[[], T], timeout: float, *, interval: float = 
         if result:
             return result
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for "
-                                 f"{what or getattr(predicate, '__name__', 'a condition')}")
+            raise AssertionError(
+                f"timed out after {timeout:g} s waiting for "
+                f"{what or getattr(predicate, '__name__', 'a condition')}"
+            )
         time.sleep(interval)
