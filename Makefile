@@ -53,6 +53,7 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check knocker tests
+	$(VENV)/bin/ruff format --check knocker tests
 	$(VENV)/bin/mypy
 
 # sdist, then the wheel built from it (which proves the sdist is complete)
