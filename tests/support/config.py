@@ -18,7 +18,13 @@ def base_config(directory: Path, **sections: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "api_keys": [
             {"name": "phone", "key": TEST_KEY, "max_ttl": 3600},
-            {"name": "admin", "key": ADMIN_KEY, "max_ttl": 86400, "allow_remote_whitelist": True},
+            {
+                "name": "admin",
+                "key": ADMIN_KEY,
+                "max_ttl": 86400,
+                "allow_remote_whitelist": True,
+                "admin": True,
+            },
         ],
         "whitelist": {"storage_path": str(directory / "whitelist.json")},
     }
