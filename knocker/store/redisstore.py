@@ -173,6 +173,10 @@ class RedisStore:
             self._thread = None
             self._applier = None  # a lock taken in the parent is not ours to release
             self._lock = threading.Lock()  # never inherit one held at the fork
+            # The replica came with the fork and is followed by no one yet: this worker
+            # is not ready, and /verify refuses, until its own follower has resynchronised.
+            self._usable = False
+            self._problem = "not yet synchronised with redis"
         if self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._follow, name="knocker-redis", daemon=True)
             self._thread.start()
