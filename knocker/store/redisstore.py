@@ -174,9 +174,11 @@ class RedisStore:
             self._applier = None  # a lock taken in the parent is not ours to release
             self._lock = threading.Lock()  # never inherit one held at the fork
             # The replica came with the fork and is followed by no one yet: this worker
-            # is not ready, and /verify refuses, until its own follower has resynchronised.
+            # is not ready, and /verify refuses, until its own follower has resynchronised
+            # (during an outage that is fail-closed: docs/redis.md#failure-modes).
             self._usable = False
             self._problem = "not yet synchronised with redis"
+            self._last_contact = -float("inf")
         if self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._follow, name="knocker-redis", daemon=True)
             self._thread.start()
@@ -732,6 +734,9 @@ class RedisStore:
             log.warning(
                 "redis %s reachable again: resynchronised (%d entries)", self._settings.url, count
             )
+        elif self._thread is not None and self._problem is not None:
+            # this serving process's first synchronisation (the master's is "loaded")
+            log.info("whitelist replica synchronised with redis (%d entries)", count)
         self._problem = None
         self._usable = True
         self._last_contact = self._monotonic()

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -208,3 +209,18 @@ def wait_down(server: RedisServer, timeout: float = 10.0) -> None:
         assert time.monotonic() < deadline, "redis-server did not exit"
         time.sleep(0.05)
     server.process = None
+
+
+SYNCHRONISED = "whitelist replica synchronised with redis"
+
+
+def wait_followers(process: Any, timeout: float = 15) -> None:
+    """Wait until every worker of a started `knocker serve` (tests.serverproc.KnockerProcess)
+    with the redis backend has synchronised its own replica (each logs it once). /ready
+    cannot tell: a request reaches whichever worker accepts it first."""
+    wait_until(
+        lambda: process.log().count(SYNCHRONISED) >= process.workers,
+        timeout,
+        interval=0.05,
+        what=f"{process.workers} worker(s) synchronised with redis",
+    )
