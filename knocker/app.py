@@ -318,17 +318,7 @@ class App:
             body = _parse_body(_read_body(environ), environ.get("CONTENT_TYPE"))
             grant = authorize(key, client, body)
         except RequestError as error:
-            self.observer.knock(
-                Record(
-                    Event.KNOCK_FAILED,
-                    who,
-                    key_name,
-                    peer=via,
-                    result=error.status.value,
-                    reason=error.message,
-                ),
-                now,
-            )
+            self._failed(error, who, key_name, via, now)
             counted = Outcome.FAILURE if error.status in _COUNTED_FAILURES else Outcome.UNCOUNTED
             return _error(error), counted
         try:
@@ -419,17 +409,7 @@ class App:
                 raise RequestError("Not an IPv4/IPv6 address or CIDR network")
             ended = self.store.revoke(key_of(network), None, now)
         except KnockerError as error:
-            self.observer.knock(
-                Record(
-                    Event.KNOCK_FAILED,
-                    who,
-                    key_name,
-                    peer=via,
-                    result=error.status.value,
-                    reason=error.message,
-                ),
-                now,
-            )
+            self._failed(error, who, key_name, via, now)
             return _grant_error(error), _outcome(error)
         return self._ended(Event.REVOKE, key_name, who, via, canonical(network), ended, now)
 
@@ -452,19 +432,25 @@ class App:
             grant = authorize(key, client, body)
             ended = self.store.revoke(grant.key, key.name, now)
         except KnockerError as error:
-            self.observer.knock(
-                Record(
-                    Event.KNOCK_FAILED,
-                    who,
-                    key_name,
-                    peer=via,
-                    result=error.status.value,
-                    reason=error.message,
-                ),
-                now,
-            )
+            self._failed(error, who, key_name, via, now)
             return _grant_error(error), _outcome(error)
         return self._ended(Event.SIGN_OUT, key_name, who, via, grant.entry, ended, now)
+
+    def _failed(
+        self, error: KnockerError, who: str, key_name: str, via: str | None, now: float
+    ) -> None:
+        """Count and audit a refused knock, revoke or sign-out."""
+        self.observer.knock(
+            Record(
+                Event.KNOCK_FAILED,
+                who,
+                key_name,
+                peer=via,
+                result=error.status.value,
+                reason=error.message,
+            ),
+            now,
+        )
 
     def _ended(
         self,

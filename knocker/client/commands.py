@@ -221,10 +221,7 @@ def run_knock(
     try:
         result = knock(settings, transport, ttl=requested, ip=args.ip)
     except KnockFailed as failure:
-        print(f"knocker: knock failed: {failure.message}", file=err)
-        if args.json:
-            print(json.dumps({"error": failure.message, "status": failure.status}), file=out)
-        return failure.exit_code
+        return _failed("knock", failure, args.json, out, err)
     warning = cap_warning(requested, result)
     if warning:
         print(warning, file=err)

@@ -7,7 +7,6 @@ X-Api-Key to the configured URL, never into output or errors.
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 import urllib.parse
@@ -17,7 +16,6 @@ from typing import Any
 from .. import __version__
 from .knock import (
     EXIT_FORBIDDEN,
-    EXIT_NETWORK,
     EXIT_OTHER,
     EXIT_RATE_LIMITED,
     EXIT_UNAUTHORIZED,
@@ -25,8 +23,9 @@ from .knock import (
     KnockFailed,
     Transport,
     human_duration,
+    send,
 )
-from .settings import Settings, display_url, redact
+from .settings import Settings, redact
 
 EXIT_NOT_FOUND = 7  # 404: no such grant
 
@@ -70,12 +69,7 @@ def _call(
     request = urllib.request.Request(  # noqa: S310 - http(s) only, see settings._check_url
         settings.api_url.rstrip("/") + path, data=data, method=method, headers=headers
     )
-    try:
-        status, payload = transport(request, timeout)
-    except (OSError, http.client.HTTPException) as error:
-        reason = getattr(error, "reason", None) or error
-        message = f"cannot reach {display_url(settings.api_url)}: {reason}"
-        raise KnockFailed(redact(message, settings.api_key), EXIT_NETWORK) from None
+    status, payload = send(settings, transport, request, timeout)
     try:
         answer = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):

@@ -154,6 +154,19 @@ def _parse_result(body: bytes) -> KnockResult:
     )
 
 
+def send(
+    settings: Settings, transport: Transport, request: urllib.request.Request, timeout: float
+) -> tuple[int, bytes]:
+    """transport(request); a network failure becomes KnockFailed (EXIT_NETWORK), whose
+    message never holds the key."""
+    try:
+        return transport(request, timeout)
+    except (OSError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", None) or error
+        message = f"cannot reach {display_url(settings.api_url)}: {reason}"
+        raise KnockFailed(redact(message, settings.api_key), EXIT_NETWORK) from None
+
+
 def knock(
     settings: Settings,
     transport: Transport,
@@ -178,12 +191,7 @@ def knock(
             "User-Agent": f"knocker-client/{__version__}",
         },
     )
-    try:
-        status, payload = transport(request, timeout)
-    except (OSError, http.client.HTTPException) as error:
-        reason = getattr(error, "reason", None) or error
-        message = f"cannot reach {display_url(settings.api_url)}: {reason}"
-        raise KnockFailed(redact(message, settings.api_key), EXIT_NETWORK) from None
+    status, payload = send(settings, transport, request, timeout)
     if status == 200:
         return _parse_result(payload)
     explanation = _EXPLAIN.get(status)
