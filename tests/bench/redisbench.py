@@ -22,7 +22,7 @@ import redis
 
 from tests.bench import data
 from tests.serverproc import KnockerProcess
-from tests.support.redisserver import RedisServer, redis_server_binary
+from tests.support.redisserver import RedisServer, redis_server_binary, wait_followers
 
 if TYPE_CHECKING:
     from tests.bench.run import Bench, Point
@@ -86,6 +86,8 @@ def redis_rows(bench: Bench) -> None:
         bench.stack.callback(process.stop)
     for process in (file_server, a, b):
         wait_health(process)
+    for process in (a, b):
+        wait_followers(process, timeout=60)  # every worker's replica, not only /health
     check_verify(file_server.port, pool, "knocker (file) with 100,000 entries")
     check_verify(a.port, pool, "knocker (redis) with 100,000 entries")
 
