@@ -642,7 +642,11 @@ def build_app(config: Config, clock: Callable[[], float] = time.time) -> App:
     store_dir = os.path.dirname(os.path.abspath(config.whitelist.storage_path))
     firewall = create_firewall(config.firewalld, store_dir)
     store = open_backend(config, firewall, clock)
-    log.info("whitelist %s loaded: %d entries", store.location, len(store))
+    problem = store.ready()
+    if problem is None:
+        log.info("whitelist %s loaded: %d entries", store.location, len(store))
+    else:  # e.g. the redis backend, started before its server is reachable
+        log.warning("whitelist %s: %d entries, not ready: %s", store.location, len(store), problem)
     try:
         # Restoring grants needs the entries as text: only worth building for a real
         # firewall.

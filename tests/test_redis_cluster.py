@@ -207,3 +207,45 @@ def test_partition_then_outage_step_by_step(cluster: Cluster) -> None:
         # each worker logs each transition once: 1 + 3 workers, per transition
         assert log.count("unreachable:") <= 2 * 4, log
         assert "reachable again" in log
+
+
+def test_acl_user_and_password_authenticate_and_never_reach_the_log(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """An ACL user whose password comes from redis.password_file: a serving instance
+    knocks through it; another instance with the wrong password (redis.password_env)
+    is not ready, says why, and fails closed. Neither password appears in any log or
+    /ready answer."""
+    good, wrong = "acl-password-for-the-test-0451", "wrong-password-for-the-test-9315"
+    with cluster.server.client() as client:
+        client.execute_command(
+            "ACL", "SETUSER", "knocker", "on", f">{good}", "~knocker:*", "&*", "+@all"
+        )
+        client.execute_command("ACL", "SETUSER", "default", "off")
+    secret = tmp_path / "redis-password"
+    secret.write_text(good + "\n")
+    secret.chmod(0o600)
+    cluster.start(workers=(2,), redis={"username": "knocker", "password_file": str(secret)})
+    directory = tmp_path / "knocker-wrong"
+    refused = KnockerProcess(
+        directory,
+        shared_config(
+            directory,
+            cluster.server,
+            redis={"username": "knocker", "password_env": "KNOCKER_TEST_REDIS_PASSWORD"},
+        ),
+        env={"KNOCKER_TEST_REDIS_PASSWORD": wrong},
+    )
+    cluster.instances.append(refused)
+    refused.start()
+    (serving,) = cluster.instances[:1]
+    assert serving.knock(TEST_KEY, {"ttl": 60}, source="127.0.0.90")[0] == 200
+    status, _, body = refused.request("GET", "/ready")
+    assert status == 503 and b"redis" in body, body
+    assert refused.verify(source="127.0.0.90") == 401  # never synchronised: fail closed
+    assert refused.knock(TEST_KEY, {"ttl": 60}, source="127.0.0.91")[0] == 503
+    for process in cluster.instances:
+        answer = str(process.request("GET", "/ready"))
+        log = process.log()
+        assert good not in log and wrong not in log and good not in answer and wrong not in answer
+    assert "WRONGPASS" in refused.log() or "invalid username-password" in refused.log()
