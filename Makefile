@@ -43,6 +43,7 @@ run: $(VENV)/.installed knocker.yaml
 test-deps:
 	@bash tests/tools/install-test-deps.sh
 	@bash tests/fwlab/prepare.sh --no-install
+	@bash tests/tools/fetch-valkey.sh
 
 test: $(VENV)/.installed-test test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.serverproc import TEST_KEY, KnockerProcess, base_config
 from tests.support.polling import wait_until
-from tests.support.redisserver import RedisServer, wait_down, wait_followers
+from tests.support.redisserver import ENGINES, RedisServer, wait_down, wait_followers
 
 pytestmark = [pytest.mark.redis, pytest.mark.server]
 
@@ -51,8 +51,10 @@ class Cluster:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    redis_server = RedisServer(tmp_path / "redis", unix=True).start()
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """redis-server, or the engine a test names with parametrize("server", ..., indirect)."""
+    engine = getattr(request, "param", "redis")
+    redis_server = RedisServer(tmp_path / "redis", unix=True, engine=engine).start()
     try:
         yield redis_server
     finally:
@@ -84,6 +86,7 @@ def verified_everywhere(
     wait_until(all_answer, timeout, interval=0.02, what=f"/verify {status} for {source}")
 
 
+@pytest.mark.parametrize("server", ENGINES, indirect=True)
 def test_knock_on_one_instance_opens_verify_on_all_of_them(cluster: Cluster) -> None:
     """A knock answered by instance 0 is honoured by instances 1 (3 workers) and 2."""
     cluster.start()
@@ -136,6 +139,7 @@ def test_rate_limit_is_shared_by_all_instances(cluster: Cluster) -> None:
     assert c.knock(TEST_KEY, source="127.0.0.68")[0] == 200  # another client
 
 
+@pytest.mark.parametrize("server", ENGINES, indirect=True)
 def test_kill_9_of_redis_after_acknowledged_knocks_loses_nothing(cluster: Cluster) -> None:
     """appendfsync always: kill -9 of redis-server right after twenty 200s, restart on
     the same directory: every instance allows all twenty again, without a restart."""

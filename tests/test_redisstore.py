@@ -23,16 +23,17 @@ from tests.support.clock import FakeClock
 from tests.support.config import make_config
 from tests.support.net import ip, key
 from tests.support.polling import wait_until
-from tests.support.redisserver import RedisServer, make_tls_files, wait_down
+from tests.support.redisserver import ENGINES, RedisServer, make_tls_files, wait_down
 
 pytestmark = pytest.mark.redis
 
 NOW = 1_800_000_000.0
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    redis_server = RedisServer(tmp_path / "redis").start()
+@pytest.fixture(params=ENGINES)
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """Every test here runs against Redis and against Valkey."""
+    redis_server = RedisServer(tmp_path / "redis", engine=request.param).start()
     try:
         yield redis_server
     finally:
@@ -92,6 +93,15 @@ def allowed_soon(store: RedisStore, address: str, now: float, want: bool = True)
         )
         is True
     )
+
+
+def test_the_server_is_the_engine_the_test_names(server: RedisServer) -> None:
+    """The parametrisation really reaches two servers: Valkey names itself."""
+    with server.client() as client:
+        info = client.info("server")
+    assert (info.get("server_name") == "valkey") == (server.engine == "valkey"), info
+    if server.engine == "valkey":
+        assert int(str(info["valkey_version"]).split(".")[0]) >= 8
 
 
 def test_open_backend_picks_redis_when_configured(tmp_path: Path, server: RedisServer) -> None:

@@ -65,39 +65,8 @@ if [[ -x $V2/root/usr/sbin/firewalld && $force == 0 ]]; then
     exit 0
 fi
 
-mirror=${KNOCKER_FWLAB_MIRROR:-}
-if [[ -z $mirror ]]; then
-    # The mirror this machine already uses: first URIs: of a deb822 source, else the
-    # first one-line "deb" source, else Debian's own redirector.
-    mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-fi
-if [[ -z $mirror && -r /etc/apt/sources.list ]]; then
-    mirror=$(awk '$1 == "deb" && $2 !~ /^\[/ { print $2; exit } $1 == "deb" { print $3; exit }' /etc/apt/sources.list)
-fi
-mirror=${mirror:-http://deb.debian.org/debian}
-# a security mirror cannot serve trixie main
-[[ $mirror == *debian-security* ]] && mirror=http://deb.debian.org/debian
-
-work=$(mktemp -d "$CACHE/.fetch.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-apt_state=$CACHE/trixie-apt
-mkdir -p "$apt_state/lists/partial" "$apt_state/cache/archives/partial" "$work/debs" "$work/root"
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" \
-    >"$apt_state/sources.list"
-# Private sources/lists/cache: the machine's own apt configuration stays as it is.
-# APT::Sandbox::User=root: the _apt user could not write into these root-owned folders.
-apt_opts=(-o "Dir::Etc::sourcelist=$apt_state/sources.list" -o Dir::Etc::sourceparts=-
-          -o "Dir::State::Lists=$apt_state/lists" -o "Dir::Cache=$apt_state/cache"
-          -o APT::Sandbox::User=root -q)
-echo "prepare.sh: fetching firewalld + python3-firewall from trixie ($mirror)"
-apt-get "${apt_opts[@]}" update
-(cd "$work/debs" && apt-get "${apt_opts[@]}" download firewalld python3-firewall)
-for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$work/root"; done
-dpkg-deb -f "$work"/debs/firewalld_*.deb Version >"$work/VERSION"
-[[ -x $work/root/usr/sbin/firewalld ]] || { echo "prepare.sh: extracted tree has no usr/sbin/firewalld" >&2; exit 1; }
-rm -rf "$V2.old"
-[[ -d $V2 ]] && mv "$V2" "$V2.old"
-mkdir -p "$V2"
-mv "$work/root" "$work/debs" "$work/VERSION" "$V2/"
-rm -rf "$V2.old"
+# shellcheck source=../tools/trixie.sh
+source "$(dirname "$0")/../tools/trixie.sh"
+trixie_fetch "$V2" firewalld python3-firewall
+[[ -x $V2/root/usr/sbin/firewalld ]] || { echo "prepare.sh: extracted tree has no usr/sbin/firewalld" >&2; exit 1; }
 echo "prepare.sh: firewalld $(cat "$V2/VERSION") extracted into $V2/root"

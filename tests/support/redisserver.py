@@ -21,9 +21,29 @@ from tests.support.net import free_port
 from tests.support.polling import wait_until
 from tests.support.resources import require
 
+ENGINES = ("redis", "valkey")  # the servers the redis backend is tested against
+# Valkey 8 from Debian 13, run by its own loader (tests/tools/fetch-valkey.sh): bookworm
+# has no valkey package.
+FETCHED_VALKEY = (
+    Path(os.environ.get("KNOCKER_FWLAB_CACHE", "/var/cache/knocker-tests"))
+    / "valkey-trixie/bin/valkey-server"
+)
+
 
 def redis_server_binary() -> str | None:
-    return shutil.which("redis-server") or shutil.which("valkey-server")
+    return server_binary("redis")
+
+
+def server_binary(engine: str) -> str | None:
+    """redis-server (Debian's package) or valkey-server (on PATH, else the fetched one)."""
+    if engine == "redis":
+        return shutil.which("redis-server")
+    if engine == "valkey":
+        found = shutil.which("valkey-server")
+        if found is None and os.access(FETCHED_VALKEY, os.X_OK):
+            found = str(FETCHED_VALKEY)
+        return found
+    raise ValueError(f"unknown engine {engine!r}")
 
 
 class RedisServer:
@@ -34,7 +54,9 @@ class RedisServer:
         unix: bool = False,
         appendfsync: str = "always",
         tls: Path | None = None,
+        engine: str = "redis",
     ) -> None:
+        self.engine = engine
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = 0 if unix else free_port("127.0.0.1")
@@ -52,8 +74,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
-        binary = redis_server_binary()
-        require(binary, "redis-server")
+        binary = server_binary(self.engine)
+        require(binary, f"{self.engine}-server")
         assert binary is not None
         args = [
             binary,
