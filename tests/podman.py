@@ -33,6 +33,17 @@ STAND_IN_CHANGES = (
     "ENV LANG=C.UTF-8",
     'CMD ["python3"]',
 )
+# What the official valkey/valkey:8 image sets (its entrypoint drops to its server user;
+# the stand-in starts as that user), for the `redis` flavour of debian-rootfs.sh.
+VALKEY_CHANGES = (
+    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "ENV LANG=C.UTF-8",
+    "USER redis",
+    "WORKDIR /data",
+    "VOLUME /data",
+    "EXPOSE 6379",
+    'CMD ["valkey-server"]',
+)
 # platform -> (Debian architecture, OCI architecture, OCI variant)
 PLATFORMS = {
     "linux/amd64": ("amd64", "amd64", ""),
@@ -130,6 +141,23 @@ class Resources:
         for change in STAND_IN_CHANGES:
             args += ["--change", change]
         image = run(*args, tarball, PYTHON_BASE, timeout=600).stdout.strip().splitlines()[-1]
+        self.images.append(image)
+        return image
+
+    def valkey_stand_in(self, tag: str) -> str:
+        """Import the Debian stand-in for valkey/valkey:8 (amd64) as `tag`: Debian's
+        redis-server with valkey-server / valkey-cli links; its image ID."""
+        tarball = subprocess.run(
+            ["bash", str(ROOTFS_SCRIPT), "redis", PLATFORMS["linux/amd64"][0]],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=True,
+        ).stdout.strip()
+        args = ["import", "--arch", "amd64"]
+        for change in VALKEY_CHANGES:
+            args += ["--change", change]
+        image = run(*args, tarball, tag, timeout=600).stdout.strip().splitlines()[-1]
         self.images.append(image)
         return image
 
