@@ -18,8 +18,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +33,6 @@ from tests.proxies.process import free_port
 
 pytestmark = pytest.mark.container
 
-IN_CI = os.environ.get("CI") == "true"
 KEY = "ctr-" + secrets.token_urlsafe(24)
 CONTAINERFILE = podman.REPO / "Containerfile"
 HARDENING = [
@@ -50,15 +47,6 @@ HARDENING = [
 DURATIONS: list[tuple[str, float]] = []
 NOTES: list[str] = []
 BASES: dict[str, str] = {}  # platform -> image ID of its python:3.11-slim stand-in
-
-
-def require_podman() -> None:
-    missing = podman.available()
-    if missing is None:
-        return
-    if IN_CI:
-        pytest.fail(f"{missing} (make test-deps must provide it in CI)")
-    pytest.skip(missing)
 
 
 def request(
@@ -120,26 +108,14 @@ def verify_inside(container: str) -> int:
 
 @pytest.fixture(scope="module")
 def resources(request: pytest.FixtureRequest) -> Iterator[Resources]:
-    require_podman()
+    podman.require()
     owned = Resources()
     try:
         yield owned
     finally:
         with stage(DURATIONS, "cleanup"):
             owned.cleanup()
-        report(request, [f"{name}: {seconds:.1f}s" for name, seconds in DURATIONS] + NOTES)
-
-
-def report(request: pytest.FixtureRequest, lines: list[str]) -> None:
-    """Print on the terminal even though pytest captures the test's output."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not lines:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        for line in lines:
-            reporter.write_line(f"container: {line}")
+        podman.report(request, [f"{name}: {seconds:.1f}s" for name, seconds in DURATIONS] + NOTES)
 
 
 @pytest.fixture(scope="module")
@@ -352,31 +328,14 @@ class ComposeStack:
         source is 127.0.0.1) through Caddy; (status, body)."""
         port = self.loopback_port if source == "127.0.0.1" else self.port
         target = "127.0.0.1" if source == "127.0.0.1" else NS_HOST
-        cmd = [
-            "curl",
-            "-sS",
-            "--max-time",
-            "15",
-            "--interface",
+        return podman.curl(
+            None if source == "127.0.0.1" else self.netns,
             source,
-            "-X",
-            method,
-            "-H",
-            f"Host: {host}",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-        ]
-        for name, value in headers:
-            cmd += ["-H", f"{name}: {value}"]
-        cmd.append(f"http://{target}:{port}{path}")
-        if source != "127.0.0.1":
-            cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-        assert result.returncode == 0, (cmd, result.stderr, self.logs())
-        body, _, status = result.stdout.rpartition("\n")
-        return int(status), body
+            f"http://{target}:{port}{path}",
+            method=method,
+            headers=(("Host", host), *headers),
+            context=self.logs,
+        )
 
     def knock(self, source: str, headers: tuple[tuple[str, str], ...] = ()) -> tuple[int, str]:
         return self.request(
@@ -467,43 +426,10 @@ def build_caddy_image(resources: Resources, base: str, directory: Path) -> str:
     return tag
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def client_namespace() -> Iterator[str]:
-    name = f"kct{uuid.uuid4().hex[:8]}"
-    host_if, ns_if = f"{name}h", f"{name}n"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        sh("ip", "link", "set", ns_if, "netns", name)
-        sh("ip", "addr", "add", f"{NS_HOST}/24", "dev", host_if)
-        sh("ip", "link", "set", host_if, "up")
-        for address in NS_CLIENTS:
-            sh("ip", "-n", name, "addr", "add", f"{address}/24", "dev", ns_if)
-        sh("ip", "-n", name, "link", "set", ns_if, "up")
-        sh("ip", "-n", name, "link", "set", "lo", "up")
+    with podman.client_namespace("kct", NS_HOST, NS_CLIENTS) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-
-
-def compose_env(directory: Path) -> dict[str, str]:
-    """podman-compose calls plain `podman`: give it this machine's runtime settings
-    through a containers.conf of the test's own (CONTAINERS_CONF), not the host's."""
-    nofile, nproc = podman.NOFILE, podman.NPROC
-    conf = directory / "containers.conf"
-    conf.write_text(
-        "[containers]\n"
-        f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]\n'
-        "[engine]\n"
-        'runtime = "runc"\n'
-        'cgroup_manager = "cgroupfs"\n'
-    )
-    return {**os.environ, "CONTAINERS_CONF": str(conf)}
 
 
 @pytest.fixture(scope="module")
@@ -513,14 +439,6 @@ def compose_stack(
     client_namespace: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ComposeStack]:
-    compose_bin = shutil.which(
-        "podman-compose", path=f"{Path(sys.executable).parent}:" + os.environ.get("PATH", "")
-    )
-    if compose_bin is None:
-        message = "podman-compose is not installed (the test extra installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
     directory = tmp_path_factory.mktemp("compose")
     directory.chmod(0o755)
     with stage(DURATIONS, "build caddy image (Debian's caddy on the stand-in)"):
@@ -531,52 +449,21 @@ def compose_stack(
     path = compose_files(
         directory, knocker_image, caddy, BASES["linux/amd64"], stack.port, stack.loopback_port
     )
-    env = compose_env(directory)
-    # The same build settings as Resources.build (stand-in base, CA bundle for pip in
-    # the RUN steps only, HEALTHCHECK kept, no intermediate images).
-    build_args = (
-        "--pull=never --layers=false --format=docker --volume=/etc/ssl/certs:/etc/ssl/certs:ro"
-    )
-    base = [
-        compose_bin,
-        "--project-name",
-        project,
-        "--file",
-        str(path),
-        "--podman-build-args",
-        build_args,
-    ]
+    compose = podman.Compose(project, path)
     resources.networks.append(f"{project}_knocker_net")
     resources.volumes.extend(
         f"{project}_{v}" for v in ("knocker_data", "caddy_data", "caddy_config")
     )
     try:
         with stage(DURATIONS, "compose up"):
-            up = subprocess.Popen(
-                [*base, "up", "--detach", "--build"],
-                env=env,
-                cwd=directory,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            # podman-compose waits for `condition: service_healthy` only with Podman 4.6+
-            # (Debian 12 has 4.3: it warns and starts Caddy at once). Where it waits,
-            # Podman runs the HEALTHCHECK from a systemd timer, and CI machines have no
-            # systemd: play the timer while `up` runs.
-            deadline = time.monotonic() + 300
-            while up.poll() is None and time.monotonic() < deadline:
-                podman.run("healthcheck", "run", f"{project}_knocker_1", check=False, timeout=30)
-                time.sleep(1)
-            if up.poll() is None:
-                up.kill()
-            output = up.communicate(timeout=30)[0]
-            built = podman.run(
-                "image", "inspect", "--format", "{{.Id}}", knocker_image, check=False
-            )
-            if built.returncode == 0:
-                resources.images.append(built.stdout.strip())
-            assert up.returncode == 0, output[-4000:]
+            try:
+                output = compose.up("--build", healthchecks=("knocker",))
+            finally:
+                built = podman.run(
+                    "image", "inspect", "--format", "{{.Id}}", knocker_image, check=False
+                )
+                if built.returncode == 0:
+                    resources.images.append(built.stdout.strip())
             # Caddy is up once the knock site answers through it.
             deadline = time.monotonic() + 60
             status = 0
@@ -591,14 +478,7 @@ def compose_stack(
             assert status == 200, (output[-3000:], stack.logs())
         yield stack
     finally:
-        subprocess.run(
-            [*base, "down", "--volumes", "--timeout", "5"],
-            env=env,
-            cwd=directory,
-            capture_output=True,
-            timeout=300,
-            check=False,
-        )
+        compose.down()
 
 
 def test_compose_stack_knocker_passes_its_compose_healthcheck(

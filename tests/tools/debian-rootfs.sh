@@ -14,6 +14,9 @@
 #            curl, sudo, netbase (/etc/protocols: firewalld's stock services name `esp`),
 #            ...: a Debian host to boot with `systemd-nspawn --boot`; its tarball's name
 #            carries a digest of the package list, so changing the list rebuilds it
+#   redis    python + redis-server (and redis-cli), with valkey-server / valkey-cli links
+#            and a /data owned by the redis user: the stand-in for the valkey/valkey:8
+#            image (bookworm has no valkey package; Valkey speaks the same protocol)
 # ARCH is a Debian architecture (amd64, arm64, armhf); default: the host's. A foreign
 # architecture needs qemu-user-static with binfmt_misc registered (debootstrap --foreign
 # is not used: qemu-user-static's F flag lets the chroot run the second stage directly).
@@ -27,8 +30,11 @@ python_packages=python3,python3-venv,python3-pip,ca-certificates
 systemd_packages=(systemd systemd-sysv dbus polkitd firewalld iproute2 procps curl sudo
                   libpam-systemd python3-dbus netbase)
 
+redis_packages=(redis-server)
+
 tag=
 [ "$flavour" = systemd ] && tag=-$(printf '%s\n' "${systemd_packages[@]}" | sha256sum | cut -c1-8)
+[ "$flavour" = redis ] && tag=-$(printf '%s\n' "${redis_packages[@]}" | sha256sum | cut -c1-8)
 out="$cache/bookworm-$flavour$tag-$arch.tar"
 [ -s "$out" ] && { echo "$out"; exit 0; }
 mkdir -p "$cache"
@@ -70,7 +76,7 @@ case "$flavour" in
         ln -sf pip3 "$root/usr/bin/pip"
         rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
         ;;
-    systemd)
+    systemd|redis)
         base=$("$0" python "$arch")
         mkdir -p "$root"
         tar -C "$root" -xf "$base"
@@ -78,15 +84,26 @@ case "$flavour" in
         printf 'deb %s bookworm main\n' "$mirror" >"$root/etc/apt/sources.list"
         printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
         chmod +x "$root/usr/sbin/policy-rc.d"
+        packages=("${systemd_packages[@]}")
+        [ "$flavour" = redis ] && packages=("${redis_packages[@]}")
         mount -t proc proc "$root/proc"
         chroot "$root" apt-get update -q >"$work/log" 2>&1 \
             && DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -q \
-                --no-install-recommends "${systemd_packages[@]}" >>"$work/log" 2>&1 \
+                --no-install-recommends "${packages[@]}" >>"$work/log" 2>&1 \
             || { tail -20 "$work/log" >&2; exit 1; }
         umount "$root/proc"
         rm -f "$root/usr/sbin/policy-rc.d"
         rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
         : >"$root/etc/machine-id"
+        if [ "$flavour" = redis ]; then
+            # The names the valkey image's command and healthcheck call.
+            ln -s /usr/bin/redis-server "$root/usr/local/bin/valkey-server"
+            ln -s /usr/bin/redis-cli "$root/usr/local/bin/valkey-cli"
+            # The valkey image's working directory and volume, owned by its server user
+            # (a fresh named volume starts as a copy of it).
+            mkdir -p "$root/data"
+            chroot "$root" chown redis:redis /data
+        fi
         ;;
     *) echo "unknown flavour: $flavour" >&2; exit 2 ;;
 esac
