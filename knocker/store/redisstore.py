@@ -727,15 +727,16 @@ class RedisStore:
 
     # ------------------------------------------------------------------ health
     def _went_down(self, error: Exception) -> None:
+        reason = str(error).rstrip(".")  # redis-py's messages end with one
         if self._problem is None or self._problem.startswith("not yet"):
             log.error(
                 "redis %s unreachable: %s; knocks answer 503, /verify answers from "
                 "this replica for up to %d s",
                 self._settings.url,
-                error,
+                reason,
                 self._settings.max_staleness_seconds,
             )
-        self._problem = f"redis unreachable: {error}"
+        self._problem = f"redis unreachable: {reason}"
 
     def _came_up(self, count: int) -> None:
         if self._problem is not None and self._last_contact > -float("inf"):
