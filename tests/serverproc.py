@@ -117,7 +117,11 @@ class KnockerProcess:
         )
         log.close()
         if wait:
-            self.wait_healthy(timeout)
+            try:
+                self.wait_healthy(timeout)
+            except BaseException:
+                self.kill9()  # never leave a half-started server behind
+                raise
         return self
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
