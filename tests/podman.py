@@ -38,7 +38,7 @@ STAND_IN_CHANGES = (
 VALKEY_CHANGES = (
     "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "ENV LANG=C.UTF-8",
-    "USER redis",
+    "USER valkey",
     "WORKDIR /data",
     "VOLUME /data",
     "EXPOSE 6379",
@@ -145,10 +145,10 @@ class Resources:
         return image
 
     def valkey_stand_in(self, tag: str) -> str:
-        """Import the Debian stand-in for valkey/valkey:8 (amd64) as `tag`: Debian's
-        redis-server with valkey-server / valkey-cli links; its image ID."""
+        """Import the stand-in for valkey/valkey:8 (amd64) as `tag`: Valkey 8 from
+        Debian 13 on the Debian stand-in base; its image ID."""
         tarball = subprocess.run(
-            ["bash", str(ROOTFS_SCRIPT), "redis", PLATFORMS["linux/amd64"][0]],
+            ["bash", str(ROOTFS_SCRIPT), "valkey", PLATFORMS["linux/amd64"][0]],
             capture_output=True,
             text=True,
             timeout=1800,

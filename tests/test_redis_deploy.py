@@ -2,13 +2,13 @@
 podman-compose: two Knocker instances sharing one whitelist through Valkey.
 
 CI cannot pull valkey/valkey:8 (no registry is reachable): the valkey service runs a
-local stand-in, Debian 12's redis-server package on the same Debian stand-in base as the
-Knocker image (tests/tools/debian-rootfs.sh, flavour redis), with valkey-server and
-valkey-cli as links to redis-server and redis-cli so the compose file's command and
-healthcheck run unchanged. Debian 12 has no valkey package, and Valkey speaks the same
-protocol; users pull the real image. podman-compose builds the Knocker image from this
-checkout on the python:3.11-slim stand-in, as in tests/test_container.py, the way the
-header tells podman-compose users (`build knocker-a`, then `up -d`).
+local stand-in, real Valkey 8 from Debian 13 (tests/tools/fetch-valkey.sh: Debian 12 has
+no valkey package) on the same Debian stand-in base as the Knocker image
+(tests/tools/debian-rootfs.sh, flavour valkey), as valkey-server and valkey-cli, so the
+compose file's command and healthcheck run unchanged; users pull the real image.
+podman-compose builds the Knocker image from this checkout on the python:3.11-slim
+stand-in, as in tests/test_container.py, the way the header tells podman-compose users
+(`build knocker-a`, then `up -d`).
 
 The test changes only what CI must differ in: image names, the build context as an
 absolute path, the published ports (on an address of a client network namespace) and the
@@ -260,6 +260,7 @@ def test_valkey_runs_durable_and_refuses_clients_without_the_password(stack: Sta
     """appendonly yes + appendfsync always on the running server; its compose healthcheck
     passes; a client on the network without the password (here from knocker-a) is
     refused, even a PING."""
+    assert "server_name:valkey" in stack.valkey_cli("INFO", "server")  # Valkey, not Redis
     assert stack.valkey_cli("CONFIG", "GET", "appendonly").split() == ["appendonly", "yes"]
     assert stack.valkey_cli("CONFIG", "GET", "appendfsync").split() == ["appendfsync", "always"]
     health = podman.run("healthcheck", "run", stack.container("valkey"), check=False)

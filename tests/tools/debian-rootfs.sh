@@ -14,27 +14,31 @@
 #            curl, sudo, netbase (/etc/protocols: firewalld's stock services name `esp`),
 #            ...: a Debian host to boot with `systemd-nspawn --boot`; its tarball's name
 #            carries a digest of the package list, so changing the list rebuilds it
-#   redis    python + redis-server (and redis-cli), with valkey-server / valkey-cli links
-#            and a /data owned by the redis user: the stand-in for the valkey/valkey:8
-#            image (bookworm has no valkey package; Valkey speaks the same protocol)
+#   valkey   python + Valkey 8 from Debian 13 (tests/tools/fetch-valkey.sh's tree, run by
+#            its own glibc's loader) as valkey-server / valkey-cli, a valkey user and a
+#            /data it owns: the stand-in for the valkey/valkey:8 image (bookworm has no
+#            valkey package); amd64 only; the tarball's name carries Valkey's version
 # ARCH is a Debian architecture (amd64, arm64, armhf); default: the host's. A foreign
 # architecture needs qemu-user-static with binfmt_misc registered (debootstrap --foreign
 # is not used: qemu-user-static's F flag lets the chroot run the second stage directly).
 set -euo pipefail
 
-flavour=${1:?usage: debian-rootfs.sh python|systemd [ARCH]}
+flavour=${1:?usage: debian-rootfs.sh python|systemd|valkey [ARCH]}
 arch=${2:-$(dpkg --print-architecture)}
 cache=${KNOCKER_ROOTFS_CACHE:-/var/cache/knocker-ci}
 mirror=${KNOCKER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 python_packages=python3,python3-venv,python3-pip,ca-certificates
 systemd_packages=(systemd systemd-sysv dbus polkitd firewalld iproute2 procps curl sudo
                   libpam-systemd python3-dbus netbase)
-
-redis_packages=(redis-server)
+valkey_tree=${KNOCKER_FWLAB_CACHE:-/var/cache/knocker-tests}/valkey-trixie
 
 tag=
 [ "$flavour" = systemd ] && tag=-$(printf '%s\n' "${systemd_packages[@]}" | sha256sum | cut -c1-8)
-[ "$flavour" = redis ] && tag=-$(printf '%s\n' "${redis_packages[@]}" | sha256sum | cut -c1-8)
+if [ "$flavour" = valkey ]; then
+    [ -x "$valkey_tree/bin/valkey-server" ] || bash "$(dirname "$0")/fetch-valkey.sh" >&2
+    [ -x "$valkey_tree/bin/valkey-server" ] || { echo "no Valkey in $valkey_tree" >&2; exit 1; }
+    tag=-$(sha256sum "$valkey_tree/VERSION" "$0" | sha256sum | cut -c1-8)
+fi
 out="$cache/bookworm-$flavour$tag-$arch.tar"
 [ -s "$out" ] && { echo "$out"; exit 0; }
 mkdir -p "$cache"
@@ -76,7 +80,28 @@ case "$flavour" in
         ln -sf pip3 "$root/usr/bin/pip"
         rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
         ;;
-    systemd|redis)
+    valkey)
+        base=$("$0" python "$arch")
+        mkdir -p "$root"
+        tar -C "$root" -xf "$base"
+        cp -a "$valkey_tree/root" "$root/opt/valkey"
+        for tool in valkey-server valkey-cli; do
+            cat >"$root/usr/local/bin/$tool" <<WRAPPER
+#!/bin/sh
+exec /opt/valkey/usr/lib64/ld-linux-x86-64.so.2 \\
+    --library-path /opt/valkey/usr/lib/x86_64-linux-gnu:/opt/valkey/lib/x86_64-linux-gnu \\
+    /opt/valkey/usr/bin/$tool "\$@"
+WRAPPER
+            chmod 755 "$root/usr/local/bin/$tool"
+        done
+        # The valkey image's server user, working directory and volume (a fresh named
+        # volume starts as a copy of /data).
+        chroot "$root" useradd --system --user-group --home-dir /data --no-create-home valkey
+        mkdir -p "$root/data"
+        chroot "$root" chown valkey:valkey /data
+        chroot "$root" valkey-server --version >&2
+        ;;
+    systemd)
         base=$("$0" python "$arch")
         mkdir -p "$root"
         tar -C "$root" -xf "$base"
@@ -85,7 +110,6 @@ case "$flavour" in
         printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
         chmod +x "$root/usr/sbin/policy-rc.d"
         packages=("${systemd_packages[@]}")
-        [ "$flavour" = redis ] && packages=("${redis_packages[@]}")
         mount -t proc proc "$root/proc"
         chroot "$root" apt-get update -q >"$work/log" 2>&1 \
             && DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -q \
@@ -95,15 +119,6 @@ case "$flavour" in
         rm -f "$root/usr/sbin/policy-rc.d"
         rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
         : >"$root/etc/machine-id"
-        if [ "$flavour" = redis ]; then
-            # The names the valkey image's command and healthcheck call.
-            ln -s /usr/bin/redis-server "$root/usr/local/bin/valkey-server"
-            ln -s /usr/bin/redis-cli "$root/usr/local/bin/valkey-cli"
-            # The valkey image's working directory and volume, owned by its server user
-            # (a fresh named volume starts as a copy of it).
-            mkdir -p "$root/data"
-            chroot "$root" chown redis:redis /data
-        fi
         ;;
     *) echo "unknown flavour: $flavour" >&2; exit 2 ;;
 esac
