@@ -20,7 +20,7 @@ from tests.fwlab import Lab, cleanup_stale_namespaces
 from tests.fwlab.lab import client4, client6
 from tests.fwlab.service import OPS_KEY, NetnsKnocker, firewalld_section
 from tests.support.redisserver import RedisServer
-from tests.test_firewalld_integration import opened, require
+from tests.test_firewalld_integration import BACK_WITHIN, opened, require
 
 pytestmark = [pytest.mark.firewalld, pytest.mark.redis]
 
@@ -117,3 +117,18 @@ def test_revocation_on_host_a_closes_the_port_on_both_hosts(
         while opened(knocker.lab, client4(9), timeout=0.2):
             assert time.monotonic() < deadline, f"{client4(9)} still open on {knocker.lab}"
             time.sleep(0.05)
+
+
+def test_reload_on_host_b_brings_back_a_grant_made_through_host_a(
+    hosts: tuple[NetnsKnocker, ...],
+) -> None:
+    """firewalld on B reloads (every runtime rule dropped): B's watcher re-applies the
+    shared whitelist, including the grant A answered, within BACK_WITHIN seconds."""
+    a, b = hosts
+    source = client4(11)
+    assert a.knock(body={"ttl": 120}, source=source)[0] == 200
+    assert opens_within(b, source, 3) is not None
+    b.lab.probe.reload()
+    took = opens_within(b, source, BACK_WITHIN)
+    assert took is not None, f"{source} not open on B after its reload\n" + b.log()[-3000:]
+    assert opened(a.lab, source)  # A's firewall was not touched
