@@ -246,4 +246,18 @@ def redis_verdicts(points: dict[str, Point]) -> list[dict[str, Any]]:
                 "detail": f"{redis_point.rps:,.0f} / {file_point.rps:,.0f} = {value:.2f} (>= 0.9)",
             }
         )
+        # Not a target: CPU per request, which a busy neighbour disturbs much less than
+        # throughput (the same two servers, interleaved rounds, median of each).
+        mf, mr = file_point.median_round(), redis_point.median_round()
+        if mf and mr and "cpu_ms_per_request" in mf and "cpu_ms_per_request" in mr:
+            cost = mr["cpu_ms_per_request"] / mf["cpu_ms_per_request"]
+            out.append(
+                {
+                    "target": "   (info) CPU per /verify@100k, redis / file",
+                    "verdict": "INFO",
+                    "value": round(cost, 3),
+                    "detail": f"{mr['cpu_ms_per_request']:.3f} / "
+                    f"{mf['cpu_ms_per_request']:.3f} ms = {cost:.2f}",
+                }
+            )
     return out
