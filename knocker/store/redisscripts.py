@@ -53,6 +53,44 @@ class Keys:
         return f"{self.rate}{'s' if success else 'f'}:{client.hex()}"
 
 
+# Shared by the scripts that change what is granted: the deadline check, the change
+# stream, eviction and the settling of a knock's reservation.
+CHANGE_HELPERS = """
+local function past(deadline_ms)  -- the client stopped waiting for this script
+  local clock = redis.call('TIME')
+  local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  return server_ms > tonumber(deadline_ms)
+end
+local function append(stream, counter, maxlen, origin, entry, expiry, key_name)
+  local seq = redis.call('INCR', counter)  -- one change: its sequence number
+  local fields = {'s', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', origin}
+  if key_name then
+    table.insert(fields, 'k')
+    table.insert(fields, key_name)
+  end
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  return seq
+end
+local function evict(set, capacity, on_victim)  -- room for one more member
+  local excess = redis.call('ZCARD', set) - capacity + 1
+  if excess <= 0 then return {} end
+  local victims = redis.call('ZRANGE', set, 0, excess - 1)  -- the soonest-expiring
+  for _, victim in ipairs(victims) do
+    redis.call('ZREM', set, victim)
+    on_victim(victim)
+  end
+  return victims
+end
+local function count_success(successes, failures, token, lifetime, now)
+  local held = 'held:' .. token  -- RATE_RESERVE's place, settled as a success
+  if redis.call('ZREM', successes, held) == 1 then
+    redis.call('ZADD', successes, now, 'knock:' .. token)
+    redis.call('PEXPIRE', successes, lifetime)
+  end
+  redis.call('ZREM', failures, held)
+end
+"""
+
 # Shared by the scripts that touch grant records: a field is "expiry granted_at how s".
 GRANT_HELPERS = """
 local function grant_fields(hkey)
@@ -101,15 +139,17 @@ end
 # entry is never held against the capacity nor evicted in place of a live one. Readers
 # filter by score (> now), so an entry is gone at its expiry even before a purge.
 KNOCK = (
-    GRANT_HELPERS
+    CHANGE_HELPERS
+    + GRANT_HELPERS
     + """
-local clock = redis.call('TIME')
-local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-if server_ms > tonumber(ARGV[7]) then
+if past(ARGV[7]) then
   return {-1}
 end
 local entry, now = ARGV[1], tonumber(ARGV[2])
 local expiry, capacity = tonumber(ARGV[3]), tonumber(ARGV[4])
+local function change(changed, expiry_)
+  return append(KEYS[2], KEYS[3], ARGV[5], ARGV[6], changed, expiry_)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local current = redis.call('ZSCORE', KEYS[1], entry)
 if current and tonumber(current) > expiry then
@@ -117,23 +157,14 @@ if current and tonumber(current) > expiry then
 end
 local evicted = {}
 if not current then
-  local excess = redis.call('ZCARD', KEYS[1]) - capacity + 1
-  if excess > 0 then
-    -- the soonest-expiring entries; `entry` is not in the set, so never itself
-    evicted = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
-    for _, victim in ipairs(evicted) do
-      redis.call('ZREM', KEYS[1], victim)
-      drop_unscoped(ARGV[8] .. victim)
-      local seq = redis.call('INCR', KEYS[3])
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-                 's', seq, 'e', victim, 'x', -1, 'o', ARGV[6])
-    end
-  end
+  -- `entry` is not in the set, so never itself a victim
+  evicted = evict(KEYS[1], capacity, function(victim)
+    drop_unscoped(ARGV[8] .. victim)
+    change(victim, -1)
+  end)
 end
 redis.call('ZADD', KEYS[1], expiry, entry)
-local seq = redis.call('INCR', KEYS[3])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-           's', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', ARGV[6])
+local seq = change(entry, expiry)
 if ARGV[9] ~= '' then
   -- the key's own grant: never shorter than its earlier live one
   local own = tonumber(ARGV[11])
@@ -144,12 +175,7 @@ if ARGV[9] ~= '' then
   record(KEYS[4], ARGV[9], own, now, ARGV[10], '0')
 end
 if #KEYS == 6 then
-  local held = 'held:' .. ARGV[12]
-  if redis.call('ZREM', KEYS[5], held) == 1 then
-    redis.call('ZADD', KEYS[5], now, 'knock:' .. ARGV[12])
-    redis.call('PEXPIRE', KEYS[5], ARGV[13])
-  end
-  redis.call('ZREM', KEYS[6], held)
+  count_success(KEYS[5], KEYS[6], ARGV[12], ARGV[13], now)
 end
 return {string.format('%d', expiry), evicted, seq}
 """
@@ -158,21 +184,22 @@ return {string.format('%d', expiry), evicted, seq}
 # KEYS: whitelist, changes, seq
 # ARGV: now, stream maxlen, origin, then entry, expiry pairs (migration: a whole whitelist)
 # -> number of entries stored. Keeps the later expiry of an entry already present.
-LOAD = """
+LOAD = (
+    CHANGE_HELPERS
+    + """
 local now, stored = tonumber(ARGV[1]), 0
 for i = 4, #ARGV, 2 do
   local entry, expiry = ARGV[i], tonumber(ARGV[i + 1])
   local current = redis.call('ZSCORE', KEYS[1], entry)
   if expiry > now and not (current and tonumber(current) >= expiry) then
     redis.call('ZADD', KEYS[1], expiry, entry)
-    local seq = redis.call('INCR', KEYS[3])
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
-               's', seq, 'e', entry, 'x', ARGV[i + 1], 'o', ARGV[3])
+    append(KEYS[2], KEYS[3], ARGV[2], ARGV[3], entry, expiry)
     stored = stored + 1
   end
 end
 return stored
 """
+)
 
 # KEYS: success times, failure times of one client (sorted sets: member -> time)
 # ARGV: window start, success budget, failure budget (0: unlimited), now, token,
@@ -226,16 +253,18 @@ return 0
 # A host-scoped key's grant: in the scoped set and the entry's grants hash only, never
 # in the whitelist set. Scoped grants are held to the same capacity as the whitelist.
 SCOPED_KNOCK = (
-    GRANT_HELPERS
+    CHANGE_HELPERS
+    + GRANT_HELPERS
     + """
-local clock = redis.call('TIME')
-local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-if server_ms > tonumber(ARGV[7]) then
+if past(ARGV[7]) then
   return {-1}
 end
 local entry, now, expiry = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local name = ARGV[9]
 local member = entry .. ' ' .. name
+local function change(changed, key_name, expiry_)
+  return append(KEYS[2], KEYS[3], ARGV[5], ARGV[6], changed, expiry_, key_name)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 settle(KEYS[4], now)
 local current = redis.call('ZSCORE', KEYS[5], member)
@@ -244,32 +273,19 @@ if current and tonumber(current) > expiry then
 end
 local evicted = {}
 if not current then
-  local excess = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[4]) + 1
-  if excess > 0 then
-    for _, victim in ipairs(redis.call('ZRANGE', KEYS[5], 0, excess - 1)) do
-      redis.call('ZREM', KEYS[5], victim)
-      local space = string.find(victim, ' ', 1, true)
-      local ventry, vname = string.sub(victim, 1, space - 1), string.sub(victim, space + 1)
-      redis.call('HDEL', ARGV[8] .. ventry, vname)
-      local seq = redis.call('INCR', KEYS[3])
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-                 's', seq, 'e', ventry, 'k', vname, 'x', -1, 'o', ARGV[6])
-      table.insert(evicted, ventry)
-    end
-  end
+  evict(KEYS[5], tonumber(ARGV[4]), function(victim)
+    local space = string.find(victim, ' ', 1, true)
+    local ventry, vname = string.sub(victim, 1, space - 1), string.sub(victim, space + 1)
+    redis.call('HDEL', ARGV[8] .. ventry, vname)
+    change(ventry, vname, -1)
+    table.insert(evicted, ventry)
+  end)
 end
 redis.call('ZADD', KEYS[5], expiry, member)
 record(KEYS[4], name, expiry, now, ARGV[10], '1')
-local seq = redis.call('INCR', KEYS[3])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-           's', seq, 'e', entry, 'k', name, 'x', string.format('%d', expiry), 'o', ARGV[6])
+local seq = change(entry, name, expiry)
 if #KEYS == 7 then
-  local held = 'held:' .. ARGV[11]
-  if redis.call('ZREM', KEYS[6], held) == 1 then
-    redis.call('ZADD', KEYS[6], now, 'knock:' .. ARGV[11])
-    redis.call('PEXPIRE', KEYS[6], ARGV[12])
-  end
-  redis.call('ZREM', KEYS[7], held)
+  count_success(KEYS[6], KEYS[7], ARGV[11], ARGV[12], now)
 end
 local unscoped = redis.call('ZSCORE', KEYS[1], entry)
 if not unscoped or tonumber(unscoped) <= now then unscoped = 0 end
@@ -286,7 +302,8 @@ return {string.format('%d', expiry), evicted, seq, string.format('%d', tonumber(
 # longest unscoped grant left (an entry that ran longer than every recorded grant has a
 # `restored` one); ended scoped grants leave the scoped set. Every change is streamed.
 REVOKE = (
-    GRANT_HELPERS
+    CHANGE_HELPERS
+    + GRANT_HELPERS
     + """
 local entry, name, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local current = redis.call('ZSCORE', KEYS[1], entry)
@@ -309,13 +326,7 @@ if #ended == 0 then
 end
 local seq = 0
 local function change(key_name, expiry)
-  seq = redis.call('INCR', KEYS[3])
-  local fields = {'s', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', ARGV[5]}
-  if key_name then
-    table.insert(fields, 'k')
-    table.insert(fields, key_name)
-  end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+  seq = append(KEYS[2], KEYS[3], ARGV[4], ARGV[5], entry, expiry, key_name)
 end
 local keep, longest, cut = 0, 0, false
 for _, g in ipairs(others) do
@@ -351,7 +362,8 @@ return {reply, string.format('%d', longest), seq, string.format('%d', left)}
 # ARGV: now, stream maxlen, origin, entry, then key name, record pairs (migration)
 # -> records stored. A record already there with a later expiry is kept.
 LOAD_GRANTS = (
-    GRANT_HELPERS
+    CHANGE_HELPERS
+    + GRANT_HELPERS
     + """
 local now, stored = tonumber(ARGV[1]), 0
 local present = grant_fields(KEYS[1])
@@ -363,9 +375,7 @@ for i = 5, #ARGV, 2 do
     redis.call('HSET', KEYS[1], name, value)
     if s == '1' then
       redis.call('ZADD', KEYS[2], x, ARGV[4] .. ' ' .. name)
-      local seq = redis.call('INCR', KEYS[4])
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
-                 's', seq, 'e', ARGV[4], 'k', name, 'x', x, 'o', ARGV[3])
+      append(KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], tonumber(x), name)
     end
     stored = stored + 1
   end
