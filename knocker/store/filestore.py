@@ -37,7 +37,7 @@ from ..config import Config
 from ..errors import StorageError
 from ..firewall import Firewall
 from ..ratelimit import Outcome, RateLimiter, layout_for
-from ..whitelist import Key, Whitelist, entry_text, granted_expiry, parse_entry
+from ..whitelist import Key, Whitelist, entry_text, granted_expiry, live_expiry, parse_entry
 from .backend import KnockResult
 from .files import check_directory
 from .formats import REMOVED, decode_journal, encode_whitelist, journal_line, json_pieces
@@ -274,8 +274,7 @@ class FileStore:
         noted: int | None = None
         with self._journal.writing():
             self._catch_up()
-            current = self.replica.expiry(key)
-            live = current if current is not None and current > now else None
+            live = live_expiry(self.replica.expiry(key), now)
             expiry = granted_expiry(live, now, ttl)
             victims = self.replica.victims(key, self._capacity, now)
             # The firewall keeps an entry open for its longest grant, scoped ones included.
@@ -331,12 +330,7 @@ class FileStore:
                 self._compact_grants(now)
             self._refresh_grants()
             victims = self._scoped_victims(entry, key_name, now)
-            earlier = self._grant_log.of(entry).get(key_name)
-            live = (
-                earlier.expires_at
-                if earlier and earlier.scoped and earlier.expires_at > now
-                else None
-            )
+            live = live_expiry(self._own_grant(entry, key_name, scoped=True), now)
             expiry = granted_expiry(live, now, ttl)
             grant = Grant(entry, key_name, expiry, int(now), how, scoped=True, ports=ports)
             before = self._plan(entry, now)
@@ -371,8 +365,12 @@ class FileStore:
         return self._plans.plan(unscoped, self._grant_log.of(entry).values(), now)
 
     def _unscoped_expiry(self, key: Key, now: float) -> int | None:
-        expiry = self.replica.expiry(key)
-        return expiry if expiry is not None and expiry > now else None
+        return live_expiry(self.replica.expiry(key), now)
+
+    def _own_grant(self, entry: str, key_name: str, scoped: bool) -> int | None:
+        """The expiry of `key_name`'s recorded grant of `entry` of that kind (None: none)."""
+        earlier = self._grant_log.of(entry).get(key_name)
+        return earlier.expires_at if earlier is not None and earlier.scoped == scoped else None
 
     def _scoped_victims(self, entry: str, key_name: str, now: float) -> list[Grant]:
         """Scoped grants to evict so that this one keeps them within
@@ -466,12 +464,7 @@ class FileStore:
             if self._grant_log.due():
                 self._compact_grants(now)
             self._refresh_grants()
-            earlier = self._grant_log.of(entry).get(key_name)
-            live = (
-                earlier.expires_at
-                if earlier and not earlier.scoped and earlier.expires_at > now
-                else None
-            )
+            live = live_expiry(self._own_grant(entry, key_name, scoped=False), now)
             grant = Grant(entry, key_name, granted_expiry(live, now, ttl), int(now), how)
             return self._grant_log.append(grant_line(grant))
         except (OSError, StorageError) as error:
