@@ -32,7 +32,7 @@ from ..config import Config, RedisConfig
 from ..errors import FirewallError, StorageError, StorageUnavailable
 from ..firewall import Firewall
 from ..ratelimit import Outcome, layout_for
-from ..whitelist import Key, Whitelist, entry_text, granted_expiry, parse_entry
+from ..whitelist import Key, Whitelist, entry_text, granted_expiry, live_expiry, parse_entry
 from .backend import KnockResult
 from .grant_format import HOWS, Grant
 from .redisscripts import (
@@ -307,60 +307,28 @@ class RedisStore:
         live = before or None  # what the firewall holds now
         if scoped and key_name is not None:
             return self._knock_scoped(key, entry, ttl, now, key_name, how, live)
-        previous = self.replica.expiry(key)
-        wanted = granted_expiry(
-            previous if previous is not None and previous > now else None, now, ttl
-        )
+        previous = live_expiry(self.replica.expiry(key), now)
+        wanted = granted_expiry(previous, now, ttl)
         # raises: nothing changed
         self._firewall.grant(entry, _seconds_left(max(wanted, before), now))
-        # The script refuses to run after the moment we stop waiting for it (a paused
-        # server that resumes later must not store a knock that was answered 503).
-        deadline_ms = int((self._wall() + self._timeout) * 1000)
-        keys = [
-            self._keys.whitelist,
-            self._keys.changes,
-            self._keys.seq,
-            self._keys.grants_of(entry),
-        ]
-        args: list[Any] = [
+        reply = self._run_knock(
+            self._knock_script,
             entry,
-            repr(now),
             wanted,
-            self._capacity,
-            STREAM_MAXLEN,
-            self._origin,
-            deadline_ms,
-            self._keys.grants,
+            now,
             key_name or "",
             how,
-            granted_expiry(None, now, ttl),
-        ]
-        pending = getattr(self._reservation, "pending", None)
-        if pending is not None and pending[1] == now:  # this knock's reservation
-            keys += self._budget_keys(pending[0])
-            args += [_token(now), self._key_lifetime_ms]
-        try:
-            reply = self._knock_script(keys=keys, args=args)
-        except redis.RedisError as error:
-            self._undo_grant(entry, live, now)
-            raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
-        if int(reply[0]) < 0:
-            self._undo_grant(entry, live, now)
-            raise StorageUnavailable(
-                f"redis {self._settings.url} ran the knock after "
-                f"redis.command_timeout_ms; not stored"
-            )
-        expiry = int(reply[0])
-        evicted = tuple(reply[1])
-        if pending is not None and pending[1] == now:
-            self._reservation.settled = True
+            lambda: self._undo_grant(entry, live, now),
+            extra_args=[granted_expiry(None, now, ttl)],
+        )
+        expiry, evicted, seq = int(reply[0]), tuple(reply[1]), int(reply[2])
         if expiry > max(wanted, before):  # another instance granted it for longer
             self._grant_quietly(entry, expiry, now)
         with self._lock:
             # Only ahead of the follower: once it has applied this change (or resynced
             # past it), later changes (another instance evicting this entry, say) may
             # already be in the replica and must not be undone.
-            if self._seq < int(reply[2]):
+            if self._seq < seq:
                 for victim in evicted:
                     victim_key = parse_entry(victim)
                     if victim_key is not None:
@@ -372,10 +340,7 @@ class RedisStore:
             )
             self._close_unless_granted(evicted, now)
         return KnockResult(
-            entry=entry,
-            expires_at=expiry,
-            evicted=evicted,
-            extended=previous is not None and previous > now,
+            entry=entry, expires_at=expiry, evicted=evicted, extended=previous is not None
         )
 
     def _knock_scoped(
@@ -383,17 +348,56 @@ class RedisStore:
     ) -> KnockResult:
         """A host-scoped key's grant: firewall, then the SCOPED_KNOCK script, then this
         process's scoped index (other processes follow the change stream)."""
-        earlier = self.scoped.get(key_name, Whitelist()).expiry(key)
-        earlier = earlier if earlier is not None and earlier > now else None
+        earlier = live_expiry(self.scoped.get(key_name, Whitelist()).expiry(key), now)
         wanted = granted_expiry(earlier, now, ttl)
         self._firewall.grant(entry, _seconds_left(max(wanted, live or 0), now))
+        reply = self._run_knock(
+            self._scoped_script,
+            entry,
+            wanted,
+            now,
+            key_name,
+            how,
+            lambda: self._undo_grant(entry, live, now),
+            extra_keys=[self._keys.scoped],
+        )
+        expiry, evicted, seq = int(reply[0]), tuple(reply[1]), int(reply[2])
+        if int(reply[3]) > max(wanted, live or 0):
+            self._grant_quietly(entry, int(reply[3]), now)
+        with self._lock:
+            if self._seq < seq:
+                self._set_scoped(key_name, key, expiry)
+        if evicted:
+            log.warning("scoped grants full (%d): evicted %s", self._capacity, ", ".join(evicted))
+            self._close_unless_granted(evicted, now)
+        return KnockResult(
+            entry=entry, expires_at=expiry, evicted=evicted, extended=earlier is not None
+        )
+
+    def _run_knock(
+        self,
+        script: Any,
+        entry: str,
+        wanted: int,
+        now: float,
+        key_name: str,
+        how: str,
+        undo: Callable[[], None],
+        extra_keys: list[str] | None = None,
+        extra_args: list[Any] | None = None,
+    ) -> Any:
+        """Run a knock script (KNOCK, SCOPED_KNOCK: the same leading keys and arguments)
+        with this thread's reservation settled in it; on any failure `undo` the firewall
+        step and raise StorageUnavailable."""
+        # The script refuses to run after the moment we stop waiting for it (a paused
+        # server that resumes later must not store a knock that was answered 503).
         deadline_ms = int((self._wall() + self._timeout) * 1000)
         keys = [
             self._keys.whitelist,
             self._keys.changes,
             self._keys.seq,
             self._keys.grants_of(entry),
-            self._keys.scoped,
+            *(extra_keys or []),
         ]
         args: list[Any] = [
             entry,
@@ -406,36 +410,28 @@ class RedisStore:
             self._keys.grants,
             key_name,
             how,
+            *(extra_args or []),
         ]
         pending = getattr(self._reservation, "pending", None)
-        if pending is not None and pending[1] == now:
+        if pending is not None and pending[1] != now:
+            pending = None  # not this knock's reservation
+        if pending is not None:
             keys += self._budget_keys(pending[0])
             args += [_token(now), self._key_lifetime_ms]
         try:
-            reply = self._scoped_script(keys=keys, args=args)
+            reply = script(keys=keys, args=args)
         except redis.RedisError as error:
-            self._undo_grant(entry, live, now)
+            undo()
             raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
         if int(reply[0]) < 0:
-            self._undo_grant(entry, live, now)
+            undo()
             raise StorageUnavailable(
                 f"redis {self._settings.url} ran the knock after "
                 f"redis.command_timeout_ms; not stored"
             )
-        expiry, evicted = int(reply[0]), tuple(reply[1])
-        if pending is not None and pending[1] == now:
+        if pending is not None:
             self._reservation.settled = True
-        if int(reply[3]) > max(wanted, live or 0):
-            self._grant_quietly(entry, int(reply[3]), now)
-        with self._lock:
-            if self._seq < int(reply[2]):
-                self._set_scoped(key_name, key, expiry)
-        if evicted:
-            log.warning("scoped grants full (%d): evicted %s", self._capacity, ", ".join(evicted))
-            self._close_unless_granted(evicted, now)
-        return KnockResult(
-            entry=entry, expires_at=expiry, evicted=evicted, extended=earlier is not None
-        )
+        return reply
 
     def _set_scoped(self, key_name: str, key: Key, expiry: int) -> None:
         """Under self._lock: record (or with REMOVED, drop) a scoped grant in memory."""
