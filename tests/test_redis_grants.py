@@ -236,8 +236,11 @@ class PortsFirewall(NullFirewall):
             return {port for target, port in self.open if target == entry}
 
 
-def enforcing(instances: Instances, **security: Any) -> tuple[RedisStore, PortsFirewall]:
-    """A store standing for one enforcing host (its own directory: its own applier)."""
+def enforcing(
+    instances: Instances, start: bool = True, **security: Any
+) -> tuple[RedisStore, PortsFirewall]:
+    """A store standing for one enforcing host (its own directory: its own applier once
+    started; unstarted, only its own knocks change its replica and firewall)."""
     directory = instances.tmp_path / f"instance{len(instances.opened)}"
     sections: dict[str, Any] = {
         "whitelist": {"storage_path": str(directory / "whitelist.json"), "backend": "redis"},
@@ -250,7 +253,8 @@ def enforcing(instances: Instances, **security: Any) -> tuple[RedisStore, PortsF
     firewall = PortsFirewall()
     store = RedisStore(config, firewall, clock=instances.clock)
     instances.opened.append(store)
-    store.start()
+    if start:
+        store.start()
     return store, firewall
 
 
@@ -312,7 +316,10 @@ def test_a_longer_whole_entry_grant_covers_a_port_grant_and_expiry_cuts_back(
 
 
 def test_an_evicted_port_grant_closes_its_port_on_every_host(instances: Instances) -> None:
-    (a, fw_a), (b, fw_b) = enforcing(instances, max_whitelist_entries=1), enforcing(instances)
+    """The evicting knock closes the victim's port on its own host at once (A follows
+    nothing here: its own replica must drop the victim), and B's applier follows."""
+    a, fw_a = enforcing(instances, start=False, max_whitelist_entries=1)
+    b, fw_b = enforcing(instances)
     x, y = "198.51.100.63", "198.51.100.64"
     a.knock(key(x), 100, NOW, key_name="ssh", scoped=True, ports=("22/tcp",))
     ports_soon(fw_b, x, {"22/tcp"}, "b opens x")

@@ -268,7 +268,7 @@ return 0
 # ARGV: entry, now, the key's own expiry, capacity, stream maxlen, origin, deadline
 #       (server ms), grants prefix, key name, how, ports ('': every monitored port)
 #       [, reservation token, lifetime in ms]
-# -> {-1} after the deadline, else {expiry, {entries of evicted scoped grants...},
+# -> {-1} after the deadline, else {expiry, {"entry key name" of evicted scoped grants...},
 #    sequence number, the entry's unscoped expiry (0: none)}
 # A scoped key's grant (hosts:, ports:): in the scoped set and the entry's grants hash
 # only, never in the whitelist set; its ports replace the key's earlier ones, as the
@@ -295,12 +295,11 @@ if current and tonumber(current) > expiry then
 end
 local evicted = {}
 if not current then
-  evict(KEYS[5], tonumber(ARGV[4]), function(victim)
+  evicted = evict(KEYS[5], tonumber(ARGV[4]), function(victim)
     local space = string.find(victim, ' ', 1, true)
     local ventry, vname = string.sub(victim, 1, space - 1), string.sub(victim, space + 1)
     redis.call('HDEL', ARGV[8] .. ventry, vname)
     change(ventry, vname, -1)
-    table.insert(evicted, ventry)
   end)
 end
 redis.call('ZADD', KEYS[5], expiry, member)

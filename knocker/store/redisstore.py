@@ -242,12 +242,13 @@ class RedisStore:
         return Grant(entry_text(key), name, expiry, None, "knock", scoped=True, ports=ports)
 
     def _scoped_grants(self, key: Key, now: float) -> list[Grant]:
-        """The live scoped grants of `key` in this replica."""
+        """The live scoped grants of `key` in this replica (never under self._lock)."""
         found = []
-        for name, grants in list(self.scoped.items()):
-            expiry = live_expiry(grants.expiry(key), now)
-            if expiry is not None:
-                found.append(self._scoped_grant(name, key, expiry))
+        with self._lock:  # the grants and their ports from one state of the replica
+            for name, grants in self.scoped.items():
+                expiry = live_expiry(grants.expiry(key), now)
+                if expiry is not None:
+                    found.append(self._scoped_grant(name, key, expiry))
         return found
 
     def _plan(self, key: Key, now: float) -> Plan:
@@ -405,7 +406,9 @@ class RedisStore:
             extra_keys=[self._keys.scoped],
             extra_args=[",".join(ports)],
         )
-        expiry, evicted, seq = int(reply[0]), tuple(reply[1]), int(reply[2])
+        expiry, seq = int(reply[0]), int(reply[2])
+        victims = [member.partition(" ") for member in reply[1]]  # "entry key name"
+        evicted = tuple(dict.fromkeys(entry for entry, _, _ in victims))
         # The server's word on the key's grant (another instance's may run longer) and on
         # the entry's unscoped time.
         granted = self._plans.plan(
@@ -416,7 +419,11 @@ class RedisStore:
         if granted != after:
             self._plans.settle_to(entry, granted, now)
         with self._lock:
-            if self._seq < seq:
+            if self._seq < seq:  # ahead of the follower only (see knock)
+                for victim, _, name in victims:
+                    victim_key = parse_entry(victim)
+                    if victim_key is not None:
+                        self._set_scoped(name, victim_key, REMOVED)
                 self._set_scoped(key_name, key, expiry, ports)
         if evicted:
             log.warning("scoped grants full (%d): evicted %s", self._capacity, ", ".join(evicted))
