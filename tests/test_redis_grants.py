@@ -548,3 +548,33 @@ def test_host_scoped_grant_on_one_instance_passes_on_another_only_for_its_host(
         interval=0.02,
         what="a drops the scoped grant",
     )
+
+
+def test_port_scoped_grant_on_one_instance_is_listed_with_its_ports_on_another(
+    cluster: Cluster,
+) -> None:
+    """A port-only key's knock on A: B's GET /grants shows its ports, /verify passes on
+    every worker for any host (ports are a firewall matter), and its sign-out on B ends
+    it everywhere."""
+    keys = [
+        {"name": "phone", "key": TEST_KEY, "max_ttl": 3600},
+        ADMIN_CONFIG,
+        {"name": "ssh", "key": PORT_KEY, "max_ttl": 600, "ports": ["22/tcp"]},
+    ]
+    cluster.start(
+        workers=(1, 2),
+        api_keys=keys,
+        firewalld={"monitored_ports": [{"port": 22}, {"port": 8080}]},
+    )
+    a, b = cluster.instances
+    assert a.knock(PORT_KEY, {"ttl": 600}, source="127.0.0.91")[0] == 200
+    verified_everywhere(cluster, "127.0.0.91")
+    status, body = request(b, "GET", "/grants", ADMIN_KEY)
+    assert status == 200, body
+    assert [(g["entry"], g["key_name"], g["scope"]) for g in body["grants"]] == [
+        ("127.0.0.91", "ssh", {"hosts": None, "ports": ["22/tcp"]})
+    ]
+    status, body = request(b, "DELETE", "/knock", PORT_KEY, source="127.0.0.91")
+    assert status == 200, body
+    verified_everywhere(cluster, "127.0.0.91", 401, timeout=3)
+    assert request(a, "GET", "/grants", ADMIN_KEY) == (200, {"grants": []})
