@@ -390,8 +390,9 @@ class RedisStore:
         earlier = live_expiry(self.scoped.get(key_name, Whitelist()).expiry(key), now)
         wanted = granted_expiry(earlier, now, ttl)
         unscoped = live_expiry(self.replica.expiry(key), now)
-        others = [g for g in self._scoped_grants(key, now) if g.key_name != key_name]
-        before = self._plan(key, now)
+        scoped_grants = self._scoped_grants(key, now)
+        others = [g for g in scoped_grants if g.key_name != key_name]
+        before = self._plans.plan(unscoped, scoped_grants, now)  # what the firewall holds
         grant = Grant(entry, key_name, wanted, int(now), how, scoped=True, ports=ports)
         after = self._plans.plan(unscoped, [*others, grant], now)
         self._plans.open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
@@ -653,8 +654,9 @@ class RedisStore:
 
     # ------------------------------------------------------------------ following
     def _resync(self, client: redis.Redis | None = None) -> None:
-        """Replace the replica by the server's whitelist, atomically with the stream
-        position and sequence it corresponds to (one MULTI/EXEC)."""
+        """Replace the replica by the server's whitelist and scoped grants (with their
+        ports), atomically with the stream position and sequence it corresponds to (one
+        script: RESYNC)."""
         now = self._clock()
         seq, last_id, members, scoped_members = self._resync_script(
             keys=[self._keys.whitelist, self._keys.changes, self._keys.seq, self._keys.scoped],
