@@ -156,7 +156,8 @@ def test_port_scoped_knock_on_host_a_opens_only_its_port_on_host_b(
     assert status == 200, raw
     for name, knocker in (("a", a), ("b", b)):
         assert closes_within(knocker, source, 3, Lab.SECOND), f"2224 still open on {name}"
-        assert opened(knocker.lab, source)
+        # 2222's rule is re-granted (remove, add) as the plan is applied: wait for it
+        assert opens_within(knocker, source, 3) is not None, f"2222 closed on {name}"
     b.lab.probe.reload()  # drops every runtime rule; B's watcher re-applies entries()
     assert opens_within(b, source, BACK_WITHIN) is not None, b.log()[-3000:]
     assert not opened(b.lab, source, timeout=1.0, port=Lab.SECOND)

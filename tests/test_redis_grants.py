@@ -304,8 +304,11 @@ def test_a_longer_whole_entry_grant_covers_a_port_grant_and_expiry_cuts_back(
     assert b.entries()[x] == int(NOW) + 300  # one target: the whole entry
     a.knock(key(y), 60, NOW, key_name="phone")
     a.knock(key(y), 200, NOW, key_name="ssh", scoped=True, ports=("22/tcp",))
-    ports_soon(fw_b, y, set(PORTS), "b opens y's every port")
+    # both ports: 8080 until +60, 22 until +200 (b's firewall opened both already for
+    # the first knock: wait for its replica to hold the second)
+    wait_until(lambda: f"{y} 22/tcp" in b.entries(), 5, interval=0.01, what="b follows y")
     assert b.entries()[f"{y} 8080/tcp"] == int(NOW) + 60
+    ports_soon(fw_b, y, set(PORTS), "b opens y's every port")
     instances.clock.advance(120)  # y's unscoped grant expired; its port grant runs on
     for firewall in (fw_a, fw_b):
         ports_soon(firewall, y, {"22/tcp"}, "the purge cuts y back to 22")
@@ -347,7 +350,7 @@ def test_a_host_that_joins_later_opens_the_port_grants_from_its_resync(
         client.hset("knocker:grants:198.51.100.67", "damaged", f"{int(NOW) + 100} 0 knock 2")
     c, fw_c = enforcing(instances)
     ports_soon(fw_c, x, {"22/tcp"}, "c opens 22 only")
-    assert fw_c.ports_of("198.51.100.66") == set(PORTS)  # host-scoped: every port
+    ports_soon(fw_c, "198.51.100.66", set(PORTS), "c opens the host-scoped grant's every port")
     assert fw_c.ports_of("198.51.100.67") == set()
     assert c.entries() == {
         f"{x} 22/tcp": int(NOW) + 100,
