@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from knocker.cli import main
+from knocker.errors import FirewallError, StorageUnavailable
 from knocker.firewall import NullFirewall
 from knocker.store import FileStore
 from knocker.store.grant_format import Grant
@@ -214,6 +216,7 @@ class PortsFirewall(NullFirewall):
 
     def __init__(self) -> None:
         self.open: set[tuple[str, str]] = set()
+        self.refuse: str | None = None  # a port whose grants fail, as firewalld's might
         self._lock = threading.Lock()  # the knocking thread and the applier both call
 
     def _ports(self, target: str) -> tuple[str, list[str]]:
@@ -222,6 +225,8 @@ class PortsFirewall(NullFirewall):
 
     def grant(self, entry: str, ttl: int) -> None:
         target, ports = self._ports(entry)
+        if self.refuse in ports:
+            raise FirewallError(f"rule for {self.refuse} refused")
         with self._lock:
             self.open.update((target, port) for port in ports)
 
@@ -357,6 +362,29 @@ def test_a_host_that_joins_later_opens_the_port_grants_from_its_resync(
         "198.51.100.66": int(NOW) + 100,
     }
     assert c.scoped_ports == {("ssh", key(x)): ("22/tcp",)}
+
+
+def test_a_failed_knock_puts_the_port_plan_back_and_stores_nothing(instances: Instances) -> None:
+    """Beside a port grant (22), an unscoped knock splits the entry into both ports; when
+    the server times out (SIGSTOP) or one port's rule is refused, the firewall is back to
+    22 alone and the server holds nothing of that knock."""
+    a, firewall = enforcing(instances, start=False)
+    x = "198.51.100.69"
+    a.knock(key(x), 100, NOW, key_name="ssh", scoped=True, ports=("22/tcp",))
+    instances.server.signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(StorageUnavailable):
+            a.knock(key(x), 50, NOW, key_name="phone")
+    finally:
+        instances.server.signal(signal.SIGCONT)
+    assert firewall.ports_of(x) == {"22/tcp"}
+    firewall.refuse = "8080/tcp"
+    with pytest.raises(FirewallError):
+        a.knock(key(x), 50, NOW, key_name="phone")
+    assert firewall.ports_of(x) == {"22/tcp"}
+    with instances.server.client() as client:
+        assert client.zcard("knocker:whitelist") == 0
+        assert list(client.hgetall(f"knocker:grants:{x}")) == ["ssh"]
 
 
 def test_a_grant_record_keeps_its_ports_and_older_records_read_as_before(
