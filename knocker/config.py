@@ -538,16 +538,6 @@ def parse_config(mapping: object) -> Config:
         redis=_redis(top.get("redis"), whitelist_backend(top.get("whitelist"))),
     )
     _check_port_scopes(config.api_keys, config.firewalld.monitored_ports)
-    if config.whitelist.backend == "redis":
-        for index, key in enumerate(config.api_keys):
-            if key.ports:
-                # The redis backend keeps whole-entry grants only (docs/redis.md): a port
-                # scope would be widened to every monitored port, so it is refused.
-                _fail(
-                    f"api_keys[{index}].ports",
-                    "port scopes are not supported with "
-                    "whitelist.backend 'redis' yet (docs/redis.md#limits)",
-                )
     return config
 
 

@@ -257,3 +257,8 @@ def granted_expiry(current: int | None, now: float, ttl: int) -> int:
     short), and never earlier than the entry's current expiry."""
     expiry = math.ceil(now + ttl)
     return expiry if current is None or current < expiry else current
+
+
+def live_expiry(expiry: int | None, now: float) -> int | None:
+    """`expiry` while it is still running at `now`, else None: the grant a knock extends."""
+    return expiry if expiry is not None and expiry > now else None

@@ -56,6 +56,7 @@ STORE_EDGE = frozenset(
         "store.grantlog",
         "store.redisstore",
         "store.migrate",
+        "store.plans",
     }
 )
 CLIENT_CORE = frozenset({"client.journal_format"})

@@ -1035,15 +1035,15 @@ def test_key_ports_need_firewalld_monitored_ports() -> None:
     assert "is not one of firewalld.monitored_ports (none)" in str(error_of(mapping))
 
 
-def test_port_scoped_key_is_refused_with_the_redis_backend() -> None:
-    """The redis backend keeps whole-entry grants only: a port scope is a config error
-    naming the key, not a grant silently widened to every monitored port."""
+def test_port_scoped_key_is_accepted_with_the_redis_backend() -> None:
+    """The redis backend keeps port scopes like the file backend (docs/redis.md#keys):
+    the key loads with its ports; an unmonitored port is still refused, naming it."""
     text = """
 api_keys:
   - name: ssh-only
     key: port-scoped-key-0123456789abcdef
     max_ttl: 600
-    ports: ["22/tcp"]
+    ports: [PORTS]
 whitelist:
   backend: redis
 redis:
@@ -1053,7 +1053,9 @@ firewalld:
   monitored_ports: [{port: 22, protocol: tcp}]
   monitored_ips: ["0.0.0.0/0"]
 """
+    config = load_config_text(text.replace("PORTS", '"22/tcp"'))
+    assert config.whitelist.backend == "redis"
+    assert [str(port) for port in config.api_keys[0].ports] == ["22/tcp"]
     with pytest.raises(ConfigError) as raised:
-        load_config_text(text)
-    assert "api_keys[0].ports" in str(raised.value)
-    assert "redis" in str(raised.value)
+        load_config_text(text.replace("PORTS", '"2222/tcp"'))
+    assert "api_keys[0].ports[0]" in str(raised.value)

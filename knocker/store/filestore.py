@@ -37,21 +37,14 @@ from ..config import Config
 from ..errors import StorageError
 from ..firewall import Firewall
 from ..ratelimit import Outcome, RateLimiter, layout_for
-from ..whitelist import Key, Whitelist, entry_text, granted_expiry, parse_entry
+from ..whitelist import Key, Whitelist, entry_text, granted_expiry, live_expiry, parse_entry
 from .backend import KnockResult
 from .files import check_directory
 from .formats import REMOVED, decode_journal, encode_whitelist, journal_line, json_pieces
-from .grant_format import (
-    Grant,
-    Plan,
-    encode_grants,
-    firewall_plan,
-    grant_line,
-    port_target,
-    revoke_line,
-)
+from .grant_format import Grant, Plan, encode_grants, grant_line, revoke_line
 from .grantlog import GrantLog
 from .journal import Journal
+from .plans import PlanFirewall, plan_targets
 from .shm import SharedMemory
 from .snapshot import SnapshotFile
 
@@ -102,7 +95,7 @@ class FileStore:
         self._capacity = config.security.max_whitelist_entries
         self._cleanup = config.whitelist.cleanup_interval_seconds
         self._firewall = firewall
-        self._ports = tuple(map(str, config.firewalld.monitored_ports))
+        self._plans = PlanFirewall(firewall, tuple(map(str, config.firewalld.monitored_ports)))
         # `_sleep` looks time.sleep up at each call: under gevent it is the patched one
         self._clock, self._monotonic, self._sleep = clock, monotonic, sleep
         self._snapshot_delay = snapshot_delay
@@ -241,9 +234,8 @@ class FileStore:
             if any(g.scoped and g.expires_at > now for g in grants.values()):
                 # Its unscoped time joins the plan: one target, or one per port.
                 live.update(
-                    self._targets(
-                        entry,
-                        firewall_plan(live.pop(entry, None), grants.values(), self._ports, now),
+                    plan_targets(
+                        entry, self._plans.plan(live.pop(entry, None), grants.values(), now)
                     )
                 )
         return live
@@ -282,20 +274,19 @@ class FileStore:
         noted: int | None = None
         with self._journal.writing():
             self._catch_up()
-            current = self.replica.expiry(key)
-            live = current if current is not None and current > now else None
+            live = live_expiry(self.replica.expiry(key), now)
             expiry = granted_expiry(live, now, ttl)
             victims = self.replica.victims(key, self._capacity, now)
             # The firewall keeps an entry open for its longest grant, scoped ones included.
             self._refresh_grants()
             before = self._plan(entry, now)
-            after = firewall_plan(expiry, self._grant_log.of(entry).values(), self._ports, now)
-            self._open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
+            after = self._plans.plan(expiry, self._grant_log.of(entry).values(), now)
+            self._plans.open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
             changes = [(victim, REMOVED) for victim in victims] + [(key, expiry)]
             try:
                 pending = self._persist(changes, now)
             except (OSError, StorageError) as error:
-                self._settle_to(entry, before, now)
+                self._plans.settle_to(entry, before, now)
                 raise StorageError(f"could not persist the whitelist: {error}") from error
             self._publish(changes)
             if key_name is not None:
@@ -305,7 +296,7 @@ class FileStore:
             # plan applied after a concurrent revoke could reopen what it closed).
             kept = [e for e in evicted if any(g.scoped for g in self._grant_log.of(e).values())]
             for victim in kept:
-                self._settle_to(victim, self._plan(victim, now), now)
+                self._plans.settle_to(victim, self._plan(victim, now), now)
         try:
             self._journal.sync(pending)
         except OSError as error:
@@ -339,33 +330,27 @@ class FileStore:
                 self._compact_grants(now)
             self._refresh_grants()
             victims = self._scoped_victims(entry, key_name, now)
-            earlier = self._grant_log.of(entry).get(key_name)
-            live = (
-                earlier.expires_at
-                if earlier and earlier.scoped and earlier.expires_at > now
-                else None
-            )
+            live = live_expiry(self._own_grant(entry, key_name, scoped=True), now)
             expiry = granted_expiry(live, now, ttl)
             grant = Grant(entry, key_name, expiry, int(now), how, scoped=True, ports=ports)
             before = self._plan(entry, now)
-            after = firewall_plan(
+            after = self._plans.plan(
                 self._unscoped_expiry(key, now),
                 [*(g for g in self._grant_log.of(entry).values() if g.key_name != key_name), grant],
-                self._ports,
                 now,
             )
-            self._open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
+            self._plans.open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
             lines = b"".join(revoke_line(v.entry, v.key_name) for v in victims)
             try:
                 noted = self._grant_log.append(lines + grant_line(grant))
                 self._grant_log.sync(noted)
             except StorageError:
-                self._settle_to(entry, before, now)
+                self._plans.settle_to(entry, before, now)
                 raise
             self._refresh_grants()
             # An evicted grant's entry keeps what its other grants allow.
             for gone in dict.fromkeys(v.entry for v in victims if v.entry != entry):
-                self._settle_to(gone, self._plan(gone, now), now)
+                self._plans.settle_to(gone, self._plan(gone, now), now)
         evicted = tuple(f"{v.entry} ({v.key_name})" for v in victims)
         if evicted:
             log.warning("scoped grants full (%d): evicted %s", self._capacity, ", ".join(evicted))
@@ -377,49 +362,15 @@ class FileStore:
         refreshed): every grant of it, each on its own ports."""
         key = parse_entry(entry)
         unscoped = None if key is None else self._unscoped_expiry(key, now)
-        return firewall_plan(unscoped, self._grant_log.of(entry).values(), self._ports, now)
+        return self._plans.plan(unscoped, self._grant_log.of(entry).values(), now)
 
     def _unscoped_expiry(self, key: Key, now: float) -> int | None:
-        expiry = self.replica.expiry(key)
-        return expiry if expiry is not None and expiry > now else None
+        return live_expiry(self.replica.expiry(key), now)
 
-    def _targets(self, entry: str, plan: Plan) -> dict[str, int]:
-        """A plan as firewall targets (firewall.py): the entry, or one target per port."""
-        return {
-            entry if port == "" else port_target(entry, port): expiry
-            for port, expiry in plan.items()
-        }
-
-    def _open(self, entry: str, plan: Plan, now: float) -> None:
-        """Make the firewall hold `plan` for `entry`; FirewallError from a grant."""
-        if not plan:
-            self._firewall.revoke([entry])
-            return
-        if "" in plan:
-            self._firewall.grant(entry, max(1, math.ceil(plan[""] - now)))
-            return
-        # Ports on their own: first close the monitored ports the plan leaves out.
-        closed = [port_target(entry, port) for port in self._ports if port not in plan]
-        if closed:
-            self._firewall.revoke(closed)
-        for target, expiry in self._targets(entry, plan).items():
-            self._firewall.grant(target, max(1, math.ceil(expiry - now)))
-
-    def _open_all_or_nothing(self, entry: str, plan: Plan, before: Plan, now: float) -> None:
-        """A knock's firewall step: `plan` in place, or `before` back and raise."""
-        try:
-            self._open(entry, plan, now)
-        except Exception:
-            if len(plan) > 1:  # one port's grant may have gone through
-                self._settle_to(entry, before, now)
-            raise
-
-    def _settle_to(self, entry: str, plan: Plan, now: float) -> None:
-        """Best effort (a failure is logged): the firewall back to `plan` for `entry`."""
-        try:
-            self._open(entry, plan, now)
-        except Exception as error:  # the caller's outcome stands either way
-            log.error("could not put the firewall grant of %s back: %s", entry, error)
+    def _own_grant(self, entry: str, key_name: str, scoped: bool) -> int | None:
+        """The expiry of `key_name`'s recorded grant of `entry` of that kind (None: none)."""
+        earlier = self._grant_log.of(entry).get(key_name)
+        return earlier.expires_at if earlier is not None and earlier.scoped == scoped else None
 
     def _scoped_victims(self, entry: str, key_name: str, now: float) -> list[Grant]:
         """Scoped grants to evict so that this one keeps them within
@@ -513,12 +464,7 @@ class FileStore:
             if self._grant_log.due():
                 self._compact_grants(now)
             self._refresh_grants()
-            earlier = self._grant_log.of(entry).get(key_name)
-            live = (
-                earlier.expires_at
-                if earlier and not earlier.scoped and earlier.expires_at > now
-                else None
-            )
+            live = live_expiry(self._own_grant(entry, key_name, scoped=False), now)
             grant = Grant(entry, key_name, granted_expiry(live, now, ttl), int(now), how)
             return self._grant_log.append(grant_line(grant))
         except (OSError, StorageError) as error:
@@ -615,7 +561,7 @@ class FileStore:
                 log.error("revocation of %s not recorded in the grants log: %s", entry, error)
             self._refresh_grants()
             # Cut back to what the remaining grants allow, port by port.
-            self._settle_to(entry, self._plan(entry, now), now)
+            self._plans.settle_to(entry, self._plan(entry, now), now)
         try:
             if pending is not None:
                 self._journal.sync(pending)
@@ -648,7 +594,7 @@ class FileStore:
                     log.error("could not journal the undo of %s: %s", entry_text(key), error)
                 self._publish([(key, restore)])
             self._refresh_grants()
-            self._settle_to(entry_text(key), self._plan(entry_text(key), now), now)
+            self._plans.settle_to(entry_text(key), self._plan(entry_text(key), now), now)
 
     def _dirty_since(self) -> float | None:
         since: float = self._shm.header.dirty_since
@@ -799,7 +745,7 @@ class FileStore:
                         self._catch_up()
                         self._refresh_grants()
                         for entry in kept:
-                            self._settle_to(entry, self._plan(entry, now), now)
+                            self._plans.settle_to(entry, self._plan(entry, now), now)
         if self._snapshot_due(now):
             self._snapshot_now(purge=False)
 

@@ -2,7 +2,8 @@
 
 Owns the one rule of a migration: the target must hold no live entry unless --force
 (then entries are merged, the later expiry winning). Who granted what (the grant records
-of docs/whitelist.md#grants, host-scoped grants included) travels with the entries.
+of docs/whitelist.md#grants, host- and port-scoped grants included, with their ports)
+travels with the entries.
 The source is read through its own backend, so a damaged journal or a server it cannot
 reach fails the same way it would for `knocker serve`. Stop the file-backed service
 first: its workers keep their own copy of whitelist.json.
@@ -22,8 +23,8 @@ from .grant_format import Grant, encode_grants, fold_grants
 
 
 def unscoped_entries(grants: list[Grant]) -> dict[str, int]:
-    """entry -> expiry of the whitelist proper: host-scoped grants are not part of it (a
-    `restored` grant covers an entry's whole expiry)."""
+    """entry -> expiry of the whitelist proper: scoped grants (hosts:, ports:) are not
+    part of it (a `restored` grant covers an entry's whole expiry)."""
     entries: dict[str, int] = {}
     for grant in grants:
         if not grant.scoped and grant.expires_at > entries.get(grant.entry, 0):
@@ -76,7 +77,8 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
         redis_source.close()
     file_target = FileStore(config, firewall, clock=lambda: now)
     try:
-        present_entries = file_target.entries()
+        # The whitelist proper only: entries() also names scoped grants, port by port.
+        present_entries = unscoped_entries(file_target.grants(now))
     finally:
         file_target.close()  # folds any journal into whitelist.json
     if present_entries and not force:

@@ -6,14 +6,17 @@ instance ever reads, decides and writes back (no read-modify-write across instan
 
     {prefix}whitelist       sorted set: entry text -> expiry (Unix seconds). The whitelist.
     {prefix}changes         stream of changes: s=sequence, e=entry, x=expiry (-1: removed),
-                            o=origin (which host made it). Trimmed to about STREAM_MAXLEN.
+                            o=origin (which host made it), and for a scoped grant k=key
+                            name, p=its ports ("22/tcp,53/udp"; none: every monitored
+                            port). Trimmed to about STREAM_MAXLEN.
     {prefix}seq             counter: the s of the last change (a gap means "resynchronise")
-    {prefix}grants:{entry}  hash: key name -> "expiry granted_at how scoped(0|1)", who
+    {prefix}grants:{entry}  hash: key name -> "expiry granted_at how scoped(0|1)", plus
+                            " ports" for a port-scoped grant ("... 1 22/tcp,53/udp"): who
                             granted the entry (docs/whitelist.md#grants); expires with its
                             last grant, its unscoped fields leave with the entry
-    {prefix}scoped          sorted set: "{entry} {key name}" -> expiry, the host-scoped
-                            grants (never in the whitelist set, so never seen by allows());
-                            their changes carry k=key name in the stream
+    {prefix}scoped          sorted set: "{entry} {key name}" -> expiry, the grants of keys
+                            with hosts: or ports: (never in the whitelist set, so never
+                            seen by allows()); their ports are in their grant records
     {prefix}rate:s:{client} sorted set of success times of one client, expiring on its own
     {prefix}rate:f:{client} the same for failed knocks
 """
@@ -53,14 +56,67 @@ class Keys:
         return f"{self.rate}{'s' if success else 'f'}:{client.hex()}"
 
 
-# Shared by the scripts that touch grant records: a field is "expiry granted_at how s".
+# Shared by the scripts that change what is granted: the deadline check, the change
+# stream, eviction and the settling of a knock's reservation.
+CHANGE_HELPERS = """
+local function past(deadline_ms)  -- the client stopped waiting for this script
+  local clock = redis.call('TIME')
+  local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  return server_ms > tonumber(deadline_ms)
+end
+local function append(stream, counter, maxlen, origin, entry, expiry, key_name, ports)
+  local seq = redis.call('INCR', counter)  -- one change: its sequence number
+  local fields = {'s', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', origin}
+  if key_name then
+    table.insert(fields, 'k')
+    table.insert(fields, key_name)
+  end
+  if ports and ports ~= '' then
+    table.insert(fields, 'p')
+    table.insert(fields, ports)
+  end
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  return seq
+end
+local function evict(set, capacity, on_victim)  -- room for one more member
+  local excess = redis.call('ZCARD', set) - capacity + 1
+  if excess <= 0 then return {} end
+  local victims = redis.call('ZRANGE', set, 0, excess - 1)  -- the soonest-expiring
+  for _, victim in ipairs(victims) do
+    redis.call('ZREM', set, victim)
+    on_victim(victim)
+  end
+  return victims
+end
+local function count_success(successes, failures, token, lifetime, now)
+  local held = 'held:' .. token  -- RATE_RESERVE's place, settled as a success
+  if redis.call('ZREM', successes, held) == 1 then
+    redis.call('ZADD', successes, now, 'knock:' .. token)
+    redis.call('PEXPIRE', successes, lifetime)
+  end
+  redis.call('ZREM', failures, held)
+end
+"""
+
+# Shared by the scripts that touch grant records: a field is "expiry granted_at how s",
+# or "expiry granted_at how 1 ports" for a port-scoped grant (a reader from before port
+# scopes matches no such field: it drops the grant rather than widen it).
 GRANT_HELPERS = """
+local function parse_grant(value)  -- {expiry, granted_at, how, scoped, ports}, nil: damaged
+  local x, g, h, s = string.match(value, '^(%-?%d+) (%-?%d+) (%S+) ([01])$')
+  local ports = ''
+  if not x then
+    s = '1'
+    x, g, h, ports = string.match(value, '^(%-?%d+) (%-?%d+) (%S+) 1 (%S+)$')
+  end
+  if not x then return nil end
+  return {tonumber(x), tonumber(g), h, s, ports}
+end
 local function grant_fields(hkey)
   local out = {}
   local flat = redis.call('HGETALL', hkey)
   for i = 1, #flat, 2 do
-    local x, g, h, s = string.match(flat[i + 1], '^(%-?%d+) (%-?%d+) (%S+) ([01])$')
-    if x then out[flat[i]] = {tonumber(x), tonumber(g), h, s} end
+    out[flat[i]] = parse_grant(flat[i + 1])
   end
   return out
 end
@@ -80,9 +136,10 @@ local function drop_unscoped(hkey)  -- the entry left the whitelist: so did thes
     if g[4] == '0' then redis.call('HDEL', hkey, name) end
   end
 end
-local function record(hkey, name, expiry, now, how, scoped)
-  redis.call('HSET', hkey, name, string.format('%d %d %s %s', expiry, math.floor(now), how,
-                                               scoped))
+local function record(hkey, name, expiry, now, how, scoped, ports)
+  local value = string.format('%d %d %s %s', expiry, math.floor(now), how, scoped)
+  if ports and ports ~= '' then value = value .. ' ' .. ports end
+  redis.call('HSET', hkey, name, value)
   settle(hkey, now)
 end
 """
@@ -101,15 +158,17 @@ end
 # entry is never held against the capacity nor evicted in place of a live one. Readers
 # filter by score (> now), so an entry is gone at its expiry even before a purge.
 KNOCK = (
-    GRANT_HELPERS
+    CHANGE_HELPERS
+    + GRANT_HELPERS
     + """
-local clock = redis.call('TIME')
-local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-if server_ms > tonumber(ARGV[7]) then
+if past(ARGV[7]) then
   return {-1}
 end
 local entry, now = ARGV[1], tonumber(ARGV[2])
 local expiry, capacity = tonumber(ARGV[3]), tonumber(ARGV[4])
+local function change(changed, expiry_)
+  return append(KEYS[2], KEYS[3], ARGV[5], ARGV[6], changed, expiry_)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local current = redis.call('ZSCORE', KEYS[1], entry)
 if current and tonumber(current) > expiry then
@@ -117,23 +176,14 @@ if current and tonumber(current) > expiry then
 end
 local evicted = {}
 if not current then
-  local excess = redis.call('ZCARD', KEYS[1]) - capacity + 1
-  if excess > 0 then
-    -- the soonest-expiring entries; `entry` is not in the set, so never itself
-    evicted = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
-    for _, victim in ipairs(evicted) do
-      redis.call('ZREM', KEYS[1], victim)
-      drop_unscoped(ARGV[8] .. victim)
-      local seq = redis.call('INCR', KEYS[3])
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-                 's', seq, 'e', victim, 'x', -1, 'o', ARGV[6])
-    end
-  end
+  -- `entry` is not in the set, so never itself a victim
+  evicted = evict(KEYS[1], capacity, function(victim)
+    drop_unscoped(ARGV[8] .. victim)
+    change(victim, -1)
+  end)
 end
 redis.call('ZADD', KEYS[1], expiry, entry)
-local seq = redis.call('INCR', KEYS[3])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-           's', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', ARGV[6])
+local seq = change(entry, expiry)
 if ARGV[9] ~= '' then
   -- the key's own grant: never shorter than its earlier live one
   local own = tonumber(ARGV[11])
@@ -144,12 +194,7 @@ if ARGV[9] ~= '' then
   record(KEYS[4], ARGV[9], own, now, ARGV[10], '0')
 end
 if #KEYS == 6 then
-  local held = 'held:' .. ARGV[12]
-  if redis.call('ZREM', KEYS[5], held) == 1 then
-    redis.call('ZADD', KEYS[5], now, 'knock:' .. ARGV[12])
-    redis.call('PEXPIRE', KEYS[5], ARGV[13])
-  end
-  redis.call('ZREM', KEYS[6], held)
+  count_success(KEYS[5], KEYS[6], ARGV[12], ARGV[13], now)
 end
 return {string.format('%d', expiry), evicted, seq}
 """
@@ -158,21 +203,22 @@ return {string.format('%d', expiry), evicted, seq}
 # KEYS: whitelist, changes, seq
 # ARGV: now, stream maxlen, origin, then entry, expiry pairs (migration: a whole whitelist)
 # -> number of entries stored. Keeps the later expiry of an entry already present.
-LOAD = """
+LOAD = (
+    CHANGE_HELPERS
+    + """
 local now, stored = tonumber(ARGV[1]), 0
 for i = 4, #ARGV, 2 do
   local entry, expiry = ARGV[i], tonumber(ARGV[i + 1])
   local current = redis.call('ZSCORE', KEYS[1], entry)
   if expiry > now and not (current and tonumber(current) >= expiry) then
     redis.call('ZADD', KEYS[1], expiry, entry)
-    local seq = redis.call('INCR', KEYS[3])
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
-               's', seq, 'e', entry, 'x', ARGV[i + 1], 'o', ARGV[3])
+    append(KEYS[2], KEYS[3], ARGV[2], ARGV[3], entry, expiry)
     stored = stored + 1
   end
 end
 return stored
 """
+)
 
 # KEYS: success times, failure times of one client (sorted sets: member -> time)
 # ARGV: window start, success budget, failure budget (0: unlimited), now, token,
@@ -220,22 +266,27 @@ return 0
 # KEYS: whitelist, changes, seq, grants of the entry, scoped grants
 #       [, success times, failure times of the knocking client]
 # ARGV: entry, now, the key's own expiry, capacity, stream maxlen, origin, deadline
-#       (server ms), grants prefix, key name, how [, reservation token, lifetime in ms]
-# -> {-1} after the deadline, else {expiry, {entries of evicted scoped grants...},
+#       (server ms), grants prefix, key name, how, ports ('': every monitored port)
+#       [, reservation token, lifetime in ms]
+# -> {-1} after the deadline, else {expiry, {"entry key name" of evicted scoped grants...},
 #    sequence number, the entry's unscoped expiry (0: none)}
-# A host-scoped key's grant: in the scoped set and the entry's grants hash only, never
-# in the whitelist set. Scoped grants are held to the same capacity as the whitelist.
+# A scoped key's grant (hosts:, ports:): in the scoped set and the entry's grants hash
+# only, never in the whitelist set; its ports replace the key's earlier ones, as the
+# file backend's grant line does. Scoped grants are held to the same capacity as the
+# whitelist.
 SCOPED_KNOCK = (
-    GRANT_HELPERS
+    CHANGE_HELPERS
+    + GRANT_HELPERS
     + """
-local clock = redis.call('TIME')
-local server_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-if server_ms > tonumber(ARGV[7]) then
+if past(ARGV[7]) then
   return {-1}
 end
 local entry, now, expiry = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local name = ARGV[9]
 local member = entry .. ' ' .. name
+local function change(changed, key_name, expiry_, ports)
+  return append(KEYS[2], KEYS[3], ARGV[5], ARGV[6], changed, expiry_, key_name, ports)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 settle(KEYS[4], now)
 local current = redis.call('ZSCORE', KEYS[5], member)
@@ -244,32 +295,18 @@ if current and tonumber(current) > expiry then
 end
 local evicted = {}
 if not current then
-  local excess = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[4]) + 1
-  if excess > 0 then
-    for _, victim in ipairs(redis.call('ZRANGE', KEYS[5], 0, excess - 1)) do
-      redis.call('ZREM', KEYS[5], victim)
-      local space = string.find(victim, ' ', 1, true)
-      local ventry, vname = string.sub(victim, 1, space - 1), string.sub(victim, space + 1)
-      redis.call('HDEL', ARGV[8] .. ventry, vname)
-      local seq = redis.call('INCR', KEYS[3])
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-                 's', seq, 'e', ventry, 'k', vname, 'x', -1, 'o', ARGV[6])
-      table.insert(evicted, ventry)
-    end
-  end
+  evicted = evict(KEYS[5], tonumber(ARGV[4]), function(victim)
+    local space = string.find(victim, ' ', 1, true)
+    local ventry, vname = string.sub(victim, 1, space - 1), string.sub(victim, space + 1)
+    redis.call('HDEL', ARGV[8] .. ventry, vname)
+    change(ventry, vname, -1)
+  end)
 end
 redis.call('ZADD', KEYS[5], expiry, member)
-record(KEYS[4], name, expiry, now, ARGV[10], '1')
-local seq = redis.call('INCR', KEYS[3])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-           's', seq, 'e', entry, 'k', name, 'x', string.format('%d', expiry), 'o', ARGV[6])
+record(KEYS[4], name, expiry, now, ARGV[10], '1', ARGV[11])
+local seq = change(entry, name, expiry, ARGV[11])
 if #KEYS == 7 then
-  local held = 'held:' .. ARGV[11]
-  if redis.call('ZREM', KEYS[6], held) == 1 then
-    redis.call('ZADD', KEYS[6], now, 'knock:' .. ARGV[11])
-    redis.call('PEXPIRE', KEYS[6], ARGV[12])
-  end
-  redis.call('ZREM', KEYS[7], held)
+  count_success(KEYS[6], KEYS[7], ARGV[12], ARGV[13], now)
 end
 local unscoped = redis.call('ZSCORE', KEYS[1], entry)
 if not unscoped or tonumber(unscoped) <= now then unscoped = 0 end
@@ -279,14 +316,16 @@ return {string.format('%d', expiry), evicted, seq, string.format('%d', tonumber(
 
 # KEYS: whitelist, changes, seq, grants of the entry, scoped grants
 # ARGV: entry, key name ('': every grant of the entry), now, stream maxlen, origin
-# -> {{{key name ('' restored), expiry, granted_at (-1: none), how, scoped}...} ended,
-#     longest grant of the entry left (0: none), sequence number of the last change,
-#     the entry's expiry in the whitelist set now (0: gone)}
+# -> {{{key name ('' restored), expiry, granted_at (-1: none), how, scoped, ports}...}
+#     ended, {{expiry, ports}...} of the scoped grants left, sequence number of the last
+#     change, the entry's expiry in the whitelist set now (0: gone)}
+# (what is left is what the firewall then holds for the entry: firewall_plan)
 # The same rule as the file backend: an ended unscoped grant cuts the entry back to the
 # longest unscoped grant left (an entry that ran longer than every recorded grant has a
 # `restored` one); ended scoped grants leave the scoped set. Every change is streamed.
 REVOKE = (
-    GRANT_HELPERS
+    CHANGE_HELPERS
+    + GRANT_HELPERS
     + """
 local entry, name, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local current = redis.call('ZSCORE', KEYS[1], entry)
@@ -296,31 +335,25 @@ local ended, others, top = {}, {}, 0
 for n, g in pairs(grant_fields(KEYS[4])) do
   if g[1] > now and (g[4] == '1' or g[1] <= current) then
     if g[4] == '0' and g[1] > top then top = g[1] end
-    local grant = {n, g[1], g[2], g[3], g[4]}
+    local grant = {n, g[1], g[2], g[3], g[4], g[5]}
     if name == '' or n == name then table.insert(ended, grant) else table.insert(others, grant) end
   end
 end
 if current > top then
-  local grant = {'', current, -1, 'restored', '0'}
+  local grant = {'', current, -1, 'restored', '0', ''}
   if name == '' then table.insert(ended, grant) else table.insert(others, grant) end
 end
 if #ended == 0 then
-  return {{}, 0, 0}
+  return {{}, {}, 0, 0}
 end
 local seq = 0
 local function change(key_name, expiry)
-  seq = redis.call('INCR', KEYS[3])
-  local fields = {'s', seq, 'e', entry, 'x', string.format('%d', expiry), 'o', ARGV[5]}
-  if key_name then
-    table.insert(fields, 'k')
-    table.insert(fields, key_name)
-  end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+  seq = append(KEYS[2], KEYS[3], ARGV[4], ARGV[5], entry, expiry, key_name)
 end
-local keep, longest, cut = 0, 0, false
+local keep, scoped_left, cut = 0, {}, false
 for _, g in ipairs(others) do
   if g[5] == '0' and g[2] > keep then keep = g[2] end
-  if g[2] > longest then longest = g[2] end
+  if g[5] == '1' then table.insert(scoped_left, {string.format('%d', g[2]), g[6]}) end
 end
 local reply = {}
 for _, g in ipairs(ended) do
@@ -331,7 +364,8 @@ for _, g in ipairs(ended) do
     change(g[1], -1)
   end
   if g[1] ~= '' then redis.call('HDEL', KEYS[4], g[1]) end
-  table.insert(reply, {g[1], string.format('%d', g[2]), string.format('%d', g[3]), g[4], g[5]})
+  table.insert(reply, {g[1], string.format('%d', g[2]), string.format('%d', g[3]), g[4], g[5],
+                       g[6]})
 end
 if cut then
   redis.call('ZREM', KEYS[1], entry)
@@ -343,7 +377,7 @@ if cut then
 end
 settle(KEYS[4], now)
 local left = cut and keep or current
-return {reply, string.format('%d', longest), seq, string.format('%d', left)}
+return {reply, scoped_left, seq, string.format('%d', left)}
 """
 )
 
@@ -351,26 +385,55 @@ return {reply, string.format('%d', longest), seq, string.format('%d', left)}
 # ARGV: now, stream maxlen, origin, entry, then key name, record pairs (migration)
 # -> records stored. A record already there with a later expiry is kept.
 LOAD_GRANTS = (
-    GRANT_HELPERS
+    CHANGE_HELPERS
+    + GRANT_HELPERS
     + """
 local now, stored = tonumber(ARGV[1]), 0
 local present = grant_fields(KEYS[1])
 for i = 5, #ARGV, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
-  local x, s = string.match(value, '^(%-?%d+) %-?%d+ %S+ ([01])$')
+  local g = parse_grant(value)
   local before = present[name]
-  if x and tonumber(x) > now and not (before and before[1] >= tonumber(x)) then
+  if g and g[1] > now and not (before and before[1] >= g[1]) then
     redis.call('HSET', KEYS[1], name, value)
-    if s == '1' then
-      redis.call('ZADD', KEYS[2], x, ARGV[4] .. ' ' .. name)
-      local seq = redis.call('INCR', KEYS[4])
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
-                 's', seq, 'e', ARGV[4], 'k', name, 'x', x, 'o', ARGV[3])
+    if g[4] == '1' then
+      redis.call('ZADD', KEYS[2], g[1], ARGV[4] .. ' ' .. name)
+      append(KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], g[1], name, g[5])
     end
     stored = stored + 1
   end
 end
 settle(KEYS[1], now)
 return stored
+"""
+)
+
+# KEYS: whitelist, changes, seq, scoped grants
+# ARGV: now, grants prefix
+# -> {seq, id of the last change ('0-0': none), {entry, expiry...} of the whitelist,
+#     {member, expiry, ports...} of the scoped grants}
+# A replica's full resync, in one atomic step. A scoped grant goes with its ports, read
+# from its record; one whose record is missing or unreadable is left out (never widened
+# to every port).
+RESYNC = (
+    GRANT_HELPERS
+    + """
+local after = '(' .. ARGV[1]
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local members = redis.call('ZRANGEBYSCORE', KEYS[4], after, '+inf', 'WITHSCORES')
+local scoped = {}
+for i = 1, #members, 2 do
+  local space = string.find(members[i], ' ', 1, true)
+  local value = space and redis.call('HGET', ARGV[2] .. string.sub(members[i], 1, space - 1),
+                                     string.sub(members[i], space + 1))
+  local g = value and parse_grant(value)
+  if g and g[4] == '1' then
+    table.insert(scoped, members[i])
+    table.insert(scoped, members[i + 1])
+    table.insert(scoped, g[5])
+  end
+end
+return {redis.call('GET', KEYS[3]) or '0', last[1] and last[1][1] or '0-0',
+        redis.call('ZRANGEBYSCORE', KEYS[1], after, '+inf', 'WITHSCORES'), scoped}
 """
 )

@@ -10,11 +10,14 @@ from the replica (with local expiry) for redis.max_staleness_seconds, then refus
 everyone until a resync succeeds. Each transition is logged once.
 
 With firewalld enabled, one process per host (the holder of a flock in the whitelist
-directory) applies the changes other hosts made to its own zone.
+directory) applies the changes other hosts made to its own zone: for each entry the same
+plan as the file backend (grant_format.firewall_plan: a port-scoped grant opens its ports
+only), computed from its replica.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -29,12 +32,13 @@ import redis
 
 from ..addresses import IPAddress
 from ..config import Config, RedisConfig
-from ..errors import FirewallError, StorageError, StorageUnavailable
+from ..errors import StorageError, StorageUnavailable
 from ..firewall import Firewall
 from ..ratelimit import Outcome, layout_for
-from ..whitelist import Key, Whitelist, entry_text, granted_expiry, parse_entry
+from ..whitelist import Key, Whitelist, entry_text, granted_expiry, live_expiry, parse_entry
 from .backend import KnockResult
-from .grant_format import HOWS, Grant
+from .grant_format import HOWS, Grant, Plan
+from .plans import PlanFirewall, plan_targets
 from .redisscripts import (
     KNOCK,
     LOAD,
@@ -42,6 +46,7 @@ from .redisscripts import (
     RATE_RESERVE,
     RATE_SETTLE,
     REMOVED,
+    RESYNC,
     REVOKE,
     SCOPED_KNOCK,
     STREAM_MAXLEN,
@@ -123,6 +128,7 @@ class RedisStore:
         self._window = rate.window_seconds
         self._key_lifetime_ms = rate.window_seconds * 1000 + 1000
         self._firewall = firewall
+        self._plans = PlanFirewall(firewall, tuple(map(str, config.firewalld.monitored_ports)))
         self._enforcing = config.firewalld.enabled
         # wall: the real time, compared with the server's own clock (knock deadlines)
         self._clock, self._monotonic, self._wall = clock, monotonic, wall
@@ -138,12 +144,15 @@ class RedisStore:
         self._scoped_script = self._client.register_script(SCOPED_KNOCK)
         self._revoke_script = self._client.register_script(REVOKE)
         self._load_grants_script = self._client.register_script(LOAD_GRANTS)
+        self._resync_script = self._client.register_script(RESYNC)
         # this thread's knock in flight: (client, now) of its reservation, and whether
         # the KNOCK script has settled it
         self._reservation = threading.local()
         self.replica = Whitelist()
-        # key name -> its host-scoped grants, replicated like the whitelist (never in it)
+        # key name -> its scoped grants (hosts:, ports:), replicated like the whitelist
+        # (never in it); and the ports of the port-scoped ones, for the firewall's plans
         self.scoped: dict[str, Whitelist] = {}
+        self.scoped_ports: dict[tuple[str, Key], tuple[str, ...]] = {}
         self._lock = threading.Lock()  # serialises writes to the replica
         self._seq = 0  # the last change applied to the replica
         self._last_id = "0-0"  # stream position of that change
@@ -212,14 +221,18 @@ class RedisStore:
         return self._usable and self.replica.allows(address, now)
 
     def entries(self) -> dict[str, int]:
-        """Every live entry, scoped grants included (they open the firewall too)."""
+        """Every live firewall target, scoped grants included (they open the firewall
+        too): an entry, or one target per port where a port-scoped grant runs longest."""
         now = self._clock()
         with self._lock:  # a consistent pass: no change lands mid-iteration
-            live = self._open(now)
-        return {entry_text(k): e for k, e in live.items()}
+            plans = self._all_plans(now)
+        targets: dict[str, int] = {}
+        for entry, plan in plans.items():
+            targets.update(plan_targets(entry, plan))
+        return targets
 
     def scoped_allows(self, address: IPAddress, key_names: tuple[str, ...], now: float) -> bool:
-        """/verify for host-scoped grants: in memory, like allows()."""
+        """/verify for scoped grants: in memory, like allows()."""
         if not self._usable:
             return False
         scoped = self.scoped
@@ -229,21 +242,42 @@ class RedisStore:
                 return True
         return False
 
-    def _open(self, now: float) -> dict[Key, int]:
-        """What the firewall should hold: key -> its longest live grant, scoped or not
-        (under self._lock)."""
-        live = {k: e for k, e in self.replica.items() if e > now}
-        for grants in list(self.scoped.values()):
-            for k, e in grants.items():
-                if e > now and e > live.get(k, 0):
-                    live[k] = e
-        return live
+    def _scoped_grant(self, name: str, key: Key, expiry: int) -> Grant:
+        """A scoped grant of this replica, as firewall_plan reads it."""
+        ports = self.scoped_ports.get((name, key), ())
+        return Grant(entry_text(key), name, expiry, None, "knock", scoped=True, ports=ports)
 
-    def _longest(self, key: Key, now: float) -> int:
-        """The latest expiry of any live grant of `key` in this replica (0: none)."""
-        expiries = [self.replica.expiry(key)]
-        expiries += [grants.expiry(key) for grants in list(self.scoped.values())]
-        return max((e for e in expiries if e is not None and e > now), default=0)
+    def _scoped_grants(self, key: Key, now: float) -> list[Grant]:
+        """The live scoped grants of `key` in this replica (never under self._lock)."""
+        found = []
+        with self._lock:  # the grants and their ports from one state of the replica
+            for name, grants in self.scoped.items():
+                expiry = live_expiry(grants.expiry(key), now)
+                if expiry is not None:
+                    found.append(self._scoped_grant(name, key, expiry))
+        return found
+
+    def _plan(self, key: Key, now: float) -> Plan:
+        """What the firewall should hold for `key` now, by this replica."""
+        unscoped = live_expiry(self.replica.expiry(key), now)
+        return self._plans.plan(unscoped, self._scoped_grants(key, now), now)
+
+    def _all_plans(self, now: float) -> dict[str, Plan]:
+        """entry -> its plan, for every entry with a live grant (under self._lock)."""
+        scoped: dict[Key, list[Grant]] = {}
+        for name, grants in list(self.scoped.items()):
+            for key, expiry in grants.items():
+                if expiry > now:
+                    scoped.setdefault(key, []).append(self._scoped_grant(name, key, expiry))
+        plans: dict[str, Plan] = {}
+        for key, expiry in self.replica.items():
+            if expiry > now and key not in scoped:
+                plans[entry_text(key)] = {"": expiry}
+        for key, found in scoped.items():
+            plan = self._plans.plan(live_expiry(self.replica.expiry(key), now), found, now)
+            if plan:
+                plans[entry_text(key)] = plan
+        return plans
 
     # ------------------------------------------------------------------ rate limits
     def rate_reserve(self, client: bytes, now: float) -> bool:
@@ -304,69 +338,35 @@ class RedisStore:
         """Firewall first, then the server (acknowledged = stored as durably as the server
         is configured to store it); on any failure nothing stays granted. With
         `key_name` the grant is recorded with the entry (one script); a `scoped` grant
-        goes to the scoped set only. Port scopes are refused by the config for this
-        backend, so `ports` is always empty here."""
-        if ports:
-            raise StorageError("port-scoped grants are not supported by the redis backend")
+        (hosts:, ports:) goes to the scoped set only, with its `ports`."""
         entry = entry_text(key)
-        before = self._longest(key, now)
-        live = before or None  # what the firewall holds now
         if scoped and key_name is not None:
-            return self._knock_scoped(key, entry, ttl, now, key_name, how, live)
-        previous = self.replica.expiry(key)
-        wanted = granted_expiry(
-            previous if previous is not None and previous > now else None, now, ttl
-        )
-        # raises: nothing changed
-        self._firewall.grant(entry, _seconds_left(max(wanted, before), now))
-        # The script refuses to run after the moment we stop waiting for it (a paused
-        # server that resumes later must not store a knock that was answered 503).
-        deadline_ms = int((self._wall() + self._timeout) * 1000)
-        keys = [
-            self._keys.whitelist,
-            self._keys.changes,
-            self._keys.seq,
-            self._keys.grants_of(entry),
-        ]
-        args: list[Any] = [
+            return self._knock_scoped(key, entry, ttl, now, key_name, how, ports)
+        previous = live_expiry(self.replica.expiry(key), now)
+        wanted = granted_expiry(previous, now, ttl)
+        scoped_grants = self._scoped_grants(key, now)
+        before = self._plans.plan(previous, scoped_grants, now)  # what the firewall holds
+        after = self._plans.plan(wanted, scoped_grants, now)
+        self._plans.open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
+        reply = self._run_knock(
+            self._knock_script,
             entry,
-            repr(now),
             wanted,
-            self._capacity,
-            STREAM_MAXLEN,
-            self._origin,
-            deadline_ms,
-            self._keys.grants,
+            now,
             key_name or "",
             how,
-            granted_expiry(None, now, ttl),
-        ]
-        pending = getattr(self._reservation, "pending", None)
-        if pending is not None and pending[1] == now:  # this knock's reservation
-            keys += self._budget_keys(pending[0])
-            args += [_token(now), self._key_lifetime_ms]
-        try:
-            reply = self._knock_script(keys=keys, args=args)
-        except redis.RedisError as error:
-            self._undo_grant(entry, live, now)
-            raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
-        if int(reply[0]) < 0:
-            self._undo_grant(entry, live, now)
-            raise StorageUnavailable(
-                f"redis {self._settings.url} ran the knock after "
-                f"redis.command_timeout_ms; not stored"
-            )
-        expiry = int(reply[0])
-        evicted = tuple(reply[1])
-        if pending is not None and pending[1] == now:
-            self._reservation.settled = True
-        if expiry > max(wanted, before):  # another instance granted it for longer
-            self._grant_quietly(entry, expiry, now)
+            lambda: self._plans.settle_to(entry, before, now),
+            extra_args=[granted_expiry(None, now, ttl)],
+        )
+        expiry, evicted, seq = int(reply[0]), tuple(reply[1]), int(reply[2])
+        granted = self._plans.plan(expiry, scoped_grants, now)
+        if granted != after:  # another instance granted it for longer
+            self._plans.settle_to(entry, granted, now)
         with self._lock:
             # Only ahead of the follower: once it has applied this change (or resynced
             # past it), later changes (another instance evicting this entry, say) may
             # already be in the replica and must not be undone.
-            if self._seq < int(reply[2]):
+            if self._seq < seq:
                 for victim in evicted:
                     victim_key = parse_entry(victim)
                     if victim_key is not None:
@@ -378,28 +378,91 @@ class RedisStore:
             )
             self._close_unless_granted(evicted, now)
         return KnockResult(
-            entry=entry,
-            expires_at=expiry,
-            evicted=evicted,
-            extended=previous is not None and previous > now,
+            entry=entry, expires_at=expiry, evicted=evicted, extended=previous is not None
         )
 
     def _knock_scoped(
-        self, key: Key, entry: str, ttl: int, now: float, key_name: str, how: str, live: int | None
+        self,
+        key: Key,
+        entry: str,
+        ttl: int,
+        now: float,
+        key_name: str,
+        how: str,
+        ports: tuple[str, ...],
     ) -> KnockResult:
-        """A host-scoped key's grant: firewall, then the SCOPED_KNOCK script, then this
-        process's scoped index (other processes follow the change stream)."""
-        earlier = self.scoped.get(key_name, Whitelist()).expiry(key)
-        earlier = earlier if earlier is not None and earlier > now else None
+        """A scoped key's grant: firewall (its ports only), then the SCOPED_KNOCK script,
+        then this process's scoped index (other processes follow the change stream)."""
+        earlier = live_expiry(self.scoped.get(key_name, Whitelist()).expiry(key), now)
         wanted = granted_expiry(earlier, now, ttl)
-        self._firewall.grant(entry, _seconds_left(max(wanted, live or 0), now))
+        unscoped = live_expiry(self.replica.expiry(key), now)
+        scoped_grants = self._scoped_grants(key, now)
+        others = [g for g in scoped_grants if g.key_name != key_name]
+        before = self._plans.plan(unscoped, scoped_grants, now)  # what the firewall holds
+        grant = Grant(entry, key_name, wanted, int(now), how, scoped=True, ports=ports)
+        after = self._plans.plan(unscoped, [*others, grant], now)
+        self._plans.open_all_or_nothing(entry, after, before, now)  # raises: nothing changed
+        reply = self._run_knock(
+            self._scoped_script,
+            entry,
+            wanted,
+            now,
+            key_name,
+            how,
+            lambda: self._plans.settle_to(entry, before, now),
+            extra_keys=[self._keys.scoped],
+            extra_args=[",".join(ports)],
+        )
+        expiry, seq = int(reply[0]), int(reply[2])
+        victims = [member.partition(" ") for member in reply[1]]  # "entry key name"
+        evicted = tuple(dict.fromkeys(entry for entry, _, _ in victims))
+        # The server's word on the key's grant (another instance's may run longer) and on
+        # the entry's unscoped time.
+        granted = self._plans.plan(
+            live_expiry(int(reply[3]), now),
+            [*others, dataclasses.replace(grant, expires_at=expiry)],
+            now,
+        )
+        if granted != after:
+            self._plans.settle_to(entry, granted, now)
+        with self._lock:
+            if self._seq < seq:  # ahead of the follower only (see knock)
+                for victim, _, name in victims:
+                    victim_key = parse_entry(victim)
+                    if victim_key is not None:
+                        self._set_scoped(name, victim_key, REMOVED)
+                self._set_scoped(key_name, key, expiry, ports)
+        if evicted:
+            log.warning("scoped grants full (%d): evicted %s", self._capacity, ", ".join(evicted))
+            self._close_unless_granted(evicted, now)
+        return KnockResult(
+            entry=entry, expires_at=expiry, evicted=evicted, extended=earlier is not None
+        )
+
+    def _run_knock(
+        self,
+        script: Any,
+        entry: str,
+        wanted: int,
+        now: float,
+        key_name: str,
+        how: str,
+        undo: Callable[[], None],
+        extra_keys: list[str] | None = None,
+        extra_args: list[Any] | None = None,
+    ) -> Any:
+        """Run a knock script (KNOCK, SCOPED_KNOCK: the same leading keys and arguments)
+        with this thread's reservation settled in it; on any failure `undo` the firewall
+        step and raise StorageUnavailable."""
+        # The script refuses to run after the moment we stop waiting for it (a paused
+        # server that resumes later must not store a knock that was answered 503).
         deadline_ms = int((self._wall() + self._timeout) * 1000)
         keys = [
             self._keys.whitelist,
             self._keys.changes,
             self._keys.seq,
             self._keys.grants_of(entry),
-            self._keys.scoped,
+            *(extra_keys or []),
         ]
         args: list[Any] = [
             entry,
@@ -412,55 +475,54 @@ class RedisStore:
             self._keys.grants,
             key_name,
             how,
+            *(extra_args or []),
         ]
         pending = getattr(self._reservation, "pending", None)
-        if pending is not None and pending[1] == now:
+        if pending is not None and pending[1] != now:
+            pending = None  # not this knock's reservation
+        if pending is not None:
             keys += self._budget_keys(pending[0])
             args += [_token(now), self._key_lifetime_ms]
         try:
-            reply = self._scoped_script(keys=keys, args=args)
+            reply = script(keys=keys, args=args)
         except redis.RedisError as error:
-            self._undo_grant(entry, live, now)
+            undo()
             raise StorageUnavailable(f"redis {self._settings.url}: {error}") from error
         if int(reply[0]) < 0:
-            self._undo_grant(entry, live, now)
+            undo()
             raise StorageUnavailable(
                 f"redis {self._settings.url} ran the knock after "
                 f"redis.command_timeout_ms; not stored"
             )
-        expiry, evicted = int(reply[0]), tuple(reply[1])
-        if pending is not None and pending[1] == now:
+        if pending is not None:
             self._reservation.settled = True
-        if int(reply[3]) > max(wanted, live or 0):
-            self._grant_quietly(entry, int(reply[3]), now)
-        with self._lock:
-            if self._seq < int(reply[2]):
-                self._set_scoped(key_name, key, expiry)
-        if evicted:
-            log.warning("scoped grants full (%d): evicted %s", self._capacity, ", ".join(evicted))
-            self._close_unless_granted(evicted, now)
-        return KnockResult(
-            entry=entry, expires_at=expiry, evicted=evicted, extended=earlier is not None
-        )
+        return reply
 
-    def _set_scoped(self, key_name: str, key: Key, expiry: int) -> None:
+    def _set_scoped(
+        self, key_name: str, key: Key, expiry: int, ports: tuple[str, ...] = ()
+    ) -> None:
         """Under self._lock: record (or with REMOVED, drop) a scoped grant in memory."""
         if expiry == REMOVED:
             table = self.scoped.get(key_name)
             if table is not None:
                 table.remove(key)
+            self.scoped_ports.pop((key_name, key), None)
             return
         self.scoped.setdefault(key_name, Whitelist()).set(key, expiry)
+        if ports:
+            self.scoped_ports[(key_name, key)] = ports
+        else:
+            self.scoped_ports.pop((key_name, key), None)
 
     def _close_unless_granted(self, entries: tuple[str, ...], now: float) -> None:
-        """Revoke `entries` in the firewall, except those another live grant keeps open
-        (a scoped grant of an evicted entry, say)."""
+        """Revoke `entries` in the firewall, except what another live grant keeps open
+        (a scoped grant of an evicted entry, say): there, cut back to its plan."""
         closed = []
         for text in entries:
             key = parse_entry(text)
-            longest = self._longest(key, now) if key is not None else 0
-            if longest:
-                self._grant_quietly(text, longest, now)
+            plan = self._plan(key, now) if key is not None else {}
+            if plan:
+                self._plans.settle_to(text, plan, now)
             else:
                 closed.append(text)
         if closed:
@@ -525,12 +587,19 @@ class RedisStore:
                 None if int(at) < 0 else int(at),
                 how,
                 scoped=flag == "1",
+                ports=_ports(ports),
             )
-            for name, expiry, at, how, flag in reply[0]
+            for name, expiry, at, how, flag, ports in reply[0]
         ]
         if not ended:
             return []
-        longest, seq = int(reply[1]), int(reply[2])
+        seq, left = int(reply[2]), int(reply[3])
+        # What the firewall holds for the entry now: the server's grants left.
+        remaining = [
+            Grant(entry, None, int(expiry), None, "knock", scoped=True, ports=_ports(ports))
+            for expiry, ports in reply[1]
+        ]
+        plan = self._plans.plan(live_expiry(left, now), remaining, now)
         with self._lock:
             if self._seq < seq:  # ahead of the follower only (see knock)
                 for grant in ended:
@@ -538,26 +607,10 @@ class RedisStore:
                         self._set_scoped(grant.key_name, key, REMOVED)
                 if any(not g.scoped for g in ended):
                     self.replica.remove(key)
-                    keep = int(reply[3])
-                    if keep:
-                        self.replica.extend(key, keep)
-        if longest > now:
-            self._grant_quietly(entry, longest, now)
-        else:
-            self._firewall.revoke([entry])
+                    if left:
+                        self.replica.extend(key, left)
+        self._plans.settle_to(entry, plan, now)
         return ended
-
-    def _undo_grant(self, entry: str, previous: int | None, now: float) -> None:
-        if previous is None:
-            self._firewall.revoke([entry])
-        else:
-            self._grant_quietly(entry, previous, now)
-
-    def _grant_quietly(self, entry: str, expiry: int, now: float) -> None:
-        try:
-            self._firewall.grant(entry, _seconds_left(expiry, now))
-        except FirewallError as error:
-            log.error("firewall grant of %s failed: %s", entry, error.message)
 
     # ------------------------------------------------------------------ migration
     def load(self, entries: Mapping[str, int], now: float) -> int:
@@ -607,35 +660,42 @@ class RedisStore:
 
     # ------------------------------------------------------------------ following
     def _resync(self, client: redis.Redis | None = None) -> None:
-        """Replace the replica by the server's whitelist, atomically with the stream
-        position and sequence it corresponds to (one MULTI/EXEC)."""
+        """Replace the replica by the server's whitelist and scoped grants (with their
+        ports), atomically with the stream position and sequence it corresponds to (one
+        script: RESYNC)."""
         now = self._clock()
-        pipe = (client or self._client).pipeline(transaction=True)
-        pipe.get(self._keys.seq)
-        pipe.xrevrange(self._keys.changes, count=1)
-        pipe.zrangebyscore(self._keys.whitelist, f"({now!r}", "+inf", withscores=True)
-        pipe.zrangebyscore(self._keys.scoped, f"({now!r}", "+inf", withscores=True)
-        seq, last, members, scoped_members = pipe.execute()
+        seq, last_id, members, scoped_members = self._resync_script(
+            keys=[self._keys.whitelist, self._keys.changes, self._keys.seq, self._keys.scoped],
+            args=[repr(now), self._keys.grants],
+            client=client or self._client,
+        )
         fresh = Whitelist()
-        for text, score in members:
+        for text, score in zip(members[::2], members[1::2], strict=True):
             key = parse_entry(text)
             if key is not None:
-                fresh.extend(key, int(score))
+                fresh.extend(key, int(float(score)))
         scoped: dict[str, Whitelist] = {}
-        for member, score in scoped_members:
+        ports: dict[tuple[str, Key], tuple[str, ...]] = {}
+        for member, score, listed in zip(
+            scoped_members[::3], scoped_members[1::3], scoped_members[2::3], strict=True
+        ):
             text, _, name = member.partition(" ")
             key = parse_entry(text)
             if key is not None and name:
-                scoped.setdefault(name, Whitelist()).set(key, int(score))
+                scoped.setdefault(name, Whitelist()).set(key, int(float(score)))
+                if listed:
+                    ports[(name, key)] = _ports(listed)
         with self._lock:
-            old = self._open(now)
+            old = self._all_plans(now)
             # reference swaps: readers never see them half-built
-            self.replica, self.scoped = fresh, scoped
-            self._seq = int(seq or 0)
-            self._last_id = last[0][0] if last else "0-0"
+            self.replica, self.scoped, self.scoped_ports = fresh, scoped, ports
+            self._seq = int(seq)
+            self._last_id = last_id
         self._came_up(len(fresh))
         if self._applier is not None:
-            self._reapply_difference(old, self._open(now), now)
+            with self._lock:
+                new = self._all_plans(now)
+            self._reapply_difference(old, new, now)
 
     def _follow(self) -> None:
         self._reader = reader = connect(self._settings, extra_timeout=BLOCK_MS / 1000)
@@ -690,10 +750,10 @@ class RedisStore:
                     return False
                 key = parse_entry(fields.get("e", ""))
                 expiry = int(fields.get("x", REMOVED))
-                scoped_name = fields.get("k")  # a host-scoped grant's change
+                scoped_name = fields.get("k")  # a scoped grant's change
                 with self._lock:
                     if key is not None and scoped_name is not None:
-                        self._set_scoped(scoped_name, key, expiry)
+                        self._set_scoped(scoped_name, key, expiry, _ports(fields.get("p", "")))
                     elif key is not None:
                         if expiry == REMOVED:
                             self.replica.remove(key)
@@ -705,12 +765,8 @@ class RedisStore:
                     and self._applier is not None
                     and fields.get("o") != self._origin
                 ):
-                    # the firewall holds an entry for its longest grant, scoped or not
-                    longest = self._longest(key, now)
-                    if longest:
-                        self._grant_quietly(fields["e"], longest, now)
-                    else:
-                        self._firewall.revoke([fields["e"]])
+                    # the firewall holds the plan of the entry's grants, scoped or not
+                    self._plans.settle_to(fields["e"], self._plan(key, now), now)
         return True
 
     def _purge(self, now: float) -> None:
@@ -718,9 +774,10 @@ class RedisStore:
             gone = self.replica.expired(now)
             for key in gone:
                 self.replica.remove(key)
-            for grants in self.scoped.values():
+            for name, grants in self.scoped.items():
                 for key in grants.expired(now):
                     grants.remove(key)
+                    self.scoped_ports.pop((name, key), None)
                     gone.append(key)
         if gone and self._applier is not None:
             self._close_unless_granted(tuple({entry_text(key) for key in gone}), now)
@@ -778,44 +835,55 @@ class RedisStore:
         self._applier = fd
         now = self._clock()
         with self._lock:
-            live = self._open(now)
-        for key, expiry in live.items():
-            self._grant_quietly(entry_text(key), expiry, now)
+            plans = self._all_plans(now)
+        for entry, plan in plans.items():
+            self._plans.settle_to(entry, plan, now)
 
     def _reapply_difference(
-        self, before: dict[Key, int], after: dict[Key, int], now: float
+        self, before: dict[str, Plan], after: dict[str, Plan], now: float
     ) -> None:
-        gone = [entry_text(key) for key in before if key not in after]
+        gone = [entry for entry in before if entry not in after]
         if gone:
             self._firewall.revoke(gone)
-        for key, expiry in after.items():
-            if before.get(key) != expiry:
-                self._grant_quietly(entry_text(key), expiry, now)
+        for entry, plan in after.items():
+            if before.get(entry) != plan:
+                self._plans.settle_to(entry, plan, now)
 
 
 def _decode_grant(entry: str, name: str, value: str) -> Grant | None:
-    """One field of a grants hash ("expiry granted_at how scoped"), None if damaged."""
+    """One field of a grants hash ("expiry granted_at how scoped", then the ports of a
+    port-scoped grant: "... 1 22/tcp,53/udp"), None if damaged."""
     parts = value.split(" ")
-    if len(parts) != 4 or parts[2] not in HOWS or parts[3] not in ("0", "1"):
+    if len(parts) == 5 and parts[3] == "1" and parts[4]:
+        ports = _ports(parts.pop())
+    elif len(parts) == 4:
+        ports = ()
+    else:
+        return None
+    if parts[2] not in HOWS or parts[3] not in ("0", "1"):
         return None
     try:
         expiry, at = int(parts[0]), int(parts[1])
     except ValueError:
         return None
-    return Grant(entry, name, expiry, None if at < 0 else at, parts[2], scoped=parts[3] == "1")
+    return Grant(
+        entry, name, expiry, None if at < 0 else at, parts[2], scoped=parts[3] == "1", ports=ports
+    )
 
 
 def encode_grant(grant: Grant) -> str:
     """A grants hash field's value (migration)."""
     at = -1 if grant.granted_at is None else grant.granted_at
-    return f"{grant.expires_at} {at} {grant.how} {int(grant.scoped)}"
+    value = f"{grant.expires_at} {at} {grant.how} {int(grant.scoped)}"
+    return f"{value} {','.join(grant.ports)}" if grant.ports and grant.scoped else value
+
+
+def _ports(listed: str) -> tuple[str, ...]:
+    """A port scope as the scripts carry it ("22/tcp,53/udp"; "": none)."""
+    return tuple(listed.split(",")) if listed else ()
 
 
 def _token(now: float) -> str:
     """Names one knock's reservation: its process, thread and time (reserve and settle
     of one knock get the same `now`)."""
     return f"{os.getpid()}:{threading.get_ident()}:{now!r}"
-
-
-def _seconds_left(expiry: int, now: float) -> int:
-    return max(1, -int((now - expiry) // 1))  # whole seconds, rounded up
