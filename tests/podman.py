@@ -212,6 +212,22 @@ def exec_(container: str, *cmd: str, timeout: float = 60) -> subprocess.Complete
     return run("exec", container, *cmd, timeout=timeout, check=False)
 
 
+@contextmanager
+def owned_resources(
+    request: pytest.FixtureRequest, durations: list[tuple[str, float]], notes: list[str]
+) -> Iterator[Resources]:
+    """A module's Podman resources: removed at the end, then its stage durations and
+    notes reported (the body of each container test module's `resources` fixture)."""
+    require()
+    owned = Resources()
+    try:
+        yield owned
+    finally:
+        with stage(durations, "cleanup"):
+            owned.cleanup()
+        report(request, [f"{name}: {seconds:.1f}s" for name, seconds in durations] + notes)
+
+
 def report(request: pytest.FixtureRequest, lines: list[str]) -> None:
     """Print `lines` (stage durations, notes) on the terminal although pytest captures
     the test's output."""

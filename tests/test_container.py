@@ -108,14 +108,8 @@ def verify_inside(container: str) -> int:
 
 @pytest.fixture(scope="module")
 def resources(request: pytest.FixtureRequest) -> Iterator[Resources]:
-    podman.require()
-    owned = Resources()
-    try:
+    with podman.owned_resources(request, DURATIONS, NOTES) as owned:
         yield owned
-    finally:
-        with stage(DURATIONS, "cleanup"):
-            owned.cleanup()
-        podman.report(request, [f"{name}: {seconds:.1f}s" for name, seconds in DURATIONS] + NOTES)
 
 
 @pytest.fixture(scope="module")

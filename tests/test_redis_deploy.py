@@ -199,14 +199,8 @@ def compose_files(
 
 @pytest.fixture(scope="module")
 def resources(request: pytest.FixtureRequest) -> Iterator[Resources]:
-    podman.require()
-    owned = Resources()
-    try:
+    with podman.owned_resources(request, DURATIONS, []) as owned:
         yield owned
-    finally:
-        with stage(DURATIONS, "cleanup"):
-            owned.cleanup()
-        podman.report(request, [f"{name}: {seconds:.1f}s" for name, seconds in DURATIONS])
 
 
 @pytest.fixture(scope="module")

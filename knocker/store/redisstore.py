@@ -372,11 +372,7 @@ class RedisStore:
                     if victim_key is not None:
                         self.replica.remove(victim_key)
                 self.replica.extend(key, expiry)
-        if evicted:
-            log.warning(
-                "whitelist full (%d entries): evicted %s", self._capacity, ", ".join(evicted)
-            )
-            self._close_unless_granted(evicted, now)
+        self._evicted("whitelist full", evicted, now)
         return KnockResult(
             entry=entry, expires_at=expiry, evicted=evicted, extended=previous is not None
         )
@@ -432,12 +428,17 @@ class RedisStore:
                     if victim_key is not None:
                         self._set_scoped(name, victim_key, REMOVED)
                 self._set_scoped(key_name, key, expiry, ports)
-        if evicted:
-            log.warning("scoped grants full (%d): evicted %s", self._capacity, ", ".join(evicted))
-            self._close_unless_granted(evicted, now)
+        self._evicted("scoped grants full", evicted, now)
         return KnockResult(
             entry=entry, expires_at=expiry, evicted=evicted, extended=earlier is not None
         )
+
+    def _evicted(self, what: str, evicted: tuple[str, ...], now: float) -> None:
+        """Say which entries a knock evicted, and close them unless another grant keeps
+        them open."""
+        if evicted:
+            log.warning("%s (%d entries): evicted %s", what, self._capacity, ", ".join(evicted))
+            self._close_unless_granted(evicted, now)
 
     def _run_knock(
         self,
