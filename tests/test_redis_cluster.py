@@ -6,84 +6,29 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.serverproc import TEST_KEY, KnockerProcess, base_config
+from tests.serverproc import TEST_KEY, KnockerProcess
 from tests.support.polling import wait_until
-from tests.support.redisserver import ENGINES, RedisServer, wait_down, wait_followers
+from tests.support.redisgroups import Cluster, shared_config, verified_everywhere
+from tests.support.redisserver import ENGINES, RedisServer, serving, wait_down
 
 pytestmark = [pytest.mark.redis, pytest.mark.server]
-
-
-def shared_config(directory: Path, server: RedisServer, **sections: Any) -> dict[str, Any]:
-    redis = {
-        "url": server.url,
-        "command_timeout_ms": 1000,
-        "connect_timeout_ms": 1000,
-        **sections.pop("redis", {}),
-    }
-    config = base_config(directory, redis=redis, **sections)
-    config["whitelist"]["backend"] = "redis"
-    return config
-
-
-class Cluster:
-    def __init__(self, tmp_path: Path, server: RedisServer) -> None:
-        self.tmp_path, self.server = tmp_path, server
-        self.instances: list[KnockerProcess] = []
-
-    def start(self, workers: tuple[int, ...] = (1, 3, 1), **sections: Any) -> None:
-        for index, count in enumerate(workers):
-            directory = self.tmp_path / f"knocker{index}"
-            process = KnockerProcess(
-                directory, shared_config(directory, self.server, **sections), workers=count
-            )
-            self.instances.append(process)
-            process.start()
-            wait_followers(process)
-
-    def stop(self) -> None:
-        for process in self.instances:
-            if process.process is not None and process.process.poll() is None:
-                process.stop()
 
 
 @pytest.fixture
 def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
     """redis-server, or the engine a test names with parametrize("server", ..., indirect)."""
     engine = getattr(request, "param", "redis")
-    redis_server = RedisServer(tmp_path / "redis", unix=True, engine=engine).start()
-    try:
-        yield redis_server
-    finally:
-        redis_server.stop()
+    with serving(tmp_path / "redis", unix=True, engine=engine) as running:
+        yield running
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, server: RedisServer) -> Iterator[Cluster]:
-    group = Cluster(tmp_path, server)
-    try:
+    with Cluster(tmp_path, server) as group:
         yield group
-    finally:
-        group.stop()
-
-
-def verified_everywhere(
-    cluster: Cluster, source: str, status: int = 200, timeout: float = 5
-) -> None:
-    """Every worker of every instance answers `status` (each request lands on some
-    worker: thirty in a row on each instance)."""
-
-    def all_answer() -> bool:
-        return all(
-            process.verify(source=source) == status
-            for process in cluster.instances
-            for _ in range(30)
-        )
-
-    wait_until(all_answer, timeout, interval=0.02, what=f"/verify {status} for {source}")
 
 
 @pytest.mark.parametrize("server", ENGINES, indirect=True)

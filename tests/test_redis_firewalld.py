@@ -73,6 +73,18 @@ def opens_within(knocker: NetnsKnocker, source: str, timeout: float) -> float | 
     return None
 
 
+def closes_within(
+    knocker: NetnsKnocker, source: str, timeout: float, port: int = Lab.MONITORED
+) -> bool:
+    """Whether `source` stops reaching `port` on `knocker`'s host within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while opened(knocker.lab, source, timeout=0.2, port=port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_knock_on_host_a_opens_the_port_on_host_b_within_1_s(
     hosts: tuple[NetnsKnocker, ...],
 ) -> None:
@@ -96,10 +108,7 @@ def test_eviction_on_host_b_closes_the_port_on_both_hosts(hosts: tuple[NetnsKnoc
     assert b.knock(body={"ttl": 600}, source=client4(8))[0] == 200  # evicts client4(7)
     for knocker in (a, b):
         assert opens_within(knocker, client4(8), 3) is not None
-        deadline = time.monotonic() + 3
-        while opened(knocker.lab, client4(7), timeout=0.2):
-            assert time.monotonic() < deadline, f"{client4(7)} still open on {knocker.lab}"
-            time.sleep(0.05)
+        assert closes_within(knocker, client4(7), 3), f"{client4(7)} still open on {knocker.lab}"
 
 
 def test_revocation_on_host_a_closes_the_port_on_both_hosts(
@@ -115,10 +124,7 @@ def test_revocation_on_host_a_closes_the_port_on_both_hosts(
     )
     assert status == 200, raw
     for knocker in (a, b):
-        deadline = time.monotonic() + 3
-        while opened(knocker.lab, client4(9), timeout=0.2):
-            assert time.monotonic() < deadline, f"{client4(9)} still open on {knocker.lab}"
-            time.sleep(0.05)
+        assert closes_within(knocker, client4(9), 3), f"{client4(9)} still open on {knocker.lab}"
 
 
 def test_reload_on_host_b_brings_back_a_grant_made_through_host_a(
@@ -134,15 +140,6 @@ def test_reload_on_host_b_brings_back_a_grant_made_through_host_a(
     took = opens_within(b, source, BACK_WITHIN)
     assert took is not None, f"{source} not open on B after its reload\n" + b.log()[-3000:]
     assert opened(a.lab, source)  # A's firewall was not touched
-
-
-def closes_within(knocker: NetnsKnocker, source: str, timeout: float, port: int) -> bool:
-    deadline = time.monotonic() + timeout
-    while opened(knocker.lab, source, timeout=0.2, port=port):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_port_scoped_knock_on_host_a_opens_only_its_port_on_host_b(

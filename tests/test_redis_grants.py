@@ -29,9 +29,8 @@ from tests.serverproc import ADMIN_KEY, TEST_KEY, KnockerProcess
 from tests.support.config import base_config, make_config
 from tests.support.net import ip, key
 from tests.support.polling import wait_until
-from tests.support.redisserver import RedisServer
-from tests.test_redis_cluster import Cluster, shared_config, verified_everywhere
-from tests.test_redisstore import NOW, Instances
+from tests.support.redisgroups import NOW, Cluster, Instances, shared_config, verified_everywhere
+from tests.support.redisserver import RedisServer, serving
 
 pytestmark = pytest.mark.redis
 
@@ -41,29 +40,20 @@ PORT_KEY = "port-key-0123456789abcdefghijklmnopqrstuvwxyz"
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    redis_server = RedisServer(tmp_path / "redis", unix=True).start()
-    try:
-        yield redis_server
-    finally:
-        redis_server.stop()
+    with serving(tmp_path / "redis", unix=True) as running:
+        yield running
 
 
 @pytest.fixture
 def instances(tmp_path: Path, server: RedisServer) -> Iterator[Instances]:
-    group = Instances(tmp_path, server)
-    try:
+    with Instances(tmp_path, server) as group:
         yield group
-    finally:
-        group.close()
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, server: RedisServer) -> Iterator[Cluster]:
-    group = Cluster(tmp_path, server)
-    try:
+    with Cluster(tmp_path, server) as group:
         yield group
-    finally:
-        group.stop()
 
 
 def shown(grants: list[Grant]) -> list[tuple[str, str | None, int, str, bool]]:
@@ -550,8 +540,7 @@ def test_host_scoped_grant_on_one_instance_passes_on_another_only_for_its_host(
         directory = cluster.tmp_path / f"knocker{index}"
         config = shared_config(directory, cluster.server, api_keys=keys)
         config["server"] = {"trusted_proxies": ["127.0.0.1"]}
-        cluster.instances.append(KnockerProcess(directory, config, workers=count))
-        cluster.instances[-1].start()
+        cluster.add(KnockerProcess(directory, config, workers=count))
     a, b = cluster.instances
     assert a.knock(SCOPED_KEY, {"ttl": 600}, source="127.0.0.81")[0] == 200
 

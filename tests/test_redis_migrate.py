@@ -15,18 +15,15 @@ from knocker.firewall import NullFirewall
 from knocker.store import FileStore
 from tests.support.config import base_config, make_config
 from tests.support.net import key
-from tests.support.redisserver import RedisServer
+from tests.support.redisserver import RedisServer, serving
 
 pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    redis_server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield redis_server
-    finally:
-        redis_server.stop()
+    with serving(tmp_path / "redis") as running:
+        yield running
 
 
 def write_config(directory: Path, server: RedisServer, backend: str) -> Path:

@@ -9,78 +9,34 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from knocker.config import Config
 from knocker.errors import StorageUnavailable
 from knocker.firewall import NullFirewall
 from knocker.ratelimit import Outcome
 from knocker.store import open_backend
 from knocker.store.redisstore import RedisStore
 from tests.support.clock import FakeClock
-from tests.support.config import make_config
 from tests.support.net import ip, key
 from tests.support.polling import wait_until
-from tests.support.redisserver import ENGINES, RedisServer, make_tls_files, wait_down
+from tests.support.redisgroups import NOW, Instances, redis_config
+from tests.support.redisserver import ENGINES, RedisServer, make_tls_files, serving, wait_down
 
 pytestmark = pytest.mark.redis
-
-NOW = 1_800_000_000.0
 
 
 @pytest.fixture(params=ENGINES)
 def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
     """Every test here runs against Redis and against Valkey."""
-    redis_server = RedisServer(tmp_path / "redis", engine=request.param).start()
-    try:
-        yield redis_server
-    finally:
-        redis_server.stop()
-
-
-def redis_config(directory: Path, server: RedisServer, **redis: Any) -> Config:
-    security = redis.pop("security", None)
-    sections: dict[str, Any] = {
-        "whitelist": {"storage_path": str(directory / "whitelist.json"), "backend": "redis"},
-        "redis": {"url": server.url, "command_timeout_ms": 500, "connect_timeout_ms": 500, **redis},
-    }
-    if security is not None:
-        sections["security"] = security
-    return make_config(directory, **sections)
-
-
-class Instances:
-    """Stores on one server, as separate instances would hold them."""
-
-    def __init__(self, tmp_path: Path, server: RedisServer) -> None:
-        self.tmp_path, self.server = tmp_path, server
-        self.clock = FakeClock(NOW)
-        self.opened: list[RedisStore] = []
-
-    def open(self, start: bool = True, **redis: Any) -> RedisStore:
-        directory = self.tmp_path / f"instance{len(self.opened)}"
-        store = RedisStore(
-            redis_config(directory, self.server, **redis), NullFirewall(), clock=self.clock
-        )
-        self.opened.append(store)
-        if start:
-            store.start()
-        return store
-
-    def close(self) -> None:
-        for store in self.opened:
-            store.close()
+    with serving(tmp_path / "redis", engine=request.param) as running:
+        yield running
 
 
 @pytest.fixture
 def instances(tmp_path: Path, server: RedisServer) -> Iterator[Instances]:
-    group = Instances(tmp_path, server)
-    try:
+    with Instances(tmp_path, server) as group:
         yield group
-    finally:
-        group.close()
 
 
 def allowed_soon(store: RedisStore, address: str, now: float, want: bool = True) -> bool:

@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +248,13 @@ def wait_followers(process: Any, timeout: float = 15) -> None:
         interval=0.05,
         what=f"{process.workers} worker(s) synchronised with redis",
     )
+
+
+@contextmanager
+def serving(directory: Path, **options: Any) -> Iterator[RedisServer]:
+    """A started RedisServer(directory, **options), stopped at the end."""
+    server = RedisServer(directory, **options).start()
+    try:
+        yield server
+    finally:
+        server.stop()
