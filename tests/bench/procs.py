@@ -23,8 +23,11 @@ def which(name: str) -> str | None:
 
 
 def free_port() -> int:
+    """A TCP port no socket uses on any address (a wildcard bind), so that neither a
+    server bound to 127.0.0.1 nor one bound to every address collides with the source
+    port of a load generator's connection from another loopback address."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))
         return int(sock.getsockname()[1])
 
 
@@ -200,6 +203,7 @@ def caddy_server(
         # Caddy 2.6 has no server-wide trusted_proxies yet; this reverse_proxy option
         # (Caddy 2.5+) makes forward_auth keep the X-Forwarded-For it received.
         blocks.append(f"""http://127.0.0.1:{port} {{
+    bind 127.0.0.1
     forward_auth 127.0.0.1:{auth} {{
         uri /verify
         trusted_proxies 127.0.0.1/32
@@ -207,7 +211,10 @@ def caddy_server(
     {then}
 }}
 """)
-    blocks += [f"http://127.0.0.1:{port} {{\n    respond 200\n}}\n" for port in respond_ports or []]
+    blocks += [
+        f"http://127.0.0.1:{port} {{\n    bind 127.0.0.1\n    respond 200\n}}\n"
+        for port in respond_ports or []
+    ]
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "Caddyfile"
     config.write_text("{\n    admin off\n    auto_https off\n}\n" + "".join(blocks))
