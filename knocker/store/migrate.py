@@ -12,6 +12,9 @@ first: its workers keep their own copy of whitelist.json.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import StorageError
@@ -20,6 +23,9 @@ from .files import atomic_write
 from .filestore import FileStore
 from .formats import encode_whitelist
 from .grant_format import Grant, encode_grants, fold_grants
+
+if TYPE_CHECKING:
+    from .redisstore import RedisStore
 
 
 def unscoped_entries(grants: list[Grant]) -> dict[str, int]:
@@ -36,11 +42,24 @@ class TargetNotEmpty(StorageError):
     """The target already holds live entries and --force was not given."""
 
 
+@contextmanager
+def _reachable_redis(config: Config, now: float) -> Iterator[RedisStore]:
+    """The redis backend of `config`, or StorageError saying why it is not usable."""
+    from .redisstore import RedisStore  # imports the redis client: only when migrating
+
+    store = RedisStore(config, NullFirewall(), clock=lambda: now)
+    try:
+        problem = store.ready()
+        if problem is not None:
+            raise StorageError(problem)
+        yield store
+    finally:
+        store.close()
+
+
 def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]:
     """Copy the live whitelist of the other backend into `to` ('redis' or 'file');
     (entries copied, where to). Firewalls are not touched: no service runs here."""
-    from .redisstore import RedisStore  # the redis client is needed either way
-
     firewall = NullFirewall()
     if to == "redis":
         source_config = dataclasses.replace(
@@ -51,11 +70,7 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
             grants = source.grants(now)
         finally:
             source.close()
-        target = RedisStore(config, firewall, clock=lambda: now)
-        try:
-            problem = target.ready()
-            if problem is not None:
-                raise StorageError(problem)
+        with _reachable_redis(config, now) as target:
             present = target.stored_count(now)
             if present and not force:
                 raise TargetNotEmpty(
@@ -65,16 +80,8 @@ def migrate(config: Config, to: str, force: bool, now: float) -> tuple[int, str]
             copied = target.load(unscoped_entries(grants), now)
             target.load_grants(grants, now)
             return copied, target.location
-        finally:
-            target.close()
-    redis_source = RedisStore(config, firewall, clock=lambda: now)
-    try:
-        problem = redis_source.ready()
-        if problem is not None:
-            raise StorageError(problem)
+    with _reachable_redis(config, now) as redis_source:
         grants = redis_source.grants(now)
-    finally:
-        redis_source.close()
     file_target = FileStore(config, firewall, clock=lambda: now)
     try:
         # The whitelist proper only: entries() also names scoped grants, port by port.

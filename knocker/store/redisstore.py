@@ -106,6 +106,12 @@ class RedisStore:
     server and key prefix. Built once (preloaded master), `start()` in each serving
     process, `close()` once per process."""
 
+    # per process (_own_process)
+    _problem: str | None
+    _thread: threading.Thread | None
+    _reader: redis.Redis | None
+    _applier: int | None
+
     def __init__(
         self,
         config: Config,
@@ -153,18 +159,10 @@ class RedisStore:
         # (never in it); and the ports of the port-scoped ones, for the firewall's plans
         self.scoped: dict[str, Whitelist] = {}
         self.scoped_ports: dict[tuple[str, Key], tuple[str, ...]] = {}
-        self._lock = threading.Lock()  # serialises writes to the replica
         self._seq = 0  # the last change applied to the replica
         self._last_id = "0-0"  # stream position of that change
-        self._problem: str | None = "not yet synchronised with redis"
-        self._usable = False  # may /verify trust the replica?
-        self._last_contact = -float("inf")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._reader: redis.Redis | None = None  # the follower's own connection
-        self._applier: int | None = None  # flock fd while this process applies changes
-        self._pid = os.getpid()
         self._closed = False
+        self._own_process()
         try:
             self._resync()
         except redis.RedisError as error:
@@ -178,21 +176,25 @@ class RedisStore:
     def start(self) -> None:
         """Start this process's follower thread (after any fork)."""
         if os.getpid() != self._pid:
-            self._pid = os.getpid()
-            self._stop = threading.Event()
-            self._thread = None
-            self._reader = None
-            self._applier = None  # a lock taken in the parent is not ours to release
-            self._lock = threading.Lock()  # never inherit one held at the fork
-            # The replica came with the fork and is followed by no one yet: this worker
-            # is not ready, and /verify refuses, until its own follower has resynchronised
-            # (during an outage that is fail-closed: docs/redis.md#failure-modes).
-            self._usable = False
-            self._problem = "not yet synchronised with redis"
-            self._last_contact = -float("inf")
+            self._own_process()
         if self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._follow, name="knocker-redis", daemon=True)
             self._thread.start()
+
+    def _own_process(self) -> None:
+        """The state that belongs to one process, fresh: built, or after a fork. A forked
+        worker's replica came with the fork and is followed by no one yet: the worker is
+        not ready, and /verify refuses, until its own follower has resynchronised (during
+        an outage that is fail-closed: docs/redis.md#failure-modes)."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()  # serialises writes to the replica; never inherited
+        self._problem = "not yet synchronised with redis"
+        self._usable = False  # may /verify trust the replica?
+        self._last_contact = -float("inf")
+        self._stop = threading.Event()
+        self._thread = None
+        self._reader = None  # the follower's own connection
+        self._applier = None  # flock fd while applying changes (a parent's is not ours)
 
     def close(self) -> None:
         if self._closed:

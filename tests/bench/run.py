@@ -567,9 +567,12 @@ class Bench:
             "floor-gthread", f"bare WSGI floor ({WORKERS}x{THREADS} gthread)", "floor"
         )
 
-        def metered_point() -> Point:  # created in round 0, after the other rows
-            return self.point(
+        def measure_metered() -> None:  # its point is created in round 0, after the others
+            point = self.point(
                 "verify-100000-metrics", "/verify, 100,000, metrics on", "verify", size=big
+            )
+            self.measure(
+                point, metered.port, "GET", "/verify", pool_files[big], master=master_pid(metered)
             )
 
         for index in range(self.repeat):
@@ -588,14 +591,7 @@ class Bench:
             # Metrics on is the first or the last Knocker of a round, alternately, so
             # it does not always follow the same neighbour.
             if index % 2:
-                self.measure(
-                    metered_point(),
-                    metered.port,
-                    "GET",
-                    "/verify",
-                    pool_files[big],
-                    master=master_pid(metered),
-                )
+                measure_metered()
             for size, server in knockers.items():
                 point = self.point(
                     f"verify-{size}", f"/verify, {size:,} entries", "verify", size=size
@@ -615,14 +611,7 @@ class Bench:
                 point, threaded.port, "GET", "/verify", pool_files[big], master=master_pid(threaded)
             )
             if not index % 2:
-                self.measure(
-                    metered_point(),
-                    metered.port,
-                    "GET",
-                    "/verify",
-                    pool_files[big],
-                    master=master_pid(metered),
-                )
+                measure_metered()
         record_memory(floor_point, floor.pid)
         record_memory(thread_floor_point, thread_floor.pid)
         record_memory(self.points["verify-100000-gthread"], master_pid(threaded))
